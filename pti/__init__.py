@@ -1,0 +1,19 @@
+"""pti: Pivotal Tuning Inversion on StyleGAN2.
+
+Importing `pti` is cheap (no torch); the heavy parts load on first use.
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy public API so `import pti` and `pti --help` stay fast.
+    if name == "load_generator":
+        from pti.engine.checkpoint import load_generator
+
+        return load_generator
+    if name == "tune":
+        from pti.api import tune
+
+        return tune
+    raise AttributeError(f"module 'pti' has no attribute {name!r}")
