@@ -1,0 +1,125 @@
+"""Ops behind one `impl=` switch: the reference (`ref.py`) is the definition, kernels plug in.
+
+Every op here takes `impl="auto" | "ref" | <registered name>`:
+- "ref" always runs the pure-PyTorch reference;
+- "auto" runs the first registered fast implementation that accepts the inputs (for example a
+  Triton kernel on CUDA tensors) and otherwise the reference;
+- a registered name runs that implementation, and fails loudly if it cannot take the inputs.
+
+A fast implementation registers itself with `register(op, name, fn, supports)` where
+`supports(*args, **kwargs) -> bool` says whether it can run these inputs. The generator never
+changes when kernels arrive. `chosen()` reports which implementation ran last for each op, so a
+benchmark can state what it measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pti.kernels import ref
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    fn: Callable
+    supports: Callable[..., bool]
+
+
+OPS = ("bias_act", "upfirdn2d", "conv2d_resample", "modulated_conv2d")
+_REGISTRY: dict[str, list[Impl]] = {op: [] for op in OPS}
+_LAST: dict[str, str] = {}
+
+
+def register(op: str, name: str, fn: Callable, supports: Callable[..., bool] = lambda *a, **k: True) -> None:
+    """Add a fast implementation of `op`. Later registrations take precedence under "auto"."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    if name == "ref" or name == "auto":
+        raise ValueError(f"{name!r} is reserved")
+    _REGISTRY[op] = [i for i in _REGISTRY[op] if i.name != name]
+    _REGISTRY[op].insert(0, Impl(name, fn, supports))
+
+
+def available(op: str) -> list[str]:
+    """Names of the implementations of `op`, reference last."""
+    return [i.name for i in _REGISTRY[op]] + ["ref"]
+
+
+def chosen() -> dict[str, str]:
+    """Which implementation each op ran last ({op: name})."""
+    return dict(_LAST)
+
+
+def _dispatch(op: str, impl: str, args, kwargs):
+    if impl == "ref":
+        fn, name = getattr(ref, op), "ref"
+    elif impl == "auto":
+        fn, name = getattr(ref, op), "ref"
+        for cand in _REGISTRY[op]:
+            if cand.supports(*args, **kwargs):
+                fn, name = cand.fn, cand.name
+                break
+    else:
+        match = [i for i in _REGISTRY[op] if i.name == impl]
+        if not match:
+            raise ValueError(f"no implementation {impl!r} of {op}; available: {', '.join(available(op))}")
+        if not match[0].supports(*args, **kwargs):
+            raise ValueError(f"implementation {impl!r} of {op} cannot run these inputs")
+        fn, name = match[0].fn, impl
+    _LAST[op] = name
+    return fn(*args, **kwargs)
+
+
+def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, impl="auto"):
+    """Bias, activation, gain and clamp in one op (see `ref.bias_act`)."""
+    return _dispatch("bias_act", impl, (x, b), dict(dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp))
+
+
+def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, impl="auto"):
+    """Upsample, pad, FIR-filter, downsample (see `ref.upfirdn2d`)."""
+    return _dispatch("upfirdn2d", impl, (x, f), dict(up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain))
+
+
+def conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight=True, flip_filter=False, impl="auto"):
+    """Convolution with FIR up/downsampling (see `ref.conv2d_resample`)."""
+    kw = dict(f=f, up=up, down=down, padding=padding, groups=groups, flip_weight=flip_weight, flip_filter=flip_filter)
+    return _dispatch("conv2d_resample", impl, (x, w), kw)
+
+
+def modulated_conv2d(
+    x,
+    weight,
+    styles,
+    noise=None,
+    up=1,
+    padding=0,
+    resample_filter=None,
+    demodulate=True,
+    flip_weight=True,
+    fused_modconv=True,
+    impl="auto",
+):
+    """StyleGAN2 modulated convolution (see `ref.modulated_conv2d`)."""
+    kw = dict(
+        noise=noise,
+        up=up,
+        padding=padding,
+        resample_filter=resample_filter,
+        demodulate=demodulate,
+        flip_weight=flip_weight,
+        fused_modconv=fused_modconv,
+    )
+    return _dispatch("modulated_conv2d", impl, (x, weight, styles), kw)
+
+
+def upsample2d(x, f, up=2, impl="auto"):
+    """Upsample by `up` with FIR filter f to exactly up x the size (the skip path's op)."""
+    fw, fh = ref.filter_size(f)
+    p = [(fw + up - 1) // 2, (fw - up) // 2, (fh + up - 1) // 2, (fh - up) // 2]
+    return upfirdn2d(x, f, up=up, padding=p, gain=up * up, impl=impl)
+
+
+setup_filter = ref.setup_filter
+activation_gain = ref.activation_gain
