@@ -1,0 +1,240 @@
+"""A restricted unpickler for stylegan2-ada-pytorch / stylegan3 network pickles.
+
+NVIDIA's `.pkl` files are plain `pickle.dump`s of a dict of `torch_utils.persistence` objects. Each
+network pickles as `_reconstruct_persistent_obj(meta)` with
+`meta = {type, version, module_src, class_name, state}`; NVIDIA's own loader `exec`s `module_src`,
+so opening such a file with `pickle.load` runs whatever code the file carries.
+
+This unpickler resolves only an allow-list of globals, each mapped to a function of ours that checks
+its arguments and builds plain data:
+
+- `torch_utils.persistence._reconstruct_persistent_obj` -> `PersistentObject` (the meta read as
+  data; `module_src` is kept as a string for inspection and is never executed);
+- `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter[_with_state]` -> tensors, after type checks;
+- `torch.storage._load_from_bytes` -> `torch.load(weights_only=True)` on those bytes (the original
+  callable would `torch.load` them with the full unpickler);
+- `collections.OrderedDict`, `builtins.set`/`frozenset`, `dnnlib.util.EasyDict` (read as a dict),
+  torch dtypes and `torch.Size`, and the numpy scalar/array/dtype reconstructors (non-object dtypes).
+
+Every other global (`os.system`, `builtins.eval`, `subprocess.Popen`, an unknown class, ...) raises
+`CheckpointError` from `find_class`, before anything could be called. Persistent ids are refused.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+
+from pti.errors import CheckpointError
+
+
+@dataclass
+class PersistentObject:
+    """One `torch_utils.persistence` object, read as data (its source code is never run)."""
+
+    class_name: str                              # e.g. "Generator", "SynthesisNetwork", "SynthesisLayer"
+    version: int                                 # persistence format version (6 in stylegan2-ada-pytorch)
+    module_src: str                              # source the file carries; kept for inspection only
+    state: dict[str, Any]                        # the module's __dict__ as pickled (parameters, buffers, ...)
+
+    @property
+    def init_args(self) -> tuple:
+        return tuple(self.state.get("_init_args") or ())
+
+    @property
+    def init_kwargs(self) -> dict[str, Any]:
+        return dict(self.state.get("_init_kwargs") or {})
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        return dict(self.state.get("_modules") or {})
+
+    def flat_state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Parameters and persistent buffers of this object and its children, named as in a state_dict."""
+        out: dict[str, torch.Tensor] = {}
+        non_persistent = set(self.state.get("_non_persistent_buffers_set") or ())
+        for name, t in (self.state.get("_parameters") or {}).items():
+            if t is not None:
+                out[prefix + name] = _as_tensor(t, prefix + name)
+        for name, t in (self.state.get("_buffers") or {}).items():
+            if t is not None and name not in non_persistent:
+                out[prefix + name] = _as_tensor(t, prefix + name)
+        for name, child in self.modules.items():
+            if child is None:
+                continue
+            if not isinstance(child, PersistentObject):
+                raise CheckpointError(f"submodule {prefix + name} is a {type(child).__name__}, not a network object")
+            out.update(child.flat_state(prefix + name + "."))
+        return out
+
+
+def _as_tensor(t: Any, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"{name} is a {type(t).__name__}, not a tensor")
+    return t.detach()
+
+
+class _PlainDict(dict):
+    """What `dnnlib.util.EasyDict` unpickles to: a dict that tolerates pickle's BUILD step."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.update(state)
+
+
+def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
+    if not isinstance(meta, dict):
+        raise CheckpointError("malformed persistent object: its meta is not a dict")
+    if meta.get("type") != "class":
+        raise CheckpointError(f"unsupported persistent object type {meta.get('type')!r}")
+    class_name, state = meta.get("class_name"), meta.get("state")
+    if not isinstance(class_name, str) or not isinstance(state, dict):
+        raise CheckpointError("malformed persistent object: class_name/state missing")
+    src = meta.get("module_src")
+    return PersistentObject(
+        class_name=class_name,
+        version=int(meta.get("version", 0)),
+        module_src=src if isinstance(src, str) else "",
+        state=dict(state),
+    )
+
+
+def _load_from_bytes(data: Any) -> Any:
+    # The bytes are a legacy `torch.save` of one storage; the weights-only loader reads exactly that.
+    if not isinstance(data, (bytes, bytearray)):
+        raise CheckpointError("malformed tensor storage in pickle")
+    try:
+        storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only loader refuses anything but tensors and storages
+        raise CheckpointError(f"unreadable tensor storage in pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise CheckpointError(f"tensor storage in pickle decoded to a {type(storage).__name__}")
+    return storage
+
+
+def _check_ints(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list, torch.Size)) or not all(isinstance(v, int) for v in values):
+        raise CheckpointError(f"malformed tensor {what} in pickle")
+    return tuple(values)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    if not isinstance(storage, torch.storage.TypedStorage) or not isinstance(storage_offset, int):
+        raise CheckpointError("malformed tensor in pickle")
+    if backward_hooks:  # hooks are callables: a weights file has none
+        raise CheckpointError("tensor in pickle carries backward hooks")
+    size, stride = _check_ints(size, "size"), _check_ints(stride, "stride")
+    try:
+        t = torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+    except RuntimeError as e:  # e.g. a view reaching past its storage
+        raise CheckpointError(f"malformed tensor in pickle ({e})") from None
+    t.requires_grad = bool(requires_grad) and t.is_floating_point()
+    return t
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    if not isinstance(data, torch.Tensor):
+        raise CheckpointError("malformed parameter in pickle")
+    if backward_hooks:
+        raise CheckpointError("parameter in pickle carries backward hooks")
+    return torch.nn.Parameter(data.detach(), requires_grad=bool(requires_grad))
+
+
+def _numpy_allowed() -> dict[tuple[str, str], Any]:
+    import numpy as np
+
+    def scalar(dtype, data=None):
+        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
+            raise CheckpointError("unsupported numpy scalar in pickle")
+        return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]
+
+    def reconstruct(cls, shape, dtype_code):
+        if cls is not np.ndarray:
+            raise CheckpointError("unsupported numpy array subclass in pickle")
+        return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+    def dtype(spec, align=False, copy=False):
+        d = np.dtype(spec)
+        if d.hasobject:
+            raise CheckpointError("numpy object arrays are not allowed in a checkpoint")
+        return d
+
+    table = {}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        table[(mod, "scalar")] = scalar
+        table[(mod, "_reconstruct")] = reconstruct
+    table[("numpy", "dtype")] = dtype
+    table[("numpy", "ndarray")] = np.ndarray
+    return table
+
+
+_TORCH_DTYPES = {
+    name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)
+}
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_from_bytes,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set,  # protocol-2 pickles written by Python 2 era tools
+    ("dnnlib.util", "EasyDict"): _PlainDict,
+    ("dnnlib", "EasyDict"): _PlainDict,
+    ("torch", "Size"): torch.Size,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` that resolves only the allow-list above; see the module docstring."""
+
+    def __init__(self, file: BinaryIO, source: str = "checkpoint") -> None:
+        super().__init__(file)
+        self.source = source                     # file name, for error messages
+        self._numpy: dict[tuple[str, str], Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = (module, name)
+        if key in _ALLOWED:
+            return _ALLOWED[key]
+        if module == "torch" and name in _TORCH_DTYPES:
+            return getattr(torch, name)
+        if module.startswith("numpy"):
+            if not self._numpy:
+                self._numpy = _numpy_allowed()
+            if key in self._numpy:
+                return self._numpy[key]
+        if module.startswith("dnnlib.tflib"):
+            raise CheckpointError(
+                f"{self.source} is a TensorFlow StyleGAN2 pickle ({module}.{name}), which is not supported yet; "
+                "convert it first with NVIDIA's stylegan2-ada-pytorch legacy.py "
+                "(python legacy.py --source=IN.pkl --dest=OUT.pkl) and load the result"
+            )
+        raise CheckpointError(f"{self.source} refers to {module}.{name}, which a generator checkpoint has no "
+                              "reason to contain; refusing to load it (nothing from the file was run)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"{self.source} uses pickle persistent ids, which NVIDIA network pickles do not")
+
+
+def safe_load_pickle(f: BinaryIO, source: str = "checkpoint") -> Any:
+    """Unpickle `f` with the restricted unpickler; every failure becomes a one-line CheckpointError."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage deprecation chatter from torch internals
+            return RestrictedUnpickler(f, source).load()
+    except CheckpointError:
+        raise
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as e:
+        raise CheckpointError(f"{source} is truncated or not a valid pickle ({type(e).__name__}: {e})") from None
