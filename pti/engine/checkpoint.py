@@ -118,8 +118,13 @@ def sniff_format(path: Path) -> str:
     raise CheckpointError(f"{path} is {what}, not a generator checkpoint (.pkl, .pt or .safetensors)")
 
 
-def build_generator(init_kwargs: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> Generator:
-    """Construct our Generator from `init_kwargs` and load `state` strictly, with one-line errors."""
+def build_generator(init_kwargs: dict[str, Any], state: dict[str, torch.Tensor], source: str,
+                    derive_filters: bool = False) -> Generator:
+    """Construct our Generator from `init_kwargs` and load `state` strictly, with one-line errors.
+
+    `derive_filters`: keep the generator's own `resample_filter` buffers (they follow from the config)
+    for formats that do not store them under our names.
+    """
     try:
         G = Generator(**init_kwargs)
     except CheckpointError as e:
@@ -127,6 +132,8 @@ def build_generator(init_kwargs: dict[str, Any], state: dict[str, torch.Tensor],
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: generator options not understood ({e})") from None
     expected = G.state_dict()
+    if derive_filters:
+        state = {**{k: v for k, v in expected.items() if k.endswith("resample_filter")}, **state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
