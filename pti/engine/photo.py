@@ -122,3 +122,26 @@ def expand_photo_paths(paths: list[str | Path]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+def save_photo_atomic(img: Image.Image, path: str | Path) -> Path:
+    """Write `img` to `path` via a temporary file in the same directory and `os.replace`.
+
+    Readers never see a half-written file, and an interrupted write leaves nothing behind.
+    The format follows the extension (PNG when it has none Pillow knows).
+    """
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

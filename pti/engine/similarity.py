@@ -1,0 +1,165 @@
+"""Weight-free image similarity: MS-SSIM, dlib face identity, and the fallback perceptual loss.
+
+Nothing here needs files from the weights cache: the demo and tests use these when the official
+LPIPS / VGG16 weights are absent. `pti.engine.perceptual` re-exports everything public.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Wang, Simoncelli & Bovik 2003: the per-scale exponents fitted to human judgements (sum ~ 1).
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+WINDOW_SIZE = 11  # Gaussian window of the SSIM paper: 11 taps, sigma 1.5
+WINDOW_SIGMA = 1.5
+K1, K2 = 0.01, 0.03  # stabilisers: C1 = (K1 * L)^2, C2 = (K2 * L)^2 with L the dynamic range
+DLIB_SAME_PERSON = 0.6  # dlib's published threshold on the euclidean distance of its 128-d embeddings
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
+    coords = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def _ssim_terms(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel SSIM and contrast-structure term, [N, C] each ('valid' filtering)."""
+    c = x.shape[1]
+    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    ssim = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs
+    return ssim.flatten(2).mean(-1), cs.flatten(2).mean(-1)
+
+
+def ms_ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    weights: tuple[float, ...] = MS_SSIM_WEIGHTS,
+) -> torch.Tensor:
+    """Multi-scale SSIM per image, [N], differentiable; 1 means identical.
+
+    Inputs are [N, C, H, W] with values in `value_range` (default [-1, 1], the generator's range),
+    rescaled to [0, 1] internally. Each extra scale halves the image (2x2 average), so five scales
+    need a side of at least 11 * 2^4 = 176 px. Smaller images use as many scales as fit (the last
+    scale must still be at least 11 px) with the first weights renormalised to sum to one; below
+    11 px the window shrinks to the (odd) image side. A 64 px image thus uses 3 scales.
+    Per-scale terms are clamped at 0 before the fractional powers (as common implementations do).
+    """
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"ms_ssim needs two [N,C,H,W] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    lo, hi = value_range
+    a, b = (a - lo) / (hi - lo), (b - lo) / (hi - lo)
+    side = min(a.shape[-2:])
+    size = min(WINDOW_SIZE, side if side % 2 else side - 1)
+    scales = 1
+    while scales < len(weights) and side // 2**scales >= size:
+        scales += 1
+    w = torch.tensor(weights[:scales], dtype=a.dtype, device=a.device)
+    w = w / w.sum()
+    window = _gaussian_window(size, WINDOW_SIGMA, a.shape[1], a)
+    terms = []
+    for s in range(scales):
+        ssim, cs = _ssim_terms(a, b, window, 1.0)
+        terms.append(F.relu(ssim if s == scales - 1 else cs))
+        if s < scales - 1:
+            a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+    stacked = torch.stack(terms, dim=0)  # [S, N, C]
+    return torch.prod(stacked ** w[:, None, None], dim=0).mean(dim=1)
+
+
+class WeightFreeLoss(nn.Module):
+    """Fallback perceptual loss when LPIPS weights are absent: (1 - MS-SSIM) + L2, per image.
+
+    `forward(a, b)` takes [N,3,H,W] in [-1,1] and returns [N,1,1,1] like `LPIPS`, so it can stand
+    in for it. Its scale differs from LPIPS: thresholds tuned for LPIPS (e.g. PTI's 0.06 early stop)
+    do not carry over.
+    """
+
+    def __init__(self, ms_ssim_weight: float = 1.0, l2_weight: float = 1.0):
+        super().__init__()
+        self.ms_ssim_weight = ms_ssim_weight
+        self.l2_weight = l2_weight
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        l2 = (a - b).square().flatten(1).mean(dim=1)
+        loss = self.ms_ssim_weight * (1 - ms_ssim(a, b)) + self.l2_weight * l2
+        return loss.view(-1, 1, 1, 1)
+
+
+# --- face identity (dlib's 128-d embedding) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdentityScore:
+    cosine: float  # cosine similarity of the two embeddings (1 = same direction)
+    euclidean: float  # euclidean distance; dlib calls < 0.6 the same person
+    same_person: bool  # euclidean < DLIB_SAME_PERSON
+
+
+@functools.cache
+def _face_encoder():
+    import dlib
+
+    from pti.engine.align import dlib_model_path
+
+    return dlib.face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
+
+
+def _to_uint8_rgb(img) -> np.ndarray:
+    """PIL image, HxWx3 uint8 array, or [3,H,W] / [1,3,H,W] tensor in [-1, 1] -> HxWx3 uint8."""
+    if isinstance(img, torch.Tensor):
+        t = img.detach().float().cpu()
+        if t.ndim == 4:
+            t = t[0]
+        return ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy().copy()
+    if isinstance(img, np.ndarray):
+        return np.ascontiguousarray(img.astype(np.uint8))
+    return np.ascontiguousarray(np.asarray(img.convert("RGB")))
+
+
+def face_embedding(img) -> np.ndarray | None:
+    """dlib's 128-d embedding of the largest face, or None when no face is found."""
+    from pti.engine.align import _predictor, detect_faces
+    from PIL import Image
+
+    arr = _to_uint8_rgb(img)
+    faces = detect_faces(Image.fromarray(arr))
+    if not faces:
+        return None
+    import dlib
+
+    l, t, r, b = faces[0].box
+    shape = _predictor()(arr, dlib.rectangle(l, t, r, b))
+    return np.array(_face_encoder().compute_face_descriptor(arr, shape), dtype=np.float64)
+
+
+def compare_identity(img_a, img_b) -> IdentityScore | None:
+    """Cosine similarity and euclidean distance of the two faces' embeddings; None if either has no face."""
+    ea, eb = face_embedding(img_a), face_embedding(img_b)
+    if ea is None or eb is None:
+        return None
+    cos = float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12))
+    dist = float(np.linalg.norm(ea - eb))
+    return IdentityScore(cosine=cos, euclidean=dist, same_person=dist < DLIB_SAME_PERSON)
+
+
+def identity_similarity(img_a, img_b) -> float | None:
+    """Cosine similarity of dlib face embeddings (see `compare_identity`); None when a face is missing."""
+    score = compare_identity(img_a, img_b)
+    return None if score is None else score.cosine
