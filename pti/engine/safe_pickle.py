@@ -14,7 +14,7 @@ its arguments and builds plain data:
 - `torch.storage._load_from_bytes` -> `torch.load(weights_only=True)` on those bytes (the original
   callable would `torch.load` them with the full unpickler);
 - `collections.OrderedDict`, `builtins.set`/`frozenset`, `dnnlib.util.EasyDict` (read as a dict),
-  torch dtypes and `torch.Size`, and the numpy scalar/array/dtype reconstructors (non-object dtypes).
+  torch dtypes, `torch.Size`, `_codecs.encode` (latin1 only: protocol-2 bytes), and the numpy scalar/array/dtype reconstructors (non-object dtypes).
 
 Every other global (`os.system`, `builtins.eval`, `subprocess.Popen`, an unknown class, ...) raises
 `CheckpointError` from `find_class`, before anything could be called. Persistent ids are refused.
@@ -117,6 +117,13 @@ def _load_from_bytes(data: Any) -> Any:
     return storage
 
 
+def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
+    # Protocol-2 pickles spell bytes objects as _codecs.encode(str, "latin1").
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointError("unexpected _codecs.encode call in pickle")
+    return text.encode("latin1")
+
+
 def _check_ints(values: Any, what: str) -> tuple[int, ...]:
     if not isinstance(values, (tuple, list, torch.Size)) or not all(isinstance(v, int) for v in values):
         raise CheckpointError(f"malformed tensor {what} in pickle")
@@ -190,6 +197,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("dnnlib.util", "EasyDict"): _PlainDict,
     ("dnnlib", "EasyDict"): _PlainDict,
     ("torch", "Size"): torch.Size,
+    ("_codecs", "encode"): _codecs_encode,
 }
 
 
