@@ -29,6 +29,8 @@ COMMAND_MODULES = [
     "pti.commands.info",
     "pti.commands.generate",
     "pti.commands.convert",
+    "pti.commands.align",
+    "pti.commands.weights",
 ]
 
 

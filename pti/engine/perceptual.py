@@ -16,6 +16,7 @@ names (`lin0.model.1.weight`, ...) so the official files load unchanged.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -192,7 +193,10 @@ class VGG16Metric(nn.Module):
     def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
         super().__init__()
         try:
-            self.net = torch.jit.load(str(path), map_location=device).eval()
+            with warnings.catch_warnings():
+                # NVIDIA ships vgg16.pt as TorchScript; torch.jit is deprecated but remains the only loader.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.net = torch.jit.load(str(path), map_location=device).eval()
         except Exception as e:  # noqa: BLE001
             raise WeightsError(f"cannot load the VGG16 TorchScript metric {path}: {_detail(e)}") from None
         for p in self.net.parameters():
@@ -252,5 +256,7 @@ class VGG16StandIn(nn.Module):
 def make_scripted_vgg16_standin(path: str | Path, seed: int = 0) -> Path:
     """Save a `VGG16StandIn` as TorchScript at `path` (loadable by `VGG16Metric(path)`)."""
     path = Path(path)
-    torch.jit.save(torch.jit.script(VGG16StandIn(seed).eval()), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(VGG16StandIn(seed).eval()), str(path))
     return path
