@@ -3,7 +3,8 @@
 Formats read by `load_generator(path, device)`, all returning the same `Generator`:
 
 - `builtin:tiny` (or no path): the fixed-seed random tiny generator, labelled as not a trained model;
-- stylegan2-ada-pytorch / stylegan3 `.pkl` network snapshots (`G_ema`, else `G`), through the restricted
+- stylegan2-ada-pytorch `.pkl` network snapshots, and StyleGAN2 ones from the stylegan3 repo (`G_ema`,
+  else `G`; StyleGAN3 alias-free generators are refused), through the restricted
   unpickler in `safe_pickle` -- no code from the file ever runs;
 - rosinality stylegan2-pytorch `.pt` (`g_ema`, else `g`), through `torch.load(weights_only=True)` and
   the name/layout mapping in `rosinality`;
