@@ -144,3 +144,20 @@ def test_list_and_expand(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ImageError, match="no photos"):
         expand_photo_paths([empty])
+
+
+def test_save_photo_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pti.engine.photo import save_photo_atomic
+
+    target = save_photo_atomic(Image.new("RGB", (4, 4), (9, 8, 7)), tmp_path / "out" / "x.png")
+    assert tuple(np.asarray(Image.open(target))[0, 0]) == (9, 8, 7)
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    img = Image.new("RGB", (4, 4))
+    monkeypatch.setattr(img, "save", broken_save)
+    with pytest.raises(OSError):
+        save_photo_atomic(img, tmp_path / "out" / "y.png")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]

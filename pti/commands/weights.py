@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -41,7 +42,8 @@ def list_cmd() -> None:
         colour = {"cached": "green", "missing": "yellow"}.get(status, "red")
         size = reg.path(e.name).stat().st_size if status != "missing" else e.size
         table.add_row(e.name, e.filename, _human(size), f"[{colour}]{status}[/]", e.url, e.used_by)
-    Console(width=200).print(table)
+    # Wide enough for the URLs when piped; the terminal's own width otherwise.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @weights_app.command("path")

@@ -140,8 +140,18 @@ def save_photo_atomic(img: Image.Image, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format=fmt)
+        _chmod_like_open(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _chmod_like_open(path: Path) -> None:
+    """mkstemp creates files 0600; give the final file the permissions open() would (0666 minus umask)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -219,9 +219,10 @@ class Registry:
         """The one-line, actionable message for an absent file."""
         e = self.get(name)
         why = f" ({reason})" if reason else ""
+        fetch_hint = "" if reason else f"run `pti weights fetch {e.name}`, or "
         return (
             f"weights file {e.filename} ({e.used_by}) is not in the cache {self.cache_dir}{why}; "
-            f"run `pti weights fetch {e.name}`, or download {e.url} on a machine with internet and run "
+            f"{fetch_hint}download {e.url} on a machine with internet and run "
             f"`pti weights import PATH/TO/{e.url.rsplit('/', 1)[-1]} --name {e.name}`"
         )
 
@@ -298,6 +299,7 @@ class Registry:
                 problem = entry.check_digest(h.hexdigest())
             if problem:
                 raise WeightsError(f"{entry.filename} from {source} is corrupt or incomplete ({problem}); nothing was saved")
+            _chmod_like_open(tmp)
             final = cache / entry.filename
             os.replace(tmp, final)
             return final
@@ -320,3 +322,12 @@ def default_registry() -> Registry:
 def resolve(name: str, fetch: bool = False, progress: ProgressFn | None = None) -> Path:
     """Local path of weights `name` from the default registry; see `Registry.resolve`."""
     return default_registry().resolve(name, fetch=fetch, progress=progress)
+
+
+def _chmod_like_open(path: Path) -> None:
+    """mkstemp creates files 0600; give the final file the permissions open() would (0666 minus umask)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
