@@ -1,0 +1,258 @@
+"""`pti.tune(...)`: the whole pipeline as a function (align, invert, tune, write), printing nothing.
+
+The CLI's `pti tune` is this function plus a progress bar. Every file is written atomically; if the
+run is interrupted, `TuneInterrupted.kept` lists the files that were completely written before.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pti.engine.invert import InvertConfig
+from pti.engine.tune import TuneConfig
+from pti.errors import PTIError
+
+ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, values)
+
+
+class TuneInterrupted(PTIError):
+    """Ctrl-C during `tune`: nothing partial was written; `kept` lists the complete files."""
+
+    exit_code = 130
+
+    def __init__(self, kept: list[Path]):
+        self.kept = list(kept)
+        listed = ", ".join(str(p) for p in self.kept) if self.kept else "nothing"
+        super().__init__(f"interrupted; no partial files were left. Kept: {listed}")
+
+
+@dataclass
+class PhotoResult:
+    photo: Path
+    name: str
+    identity: Path | None = None                    # the .pti file
+    files: dict[str, Path] = field(default_factory=dict)  # aligned, pivot, reconstruction, report, contact
+    report: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _log(progress: ProgressFn | None, phase: str, step: int, total: int, **values) -> None:
+    if progress is not None:
+        progress(phase, step, total, values)
+
+
+def tune(
+    photos: Sequence[str | Path],
+    network: str | Path | None = None,          # checkpoint path; None = the built-in tiny generator
+    out: str | Path = "pti-out",                # output directory
+    *,
+    device: str = "auto",
+    align: bool = True,                          # False: photos are already aligned crops (--no-align)
+    face: int | None = None,                     # which face when a photo has several (largest = 0)
+    joint: bool = False,                         # tune one generator for all photos (multi-ID PTI)
+    invert_cfg: InvertConfig = InvertConfig(),
+    tune_cfg: TuneConfig = TuneConfig(),
+    exact: bool = False,                         # store exact fp32 weights instead of fp16 deltas
+    allow_fallback: bool = True,                 # weight-free losses when the official weights are absent
+    progress: ProgressFn | None = None,
+) -> list[PhotoResult]:
+    """Align, invert and tune each photo (or all jointly); write `<out>/<name>.pti` and a folder per photo."""
+    import torch
+
+    from pti.engine.checkpoint import generator_hash, load_generator
+    from pti.engine.device import resolve_device
+    from pti.engine.identity import Identity, versions
+    from pti.engine.invert import invert
+    from pti.engine.losses import load_losses
+    from pti.engine.photo import expand_photo_paths
+    from pti.engine.tune import tune as tune_generator
+
+    out = Path(out)
+    dev = resolve_device(device)
+    paths = expand_photo_paths(list(photos))
+    if not paths:
+        raise PTIError("no photos given")
+    kept: list[Path] = []
+    try:
+        G = load_generator(network, dev)
+        base_hash = generator_hash(G)
+        base_hint = str(network) if network else "builtin:tiny"
+        losses = load_losses(dev, allow_fallback=allow_fallback)
+        results, targets, pivots = [], [], []
+        names = _unique_names(paths)
+        for i, (path, name) in enumerate(zip(paths, names)):
+            res = PhotoResult(photo=path, name=name)
+            folder = out / name
+            t0 = time.perf_counter()
+            _log(progress, "align", 0, 1, photo=str(path))
+            aligned, warn, faces = _aligned(path, G.img_resolution, align, face)
+            res.warnings += [warn] if warn else []
+            res.files["aligned"] = _save(aligned, folder / "aligned.png", kept)
+            target = _to_tensor(aligned, dev)
+            t_align = time.perf_counter() - t0
+            _log(progress, "align", 1, 1, photo=str(path), faces=faces)
+
+            inv = invert(G, target, losses.projector, invert_cfg, progress=progress)
+            with torch.no_grad():
+                pivot_img = G.synthesis(inv.pivot, noise_mode="const", force_fp32=True)
+            res.files["pivot"] = _save_tensor(pivot_img, folder / "pivot.png", kept)
+            res.report = {
+                "photo": str(path),
+                "faces_found": faces,
+                "seconds": {"align": t_align, "invert": inv.seconds},
+                "steps": {"invert": invert_cfg.steps},
+                "before_tuning": _metrics(pivot_img, target, losses),
+                "curves": {"invert_loss": inv.losses, "invert_dist": inv.dists},
+            }
+            results.append(res)
+            targets.append(target)
+            pivots.append(inv.pivot)
+
+        groups = [list(range(len(results)))] if joint else [[i] for i in range(len(results))]
+        for group in groups:
+            tuned = tune_generator(G, [targets[i] for i in group], [pivots[i] for i in group], losses.perceptual, tune_cfg, progress)
+            for i in group:
+                res = results[i]
+                with torch.no_grad():
+                    recon = tuned.G.synthesis(pivots[i], noise_mode="const", force_fp32=True)
+                res.files["reconstruction"] = _save_tensor(recon, out / res.name / "reconstruction.png", kept)
+                rep = res.report
+                rep["after_tuning"] = _metrics(recon, targets[i], losses)
+                rep["seconds"]["tune"] = tuned.seconds
+                rep["steps"]["tune"] = tuned.steps
+                rep["early_stopped"] = tuned.early_stopped
+                rep["joint_with"] = [results[j].name for j in group if j != i]
+                rep["curves"].update({f"tune_{k}": v for k, v in tuned.curves.items()})
+                rep.update(
+                    network=base_hint, base_hash=base_hash, device=str(dev), precision="fp32",
+                    losses=losses.names, official_losses=losses.official, notice=losses.notice,
+                    invert_config=asdict(invert_cfg), tune_config=asdict(tune_cfg), versions=versions(),
+                )
+                rep["identity_similarity"] = _id_similarity(res.files["aligned"], recon)
+                meta = {k: rep[k] for k in ("seconds", "steps", "curves", "invert_config", "tune_config", "versions",
+                                             "losses", "official_losses", "photo", "joint_with")}
+                ident = Identity.from_tuning(G, tuned.G, pivots[i], base_hash, base_hint, exact=exact, meta=meta)
+                res.identity = ident.save(out / f"{res.name}.pti")
+                kept.append(res.identity)
+                rep["identity_file"] = {"path": str(res.identity), "bytes": res.identity.stat().st_size,
+                                        "encoding": "weight-fp32" if exact else "delta-fp16"}
+                res.files["report"] = _save_json(rep, out / res.name / "report.json", kept)
+                res.files["contact"] = _contact_sheet(res, out / res.name / "contact.png", kept)
+        return results
+    except KeyboardInterrupt:
+        raise TuneInterrupted(kept) from None
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names, seen = [], {}
+    for p in paths:
+        stem = p.stem or "photo"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+def _aligned(path: Path, size: int, align: bool, face: int | None):
+    from pti.engine.align import align_photo, resize_prealigned
+    from pti.engine.photo import load_photo
+
+    img = load_photo(path)
+    if not align:
+        aligned, warning = resize_prealigned(img, size)
+        return aligned, warning, None
+    res = align_photo(img, output_size=size, face=face, name=str(path))
+    warning = None
+    if len(res.faces) > 1:
+        warning = f"{path}: {len(res.faces)} faces found; tuned face {res.chosen_index} (largest is 0; choose with --face N)"
+    return res.image, warning, len(res.faces)
+
+
+def _to_tensor(img, device):
+    import numpy as np
+
+    from pti.engine.images import from_uint8
+
+    return from_uint8(np.asarray(img.convert("RGB")), device)
+
+
+def _save(img, path: Path, kept: list[Path]) -> Path:
+    from pti.engine.images import atomic_path
+
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    kept.append(path)
+    return path
+
+
+def _save_tensor(t, path: Path, kept: list[Path]) -> Path:
+    from pti.engine.images import save_png, to_uint8
+
+    save_png(to_uint8(t[0]), path)
+    kept.append(path)
+    return path
+
+
+def _save_json(obj: dict, path: Path, kept: list[Path]) -> Path:
+    from pti.engine.images import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+    kept.append(path)
+    return path
+
+
+def _metrics(img, target, losses) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from pti.engine.similarity import ms_ssim
+
+    with torch.no_grad():
+        m = {"mse": float(F.mse_loss(img, target)), "ms_ssim": float(ms_ssim(img, target).mean())}
+        key = "lpips_alex" if losses.official else "perceptual_weight_free"
+        m[key] = float(losses.perceptual(img, target).mean())
+    return m
+
+
+def _id_similarity(aligned_path: Path, recon) -> float | None:
+    """dlib face-embedding cosine similarity of reconstruction vs aligned input, None without a face."""
+    from PIL import Image
+
+    from pti.engine.images import to_uint8
+    from pti.engine.similarity import identity_similarity
+
+    try:
+        return identity_similarity(Image.open(aligned_path).convert("RGB"), Image.fromarray(to_uint8(recon[0])))
+    except Exception:  # noqa: BLE001  a report metric must never sink a finished run
+        return None
+
+
+def _contact_sheet(res: PhotoResult, path: Path, kept: list[Path]) -> Path:
+    """input | aligned | pivot | reconstruction, labelled, one row a person can open."""
+    from PIL import Image, ImageDraw
+
+    from pti.engine.photo import load_photo
+
+    aligned = Image.open(res.files["aligned"]).convert("RGB")
+    size = max(aligned.size[0], 256)
+    tiles = [("input", load_photo(res.photo)), ("aligned", aligned),
+             ("pivot (before tuning)", Image.open(res.files["pivot"])), ("reconstruction (after)", Image.open(res.files["reconstruction"]))]
+    label_h, pad = 18, 6
+    sheet = Image.new("RGB", (len(tiles) * (size + pad) + pad, size + label_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (label, img) in enumerate(tiles):
+        img = img.convert("RGB")
+        scale = size / max(img.size)  # fit in size x size; small renders are enlarged without smoothing
+        new = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+        img = img.resize(new, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
+        x = pad + k * (size + pad)
+        sheet.paste(img, (x, pad + label_h))
+        draw.text((x, pad), label, fill="black")
+    return _save(sheet, path, kept)

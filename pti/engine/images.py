@@ -1,0 +1,69 @@
+"""Image tensors to files: [-1, 1] float tensors to uint8, grids, and atomic PNG writes."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    On any error (or Ctrl-C) the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """[C, H, W] or [N, C, H, W] in [-1, 1] -> uint8 [H, W, C] or [N, H, W, C] (NVIDIA's mapping)."""
+    x = (img.detach().float().cpu() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return x.movedim(-3, -1).numpy()
+
+
+def from_uint8(arr: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [1, 3, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=torch.float32)
+    return (x.permute(2, 0, 1)[None] / 127.5) - 1
+
+
+def grid(images: Sequence[np.ndarray], cols: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile equally sized uint8 [H, W, C] images into one image, row-major."""
+    if not images:
+        raise ValueError("no images to tile")
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w, c = images[0].shape
+    out = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, c), fill, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        out[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = im
+    return out
+
+
+def save_png(arr: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 [H, W, C] array as PNG, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+    return path

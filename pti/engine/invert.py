@@ -1,0 +1,155 @@
+"""Step 1 of PTI: invert a target image to a pivot w (the StyleGAN2-ADA projector as PTI runs it).
+
+The recipe (REFERENCE §1): start from w_avg, the mean of 600 mapped z's from RandomState(123);
+Adam (0.9, 0.999) over w and every noise buffer; lr 0.01 with a 5 % cosine ramp-up and a 25 %
+ramp-down; exploration noise on w of w_std * 0.05 * max(0, 1 - t / 0.75)^2; noise_mode 'const' in
+fp32; loss = perceptual distance + 1e5 * noise autocorrelation penalty; every noise buffer is
+renormalized after each step. The optimized noise is discarded: the pivot is w repeated num_ws times.
+
+`space="w+"` optimizes one w per layer instead (same schedule), a common variant that fits better
+and edits worse.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pti.engine.losses import ProjectorMetric, to_0_255
+
+ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, {"loss": ...})
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    steps: int = 450                    # optimizer steps (PTI: first_inv_steps)
+    space: str = "w"                    # "w": one w for all layers (the paper); "w+": one per layer
+    w_avg_samples: int = 600            # z samples for w_avg / w_std (PTI passes 600)
+    w_avg_seed: int = 123               # RandomState seed of those samples (the projector's)
+    initial_lr: float = 0.01            # peak learning rate (the projector's; PTI's 5e-3 is unused)
+    lr_rampup: float = 0.05             # fraction of steps for the cosine ramp-up
+    lr_rampdown: float = 0.25           # fraction of steps for the cosine ramp-down
+    initial_noise_factor: float = 0.05  # exploration noise on w, as a fraction of w_std
+    noise_ramp: float = 0.75            # exploration noise decays to zero by this fraction of steps
+    noise_reg_weight: float = 1e5       # weight of the noise-map autocorrelation penalty
+    seed: int | None = 0                # seeds noise init and exploration; None = nondeterministic
+
+    def __post_init__(self):
+        if self.space not in ("w", "w+"):
+            raise ValueError(f"space must be 'w' or 'w+', got {self.space!r}")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+
+
+@dataclass
+class InversionResult:
+    pivot: torch.Tensor                 # [1, num_ws, w_dim]
+    losses: list[float] = field(default_factory=list)   # total loss per step
+    dists: list[float] = field(default_factory=list)    # perceptual distance per step
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+
+def learning_rate(step: int, cfg: InvertConfig) -> float:
+    """Cosine ramp-down over the last `lr_rampdown` and linear ramp-up over the first `lr_rampup`."""
+    t = step / cfg.steps
+    r = min(1.0, (1.0 - t) / cfg.lr_rampdown)
+    r = 0.5 - 0.5 * math.cos(r * math.pi)
+    r = r * min(1.0, t / cfg.lr_rampup)
+    return cfg.initial_lr * r
+
+
+def w_noise_scale(step: int, w_std: float, cfg: InvertConfig) -> float:
+    t = step / cfg.steps
+    return w_std * cfg.initial_noise_factor * max(0.0, 1.0 - t / cfg.noise_ramp) ** 2
+
+
+@torch.no_grad()
+def w_stats(G, samples: int = 600, seed: int = 123) -> tuple[torch.Tensor, float]:
+    """w_avg [1, 1, w_dim] and the scalar w_std = sqrt(sum of squared deviations / N)."""
+    device = next(G.parameters()).device
+    z = torch.from_numpy(np.random.RandomState(seed).randn(samples, G.z_dim)).to(device)
+    w = G.mapping(z)[:, :1, :].float()  # [N, 1, C]
+    w_avg = w.mean(dim=0, keepdim=True)
+    w_std = ((w - w_avg).double().square().sum() / samples).sqrt().item()
+    return w_avg, w_std
+
+
+def noise_regularization(noise_bufs: list[torch.Tensor]) -> torch.Tensor:
+    """Penalize spatial autocorrelation of each noise map at every scale down to 8x8."""
+    reg = 0.0
+    for buf in noise_bufs:
+        noise = buf[None, None]  # [1, 1, H, W]
+        while True:
+            reg = reg + (noise * torch.roll(noise, shifts=1, dims=3)).mean() ** 2
+            reg = reg + (noise * torch.roll(noise, shifts=1, dims=2)).mean() ** 2
+            if noise.shape[2] <= 8:
+                break
+            noise = F.avg_pool2d(noise, kernel_size=2)
+    return reg
+
+
+def invert(
+    G,
+    target: torch.Tensor,               # [1, 3, R, R] or [3, R, R] in [-1, 1], R = G.img_resolution
+    metric: ProjectorMetric,
+    cfg: InvertConfig = InvertConfig(),
+    progress: ProgressFn | None = None,
+) -> InversionResult:
+    """Find the pivot w whose render best matches `target` under `metric`. G is not modified."""
+    device = next(G.parameters()).device
+    target = target.reshape(1, G.img_channels, G.img_resolution, G.img_resolution).to(device, torch.float32)
+    start = time.perf_counter()
+    gen = torch.Generator(device=device)
+    if cfg.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(cfg.seed)
+
+    w_avg, w_std = w_stats(G, cfg.w_avg_samples, cfg.w_avg_seed)
+    # A private copy of the synthesis network: its noise buffers become optimization variables.
+    synthesis = copy.deepcopy(G.synthesis).eval().requires_grad_(False).float()
+    noise_bufs = [buf for name, buf in synthesis.named_buffers() if "noise_const" in name]
+    with torch.no_grad():
+        for buf in noise_bufs:
+            buf.copy_(torch.randn(buf.shape, generator=gen, device=device))
+            buf.requires_grad_(True)
+
+    w_start = w_avg if cfg.space == "w" else w_avg.repeat([1, G.num_ws, 1])
+    w_opt = w_start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([w_opt] + noise_bufs, betas=(0.9, 0.999), lr=cfg.initial_lr)
+    prepared = metric.prepare(to_0_255(target))
+    result = InversionResult(pivot=w_start, config=asdict(cfg))
+
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        w_noise = torch.randn(w_opt.shape, generator=gen, device=device) * w_noise_scale(step, w_std, cfg)
+        ws = (w_opt + w_noise).repeat([1, G.num_ws // w_opt.shape[1], 1])
+        synth = synthesis(ws, noise_mode="const", force_fp32=True)
+        dist = metric.distance(to_0_255(synth), prepared)
+        loss = dist + noise_regularization(noise_bufs) * cfg.noise_reg_weight
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # renormalize every noise map to zero mean, unit variance
+            for buf in noise_bufs:
+                buf -= buf.mean()
+                buf *= buf.square().mean().rsqrt()
+        result.losses.append(float(loss.detach()))
+        result.dists.append(float(dist))
+        if progress is not None:
+            progress("invert", step + 1, cfg.steps, {"loss": result.losses[-1], "dist": result.dists[-1]})
+
+    pivot = w_opt.detach()
+    result.pivot = pivot.repeat([1, G.num_ws // pivot.shape[1], 1])
+    result.seconds = time.perf_counter() - start
+    return result
