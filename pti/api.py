@@ -183,11 +183,9 @@ def _to_tensor(img, device):
 
 
 def _save(img, path: Path, kept: list[Path]) -> Path:
-    from pti.engine.images import atomic_path
+    from pti.engine.photo import save_photo_atomic
 
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    kept.append(path)
+    kept.append(save_photo_atomic(img, path))
     return path
 
 
@@ -200,7 +198,7 @@ def _save_tensor(t, path: Path, kept: list[Path]) -> Path:
 
 
 def _save_json(obj: dict, path: Path, kept: list[Path]) -> Path:
-    from pti.engine.images import atomic_path
+    from pti.fsutil import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from pti.engine.generator import Generator
+from pti.fsutil import atomic_path
 from pti.errors import CheckpointError
 
 BUILTIN_TINY = "builtin:tiny"
@@ -181,17 +181,8 @@ def save_generator(G: Generator, path: str | os.PathLike, extra_metadata: dict[s
         "content_hash": digest,
     }
     data = save(tensors, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return digest
 
 

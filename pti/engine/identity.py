@@ -86,7 +86,7 @@ class Identity:
         """Write atomically (temp file, then rename)."""
         from safetensors.torch import save_file
 
-        from pti.engine.images import atomic_path
+        from pti.fsutil import atomic_path
 
         path = Path(path)
         meta = {

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    On any error (or Ctrl-C) the temporary file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from pti.fsutil import atomic_path
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -40,7 +21,7 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
 
 def from_uint8(arr: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [H, W, 3] -> float [1, 3, H, W] in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=torch.float32)
+    x = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).to(device=device, dtype=torch.float32)
     return (x.permute(2, 0, 1)[None] / 127.5) - 1
 
 

@@ -145,7 +145,7 @@ def invert(
                 buf -= buf.mean()
                 buf *= buf.square().mean().rsqrt()
         result.losses.append(float(loss.detach()))
-        result.dists.append(float(dist))
+        result.dists.append(float(dist.detach()))
         if progress is not None:
             progress("invert", step + 1, cfg.steps, {"loss": result.losses[-1], "dist": result.dists[-1]})
 

@@ -130,28 +130,11 @@ def save_photo_atomic(img: Image.Image, path: str | Path) -> Path:
     Readers never see a half-written file, and an interrupted write leaves nothing behind.
     The format follows the extension (PNG when it has none Pillow knows).
     """
-    import os
-    import tempfile
+    from pti.fsutil import atomic_path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt)
-        _chmod_like_open(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt)
     return path
 
-
-def _chmod_like_open(path: Path) -> None:
-    """mkstemp creates files 0600; give the final file the permissions open() would (0666 minus umask)."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)

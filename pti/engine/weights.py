@@ -17,7 +17,6 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from pti.fsutil import atomic_path
 from pti.errors import WeightsError
 
 # progress(done_bytes, total_bytes or None); the CLI turns it into a progress bar.
@@ -277,42 +277,28 @@ class Registry:
             cache.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise WeightsError(f"cannot create the weights cache {cache}: {e.strerror or e}") from None
-        fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{entry.filename}.", suffix=".part")
-        tmp = Path(tmp_name)
+        final = cache / entry.filename
         try:
-            h, done = hashlib.sha256(), 0
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(_CHUNK):
-                    out.write(chunk)
-                    h.update(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, total)
-                out.flush()
-                os.fsync(out.fileno())
-            problem = None
-            if total is not None and done != total:
-                problem = f"got {done} bytes of {total}: the transfer was cut short"
-            elif entry.size is not None and done != entry.size:
-                problem = f"size {done} bytes differs from the expected {entry.size}"
-            else:
-                problem = entry.check_digest(h.hexdigest())
-            if problem:
-                raise WeightsError(f"{entry.filename} from {source} is corrupt or incomplete ({problem}); nothing was saved")
-            _chmod_like_open(tmp)
-            final = cache / entry.filename
-            os.replace(tmp, final)
+            with atomic_path(final, suffix=".part") as tmp:
+                h, done = hashlib.sha256(), 0
+                with open(tmp, "wb") as out:
+                    while chunk := stream.read(_CHUNK):
+                        out.write(chunk)
+                        h.update(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, total)
+                if total is not None and done != total:
+                    problem = f"got {done} bytes of {total}: the transfer was cut short"
+                elif entry.size is not None and done != entry.size:
+                    problem = f"size {done} bytes differs from the expected {entry.size}"
+                else:
+                    problem = entry.check_digest(h.hexdigest())
+                if problem:  # raising inside the block removes the temporary file
+                    raise WeightsError(f"{entry.filename} from {source} is corrupt or incomplete ({problem}); nothing was saved")
             return final
-        except WeightsError:
-            tmp.unlink(missing_ok=True)
-            raise
         except (OSError, EOFError, http.client.HTTPException) as e:  # connection reset, IncompleteRead, disk full
-            tmp.unlink(missing_ok=True)
             raise WeightsError(self.missing_message(entry.name, f"transfer from {source} failed: {type(e).__name__}: {e}")) from None
-        except BaseException:  # KeyboardInterrupt and the like: leave nothing half-written
-            tmp.unlink(missing_ok=True)
-            raise
-
 
 def default_registry() -> Registry:
     """The registry of `DEFAULT_ENTRIES` in the default cache directory (read at call time)."""
@@ -323,11 +309,3 @@ def resolve(name: str, fetch: bool = False, progress: ProgressFn | None = None) 
     """Local path of weights `name` from the default registry; see `Registry.resolve`."""
     return default_registry().resolve(name, fetch=fetch, progress=progress)
 
-
-def _chmod_like_open(path: Path) -> None:
-    """mkstemp creates files 0600; give the final file the permissions open() would (0666 minus umask)."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
