@@ -26,10 +26,12 @@ app = typer.Typer(
 
 # Each module exposes `register(app)`. Order is the order in `pti --help`.
 COMMAND_MODULES = [
-    "pti.commands.info",
-    "pti.commands.generate",
-    "pti.commands.convert",
+    "pti.commands.demo",
+    "pti.commands.tune",
     "pti.commands.align",
+    "pti.commands.generate",
+    "pti.commands.info",
+    "pti.commands.convert",
     "pti.commands.weights",
 ]
 
