@@ -79,8 +79,8 @@ def locality_loss(G, G_orig, pivot, perceptual: Perceptual, cfg: TuneConfig, gen
         l2 = F.mse_loss(old, new)
         lp = perceptual(old, new).mean()
         total = total + cfg.locality_l2_lambda * l2 + cfg.locality_lpips_lambda * lp
-        l2_sum += float(l2)
-        lp_sum += float(lp)
+        l2_sum += float(l2.detach())
+        lp_sum += float(lp.detach())
     n = len(ws_list)
     return total / n, {"reg_l2": l2_sum / n, "reg_lpips": lp_sum / n}
 
@@ -136,10 +136,10 @@ def tune(
             l2 = F.mse_loss(synth, target)
             lp = perceptual(synth, target).mean()
             loss = cfg.l2_lambda * l2 + cfg.lpips_lambda * lp
-            if not joint and float(lp) <= cfg.lpips_threshold:
+            if not joint and float(lp.detach()) <= cfg.lpips_threshold:
                 result.early_stopped = True  # checked before backward: this step is not applied
                 break
-            terms = {"l2": float(l2), "lpips": float(lp)}
+            terms = {"l2": float(l2.detach()), "lpips": float(lp.detach())}
             if cfg.locality and step % cfg.locality_interval == 0:
                 reg, reg_terms = locality_loss(G_tuned, G_orig, pivot, perceptual, cfg, gen)
                 loss = loss + reg
@@ -148,11 +148,11 @@ def tune(
             loss.backward()
             optimizer.step()
             step += 1
-            curves["loss"].append(float(loss))
+            curves["loss"].append(float(loss.detach()))
             for key, value in terms.items():
                 curves[key].append(value)
             if progress is not None:
-                progress("tune", step, total, {"loss": float(loss), **terms})
+                progress("tune", step, total, {"loss": curves["loss"][-1], **terms})
         if result.early_stopped:
             break
     result.steps = step
