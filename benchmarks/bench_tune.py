@@ -1,0 +1,218 @@
+"""Seconds per step of each PTI phase on this machine: inversion, tuning, tuning with locality.
+
+    python -m benchmarks.bench_tune [--steps 5] [--warmup 1] [--configs tiny,paper256] [--threads N]
+
+Each phase runs the engine's own loop (`invert`, `tune`) and is timed between consecutive progress
+callbacks, so a "step" is exactly what the engine does per step: forward, loss, backward, Adam. The
+first `--warmup` steps (which also carry the phase's setup) are dropped; the median, min and max of
+the rest are reported, as wall-clock seconds and as process CPU seconds (all threads).
+
+Generators: the built-in tiny one (64 px) and "paper256" (256 px config-f with channel_base 16384,
+random weights, fp32: num_fp16_res 0 on CPU). Perceptual nets: the weight-free pair (MS-SSIM based)
+and "nets": LPIPS-alex v0.1 with random weights (the real architecture, so the real cost) plus the
+VGG16 TorchScript stand-in. The stand-in is two small convs: NVIDIA's real vgg16.pt at 256 px is
+about 20 G multiply-adds per image, more than a paper256 synthesis forward, so real inversion steps
+are heavier than the "nets" numbers here.
+
+Reference comparison (optional): with PTI_SG2ADA_PATH pointing at a checkout of NVIDIA's
+stylegan2-ada-pytorch, the same engine loop also drives NVIDIA's `training.networks.Generator`
+(imported from the checkout, never copied) holding the same weights, phase by phase in the same
+run, and the ratio ours / reference is reported. Both run their pure-PyTorch ops on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pti.engine.generator import TINY_CONFIG, Generator, tiny_generator
+
+RESULTS = Path(__file__).parent / "results" / "tune_cpu.json"
+
+PAPER256 = dict(
+    z_dim=512, c_dim=0, w_dim=512, img_resolution=256, img_channels=3,
+    mapping_kwargs=dict(num_layers=8),
+    synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=0, conv_clamp=256),
+)
+CONFIGS = {"tiny": TINY_CONFIG, "paper256": PAPER256}
+PHASES = ("invert step", "tune step", "tune step + locality")
+
+
+def build(name: str) -> Generator:
+    if name == "tiny":
+        return tiny_generator()
+    torch.manual_seed(0)
+    return Generator(**copy.deepcopy(CONFIGS[name])).eval().requires_grad_(False)
+
+
+def losses(kind: str, tmp: Path):
+    """(projector metric, perceptual) for `kind`: 'weight-free' or 'nets' (random-weight LPIPS-alex + VGG16 stand-in)."""
+    from pti.engine import perceptual as P
+    from pti.engine.losses import (LPIPSPerceptual, VGGProjectorMetric, WeightFreePerceptual,
+                                   WeightFreeProjectorMetric)
+
+    if kind == "weight-free":
+        return WeightFreeProjectorMetric(), WeightFreePerceptual()
+    g = torch.Generator().manual_seed(1)
+    trunk = {k: torch.randn(v.shape, generator=g) * (2.0 / max(1, v[0].numel())) ** 0.5
+             for k, v in P.Trunk("alex").state_dict().items()}
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(P.CHANNELS["alex"])}
+    lpips = LPIPSPerceptual(P.LPIPS.from_state_dicts("alex", trunk, heads))
+    vgg = P.VGG16Metric(P.make_scripted_vgg16_standin(tmp / "vgg16-standin.pt"))
+    return VGGProjectorMetric(vgg), lpips
+
+
+class _Clock:
+    """A progress callback that timestamps every step (wall and process CPU time)."""
+
+    def __init__(self):
+        self.marks = [(time.perf_counter(), time.process_time())]
+
+    def __call__(self, phase, step, total, values):
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def per_step(self, warmup: int) -> dict:
+        wall = [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])][warmup:]
+        cpu = [b[1] - a[1] for a, b in zip(self.marks, self.marks[1:])][warmup:]
+        med = statistics.median(wall)
+        return {"median_s": med, "min_s": min(wall), "max_s": max(wall), "spread": (max(wall) - min(wall)) / med,
+                "cpu_median_s": statistics.median(cpu), "steps": len(wall), "all_s": wall}
+
+
+def run_phase(G, phase: str, metric, perceptual, steps: int, warmup: int) -> dict:
+    from pti.engine.invert import InvertConfig, invert
+    from pti.engine.tune import TuneConfig, tune
+
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        target = G.synthesis(G.mapping(torch.randn([1, G.z_dim], generator=g), truncation_psi=0.7),
+                             noise_mode="const", force_fp32=True)
+        pivot = G.mapping(torch.randn([1, G.z_dim], generator=g), truncation_psi=0.5)
+    clock, n = _Clock(), steps + warmup
+    if phase == "invert step":
+        invert(G, target, metric, InvertConfig(steps=n), progress=clock)
+    else:  # a negative threshold: never stop early
+        cfg = TuneConfig(max_steps=n, lpips_threshold=-1.0, locality=phase.endswith("locality"))
+        tune(G, target, pivot, perceptual, cfg, progress=clock)
+    return clock.per_step(warmup)
+
+
+# ---------------------------------------------------------------------------- NVIDIA's networks, driven by our loop
+
+
+class _RefMapping(torch.nn.Module):
+    """NVIDIA's mapping takes c positionally; our loop calls mapping(z, truncation_psi=...)."""
+
+    def __init__(self, mapping):
+        super().__init__()
+        self.net = mapping
+
+    def forward(self, z, c=None, truncation_psi=1.0, truncation_cutoff=None):
+        return self.net(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+
+
+class _RefGenerator(torch.nn.Module):
+    """NVIDIA's Generator with the two methods our engine expects (mapping without c, clone)."""
+
+    def __init__(self, G_nv):
+        super().__init__()
+        self.synthesis, self.mapping = G_nv.synthesis, _RefMapping(G_nv.mapping)
+        for k in ("z_dim", "w_dim", "num_ws", "img_resolution", "img_channels"):
+            setattr(self, k, getattr(G_nv, k))
+
+    def clone(self):
+        return copy.deepcopy(self)
+
+
+def reference_generator(name: str, ours: Generator):
+    path = os.environ.get("PTI_SG2ADA_PATH")
+    if not path:
+        return None
+    sys.path.insert(0, path)
+    from training import networks as nv_net  # NVIDIA's code from the user's checkout, run side by side
+
+    G_nv = nv_net.Generator(**copy.deepcopy(CONFIGS[name])).eval()
+    G_nv.load_state_dict(ours.state_dict(), strict=True)  # the same weights in both
+    return _RefGenerator(G_nv).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import tempfile
+
+    import pti.kernels
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per phase")
+    ap.add_argument("--warmup", type=int, default=1, help="steps dropped first (they include setup)")
+    ap.add_argument("--configs", default="tiny,paper256")
+    ap.add_argument("--losses", default="weight-free,nets")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows, tmp = [], Path(tempfile.mkdtemp())
+    started = time.perf_counter()
+    for cfg_name in args.configs.split(","):
+        G = build(cfg_name)
+        G_ref = reference_generator(cfg_name, G)
+        for loss_kind in args.losses.split(","):
+            metric, perceptual = losses(loss_kind, tmp)
+            for phase in PHASES:
+                row = {"config": cfg_name, "losses": loss_kind, "phase": phase,
+                       "ours": run_phase(G, phase, metric, perceptual, args.steps, args.warmup)}
+                row["implementation"] = pti.kernels.chosen()
+                if G_ref is not None:
+                    row["reference"] = run_phase(G_ref, phase, metric, perceptual, args.steps, args.warmup)
+                    row["ratio_ours_over_reference"] = row["ours"]["median_s"] / row["reference"]["median_s"]
+                rows.append(row)
+                print(_line(row), flush=True)
+
+    result = {
+        "machine": args.machine,
+        "device": "cpu",
+        "precision": "fp32",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_after": os.getloadavg(),
+        "python": platform.python_version(),
+        "steps": args.steps, "warmup": args.warmup,
+        "reference": os.environ.get("PTI_SG2ADA_PATH") and "NVlabs stylegan2-ada-pytorch training.networks (CPU, ref ops)",
+        "notes": ("nets = LPIPS-alex v0.1 (random weights, real architecture) + the 2-conv VGG16 stand-in; "
+                  "NVIDIA's real vgg16.pt is about 20 G MACs per 256 px image, so real inversion steps cost more. "
+                  "Wall seconds per step; cpu_median_s is process CPU time (all threads)."),
+        "total_seconds": time.perf_counter() - started,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{result['machine']}, torch {result['torch']}, {result['threads']} threads, fp32; "
+          f"wrote {args.out} ({result['total_seconds']:.0f} s)")
+    return result
+
+
+def _line(row: dict) -> str:
+    o = row["ours"]
+    s = f"{row['config']:>9} {row['losses']:>11} {row['phase']:<21} {o['median_s']:8.3f} s/step [{o['min_s']:.3f}-{o['max_s']:.3f}] cpu {o['cpu_median_s']:.3f}"
+    if "reference" in row:
+        r = row["reference"]
+        s += f" | ref {r['median_s']:8.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}] ours/ref {row['ratio_ours_over_reference']:.2f}"
+    return s
+
+
+if __name__ == "__main__":
+    main()
