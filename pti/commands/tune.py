@@ -87,7 +87,7 @@ def _summary(results) -> None:
     if first.get("notice"):
         console.print(f"[yellow]note:[/] {first['notice']}")
     table = Table(title="pti tune", show_lines=False)
-    for col in ("photo", "identity file", "size", "steps inv/tune", "MSE before -> after", "perceptual before -> after", "ID sim"):
+    for col in ("photo", "identity", "size", "steps inv/tune", "MSE before->after", "perceptual before->after", "ID sim"):
         table.add_column(col)
     for r in results:
         rep = r.report
@@ -95,9 +95,9 @@ def _summary(results) -> None:
         pkey = "lpips_alex" if "lpips_alex" in a else "perceptual_weight_free"
         idsim = rep.get("identity_similarity")
         table.add_row(
-            str(r.photo), str(r.identity), f"{rep['identity_file']['bytes'] / 1e6:.1f} MB",
+            r.photo.name, r.identity.name, f"{rep['identity_file']['bytes'] / 1e6:.1f} MB",
             f"{rep['steps']['invert']}/{rep['steps']['tune']}{' (early stop)' if rep.get('early_stopped') else ''}",
-            f"{b['mse']:.4f} -> {a['mse']:.4f}", f"{b[pkey]:.3f} -> {a[pkey]:.3f}",
+            f"{b['mse']:.4f}->{a['mse']:.4f}", f"{b[pkey]:.3f}->{a[pkey]:.3f}",
             "-" if idsim is None else f"{idsim:.3f}",
         )
     console.print(table)
