@@ -59,6 +59,7 @@ def tune(
     exact: bool = False,                         # store exact fp32 weights instead of fp16 deltas
     allow_fallback: bool = True,                 # weight-free losses when the official weights are absent
     progress: ProgressFn | None = None,
+    registry=None,                               # weights registry (default: the user's cache)
 ) -> list[PhotoResult]:
     """Align, invert and tune each photo (or all jointly); write `<out>/<name>.pti` and a folder per photo."""
     import torch
@@ -81,7 +82,7 @@ def tune(
         G = load_generator(network, dev)
         base_hash = generator_hash(G)
         base_hint = str(network) if network else "builtin:tiny"
-        losses = load_losses(dev, allow_fallback=allow_fallback)
+        losses = load_losses(dev, allow_fallback=allow_fallback, registry=registry)
         results, targets, pivots = [], [], []
         names = _unique_names(paths)
         for i, (path, name) in enumerate(zip(paths, names)):
