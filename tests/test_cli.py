@@ -85,3 +85,30 @@ def test_tune_cli_writes_identity_report_and_renders(tmp_path, monkeypatch):
     assert report["official_losses"] is False
     assert "astronaut.pti" in res.output
     assert not list(out.rglob("*.tmp"))
+
+
+def test_ctrl_c_during_tune_leaves_no_partial_files_and_says_what_was_kept(tmp_path):
+    import os
+    import signal
+    import time
+
+    import skimage.data
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    out = tmp_path / "out"
+    env = {**os.environ, "PTI_HOME": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "pti.cli", "tune", str(photo), "-o", str(out), "--invert-steps", "100000",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "astronaut" / "aligned.png").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # now inside the inversion loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "interrupted" in last and "aligned.png" in last, err
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["astronaut/aligned.png"]  # complete files only; no .tmp, no .pti
