@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pti.engine.invert import InvertConfig
 from pti.engine.tune import TuneConfig
@@ -38,6 +38,8 @@ class PhotoResult:
     files: dict[str, Path] = field(default_factory=dict)  # aligned, pivot, reconstruction, report, contact
     report: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    target: Any = field(default=None, repr=False)   # [1, 3, R, R] in [-1, 1], the aligned photo
+    pivot: Any = field(default=None, repr=False)    # [1, num_ws, w_dim]
 
 
 def _log(progress: ProgressFn | None, phase: str, step: int, total: int, **values) -> None:
@@ -62,12 +64,8 @@ def tune(
     registry=None,                               # weights registry (default: the user's cache)
 ) -> list[PhotoResult]:
     """Align, invert and tune each photo (or all jointly); write `<out>/<name>.pti` and a folder per photo."""
-    import torch
-
     from pti.engine.checkpoint import generator_hash, load_generator
     from pti.engine.device import resolve_device
-    from pti.engine.identity import Identity, versions
-    from pti.engine.invert import invert
     from pti.engine.losses import load_losses
     from pti.engine.photo import expand_photo_paths
     from pti.engine.tune import tune as tune_generator
@@ -80,72 +78,100 @@ def tune(
     kept: list[Path] = []
     try:
         G = load_generator(network, dev)
-        base_hash = generator_hash(G)
-        base_hint = str(network) if network else "builtin:tiny"
         losses = load_losses(dev, allow_fallback=allow_fallback, registry=registry)
-        results, targets, pivots = [], [], []
-        names = _unique_names(paths)
-        for i, (path, name) in enumerate(zip(paths, names)):
-            res = PhotoResult(photo=path, name=name)
-            folder = out / name
-            t0 = time.perf_counter()
-            _log(progress, "align", 0, 1, photo=str(path))
-            aligned, warn, faces = _aligned(path, G.img_resolution, align, face)
-            res.warnings += [warn] if warn else []
-            res.files["aligned"] = _save(aligned, folder / "aligned.png", kept)
-            target = _to_tensor(aligned, dev)
-            t_align = time.perf_counter() - t0
-            _log(progress, "align", 1, 1, photo=str(path), faces=faces)
-
-            inv = invert(G, target, losses.projector, invert_cfg, progress=progress)
-            with torch.no_grad():
-                pivot_img = G.synthesis(inv.pivot, noise_mode="const", force_fp32=True)
-            res.files["pivot"] = _save_tensor(pivot_img, folder / "pivot.png", kept)
-            res.report = {
-                "photo": str(path),
-                "faces_found": faces,
-                "seconds": {"align": t_align, "invert": inv.seconds},
-                "steps": {"invert": invert_cfg.steps},
-                "before_tuning": _metrics(pivot_img, target, losses),
-                "curves": {"invert_loss": inv.losses, "invert_dist": inv.dists},
-            }
-            results.append(res)
-            targets.append(target)
-            pivots.append(inv.pivot)
-
-        groups = [list(range(len(results)))] if joint else [[i] for i in range(len(results))]
+        run = _Run(G, losses, out, dev, generator_hash(G), str(network) if network else "builtin:tiny",
+                   invert_cfg, tune_cfg, exact, kept, progress)
+        # Align every photo first: bad input (no face, unreadable file) fails before any long work.
+        results = [run.align(path, name, align, face) for path, name in zip(paths, _unique_names(paths))]
+        # Single-ID: invert, tune and write each photo in turn, so finished identities are kept even
+        # if a later one is interrupted. Joint: all pivots first, then one shared tuning (the paper).
+        groups = [results] if joint else [[r] for r in results]
         for group in groups:
-            tuned = tune_generator(G, [targets[i] for i in group], [pivots[i] for i in group], losses.perceptual, tune_cfg, progress)
-            for i in group:
-                res = results[i]
-                with torch.no_grad():
-                    recon = tuned.G.synthesis(pivots[i], noise_mode="const", force_fp32=True)
-                res.files["reconstruction"] = _save_tensor(recon, out / res.name / "reconstruction.png", kept)
-                rep = res.report
-                rep["after_tuning"] = _metrics(recon, targets[i], losses)
-                rep["seconds"]["tune"] = tuned.seconds
-                rep["steps"]["tune"] = tuned.steps
-                rep["early_stopped"] = tuned.early_stopped
-                rep["joint_with"] = [results[j].name for j in group if j != i]
-                rep["curves"].update({f"tune_{k}": v for k, v in tuned.curves.items()})
-                rep.update(
-                    network=base_hint, base_hash=base_hash, device=str(dev), precision="fp32",
-                    losses=losses.names, official_losses=losses.official, notice=losses.notice,
-                    invert_config=asdict(invert_cfg), tune_config=asdict(tune_cfg), versions=versions(),
-                )
-                rep["identity_similarity"] = _id_similarity(res.files["aligned"], recon)
-                meta = {k: rep[k] for k in ("seconds", "steps", "curves", "invert_config", "tune_config", "versions",
-                                             "losses", "official_losses", "photo", "joint_with")}
-                ident = Identity.from_tuning(G, tuned.G, pivots[i], base_hash, base_hint, exact=exact, meta=meta)
-                res.identity = ident.save(out / f"{res.name}.pti")
-                kept.append(res.identity)
-                rep["identity_file"] = {"path": str(res.identity), "bytes": res.identity.stat().st_size,
-                                        "encoding": "weight-fp32" if exact else "delta-fp16"}
-                res.files["report"] = _save_json(rep, out / res.name / "report.json", kept)
-                res.files["contact"] = _contact_sheet(res, out / res.name / "contact.png", kept)
+            for res in group:
+                run.invert(res)
+            tuned = tune_generator(G, [r.target for r in group], [r.pivot for r in group], losses.perceptual, tune_cfg, progress)
+            for res in group:
+                run.finish(res, tuned, [r.name for r in group if r is not res])
         return results
     except KeyboardInterrupt:
         raise TuneInterrupted(kept) from None
+
+
+# ---------------------------------------------------------------------------- one run's steps
+
+
+@dataclass
+class _Run:
+    G: object
+    losses: object
+    out: Path
+    device: object
+    base_hash: str
+    base_hint: str
+    invert_cfg: InvertConfig
+    tune_cfg: TuneConfig
+    exact: bool
+    kept: list[Path]
+    progress: ProgressFn | None
+
+    def align(self, path: Path, name: str, align: bool, face: int | None) -> PhotoResult:
+        res = PhotoResult(photo=path, name=name)
+        t0 = time.perf_counter()
+        _log(self.progress, "align", 0, 1, photo=str(path))
+        aligned, warning, faces = _aligned(path, self.G.img_resolution, align, face)
+        res.warnings += [warning] if warning else []
+        res.files["aligned"] = _save(aligned, self.out / name / "aligned.png", self.kept)
+        res.target = _to_tensor(aligned, self.device)
+        res.report = {"photo": str(path), "faces_found": faces, "seconds": {"align": time.perf_counter() - t0}}
+        _log(self.progress, "align", 1, 1, photo=str(path), faces=faces)
+        return res
+
+    def invert(self, res: PhotoResult) -> None:
+        import torch
+
+        from pti.engine.invert import invert
+
+        inv = invert(self.G, res.target, self.losses.projector, self.invert_cfg, progress=self.progress)
+        res.pivot = inv.pivot
+        with torch.no_grad():
+            pivot_img = self.G.synthesis(inv.pivot, noise_mode="const", force_fp32=True)
+        res.files["pivot"] = _save_tensor(pivot_img, self.out / res.name / "pivot.png", self.kept)
+        res.report["seconds"]["invert"] = inv.seconds
+        res.report["steps"] = {"invert": self.invert_cfg.steps}
+        res.report["before_tuning"] = _metrics(pivot_img, res.target, self.losses)
+        res.report["curves"] = {"invert_loss": inv.losses, "invert_dist": inv.dists}
+
+    def finish(self, res: PhotoResult, tuned, joint_with: list[str]) -> None:
+        """Render the reconstruction, write the identity file, the report and the contact sheet."""
+        import torch
+
+        from pti.engine.identity import Identity, versions
+
+        with torch.no_grad():
+            recon = tuned.G.synthesis(res.pivot, noise_mode="const", force_fp32=True)
+        res.files["reconstruction"] = _save_tensor(recon, self.out / res.name / "reconstruction.png", self.kept)
+        rep = res.report
+        rep["after_tuning"] = _metrics(recon, res.target, self.losses)
+        rep["seconds"]["tune"] = tuned.seconds
+        rep["steps"]["tune"] = tuned.steps
+        rep["early_stopped"] = tuned.early_stopped
+        rep["joint_with"] = joint_with
+        rep["curves"].update({f"tune_{k}": v for k, v in tuned.curves.items()})
+        rep.update(
+            network=self.base_hint, base_hash=self.base_hash, device=str(self.device), precision="fp32",
+            losses=self.losses.names, official_losses=self.losses.official, notice=self.losses.notice,
+            invert_config=asdict(self.invert_cfg), tune_config=asdict(self.tune_cfg), versions=versions(),
+        )
+        rep["identity_similarity"] = _id_similarity(res.files["aligned"], recon)
+        meta = {k: rep[k] for k in ("seconds", "steps", "curves", "invert_config", "tune_config", "versions",
+                                     "losses", "official_losses", "photo", "joint_with")}
+        ident = Identity.from_tuning(self.G, tuned.G, res.pivot, self.base_hash, self.base_hint, exact=self.exact, meta=meta)
+        res.identity = ident.save(self.out / f"{res.name}.pti")
+        self.kept.append(res.identity)
+        rep["identity_file"] = {"path": str(res.identity), "bytes": res.identity.stat().st_size,
+                                "encoding": "weight-fp32" if self.exact else "delta-fp16"}
+        res.files["report"] = _save_json(rep, self.out / res.name / "report.json", self.kept)
+        res.files["contact"] = _contact_sheet(res, self.out / res.name / "contact.png", self.kept)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -106,7 +106,7 @@ def test_ctrl_c_during_tune_leaves_no_partial_files_and_says_what_was_kept(tmp_p
     time.sleep(0.5)  # now inside the inversion loop
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert "interrupted" in last and "aligned.png" in last, err
