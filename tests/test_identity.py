@@ -198,3 +198,16 @@ def test_1024px_config_f_identity_is_about_56_mb() -> None:
     assert ident.nbytes / 1e6 == pytest.approx(56.5, abs=0.3)
     exact = sum(t.numel() for t in ident.tensors.values()) * 4  # the exact=True encoding would be twice that
     assert exact / 1e6 == pytest.approx(113.1, abs=0.3)
+
+
+@pytest.mark.parametrize("tamper,match", [
+    (lambda t: {**t, "evil.synthesis.b4.const": next(iter(t.values()))}, "does not fit"),
+    (lambda t: {k: (v[:1] if i == 0 else v) for i, (k, v) in enumerate(t.items())}, "shape"),
+    (lambda t: dict(list(t.items())[1:]), "lacks"),
+])
+def test_tampered_identity_tensors_are_refused(base, base_hash, tuned, tamper, match) -> None:
+    G, pivot = tuned
+    ident = Identity.from_tuning(base, G, pivot, base_hash)
+    ident.tensors = tamper(ident.tensors)
+    with pytest.raises(IdentityError, match=match):
+        ident.apply(base, base_hash)

@@ -131,8 +131,25 @@ def test_tuning_is_reproducible_with_locality(G, face, pivot, lpips) -> None:
     cfg = TuneConfig(max_steps=3, locality=True, lpips_threshold=0.0, seed=4)
     a, b = tune(G, face, pivot, lpips, cfg), tune(G, face, pivot, lpips, cfg)
     assert a.curves == b.curves
-    assert set(a.curves) == {"loss", "l2", "lpips", "reg_l2", "reg_lpips"} and len(a.curves["reg_l2"]) == 3
+    assert set(a.curves) == {"loss", "l2", "lpips", "reg_step", "reg_l2", "reg_lpips"} and len(a.curves["reg_l2"]) == 3
+    assert a.curves["reg_step"] == [0, 1, 2]
     _assert_same_state(a.G.state_dict(), b.G.state_dict())
+
+
+def test_locality_interval_logs_which_steps_were_regularized(G, face, pivot, lpips) -> None:
+    res = tune(G, face, pivot, lpips, TuneConfig(max_steps=5, locality_interval=2, lpips_threshold=0.0))
+    assert len(res.curves["loss"]) == 5
+    assert res.curves["reg_step"] == [0, 2, 4] and len(res.curves["reg_l2"]) == 3
+
+
+def test_inversion_leaves_a_train_mode_generators_w_avg_alone(G, face) -> None:
+    from pti.engine.invert import InvertConfig, invert
+    from pti.engine.losses import WeightFreeProjectorMetric
+
+    G2 = G.clone().train()
+    before = G2.mapping.w_avg.clone()
+    invert(G2, face, WeightFreeProjectorMetric(), InvertConfig(steps=1))
+    assert torch.equal(G2.mapping.w_avg, before)
 
 
 def test_locality_regularization_keeps_far_latents_unchanged(G, face, pivot, lpips) -> None:

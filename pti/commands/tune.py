@@ -32,7 +32,10 @@ def tune(
     """Tune a generator to each photo (PTI) and write its identity file, renders and report."""
     from pti.engine.invert import InvertConfig
     from pti.engine.tune import TuneConfig
+    from pti.errors import PTIError
 
+    if space not in ("w", "w+"):
+        raise PTIError(f"--space must be w or w+, not {space!r}")
     invert_cfg = InvertConfig(steps=invert_steps, space=space, seed=seed)
     tune_cfg = TuneConfig(max_steps=tune_steps, lpips_threshold=lpips_threshold, locality=not no_locality,
                           locality_samples=locality_samples, locality_interval=locality_interval, seed=seed)

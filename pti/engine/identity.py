@@ -68,11 +68,20 @@ class Identity:
             )
         G = G_base.clone()
         params = dict(G.named_parameters())
+        expected = {n for n in params if n.startswith("synthesis.")}
+        names = set()
+        for key, t in self.tensors.items():  # a file is untrusted input: check before touching G
+            kind, _, name = key.partition(".")
+            if kind not in ("weight", "delta") or name not in params:
+                raise IdentityError(f"identity holds {key!r}, which does not fit the base generator")
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise IdentityError(f"identity tensor {key!r} has shape {tuple(t.shape)}, the generator {tuple(params[name].shape)}")
+            names.add(name)
+        if names != expected:
+            raise IdentityError(f"identity file lacks {len(expected - names)} of the generator's synthesis parameters")
         with torch.no_grad():
             for key, t in self.tensors.items():
                 kind, name = key.split(".", 1)
-                if name not in params:
-                    raise IdentityError(f"identity holds {name!r}, which the base generator lacks")
                 p = params[name]
                 if kind == "weight":
                     p.copy_(t.to(p.device, p.dtype))

@@ -76,7 +76,7 @@ def w_stats(G, samples: int = 600, seed: int = 123) -> tuple[torch.Tensor, float
     """w_avg [1, 1, w_dim] and the scalar w_std = sqrt(sum of squared deviations / N)."""
     device = next(G.parameters()).device
     z = torch.from_numpy(np.random.RandomState(seed).randn(samples, G.z_dim)).to(device)
-    w = G.mapping(z)[:, :1, :].float()  # [N, 1, C]
+    w = G.mapping(z, skip_w_avg_update=True)[:, :1, :].float()  # [N, 1, C]; never touch G.w_avg
     w_avg = w.mean(dim=0, keepdim=True)
     w_std = ((w - w_avg).double().square().sum() / samples).sqrt().item()
     return w_avg, w_std

@@ -122,7 +122,8 @@ def load_losses(device: torch.device | str = "cpu", allow_fallback: bool = True,
             raise
         notice = (
             "perceptual weights are not in the cache, so this run uses a WEIGHT-FREE loss "
-            "(MS-SSIM + L2) instead of the paper's VGG16 + LPIPS; results are not comparable to PTI's. "
+            "(MS-SSIM + L2) instead of the paper's VGG16 + LPIPS; results are not comparable to PTI's, "
+            "and the early-stop threshold applies to 1 - MS-SSIM instead of LPIPS. "
             f"({e}) Run `pti weights list` to see what to import."
         )
         return Losses(WeightFreeProjectorMetric(), WeightFreePerceptual(), official=False, notice=notice)

@@ -123,8 +123,8 @@ def tune(
     gen = _rng(cfg, device)
     result = TuneResult(G=G_tuned, config=asdict(cfg))
     curves = result.curves
-    for key in ("loss", "l2", "lpips") + (("reg_l2", "reg_lpips") if cfg.locality else ()):
-        curves[key] = []
+    for key in ("loss", "l2", "lpips") + (("reg_step", "reg_l2", "reg_lpips") if cfg.locality else ()):
+        curves[key] = []  # reg_* are logged on regularized steps only; reg_step says which
 
     total = cfg.max_steps * len(targets)
     step = 0
@@ -144,6 +144,7 @@ def tune(
                 reg, reg_terms = locality_loss(G_tuned, G_orig, pivot, perceptual, cfg, gen)
                 loss = loss + reg
                 terms.update(reg_terms)
+                curves["reg_step"].append(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
