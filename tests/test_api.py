@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import pti
 import pti.api
@@ -28,15 +27,6 @@ FILES = ("aligned.png", "pivot.png", "reconstruction.png", "report.json", "conta
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PTI_HOME", str(tmp_path / "pti-home"))  # never read the user's cache
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and OpenMP's spin-waiting makes 2 threads
-    10-40x slower whenever another process holds a core (measured on the 2-core CI machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,6 @@ from pti.errors import IdentityError
 RENDER_TOL = 2e-3  # on [-1, 1] images: a quarter of an 8-bit level (see the module docstring)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and OpenMP's spin-waiting makes 2 threads
-    10-40x slower whenever another process holds a core (measured on the 2-core CI machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def base():

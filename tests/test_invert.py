@@ -22,15 +22,6 @@ from pti.engine.losses import VGGProjectorMetric, WeightFreeProjectorMetric, to_
 STEPS = 20  # enough for a clear drop on the tiny generator, well under 1 s per run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and OpenMP's spin-waiting makes 2 threads
-    10-40x slower whenever another process holds a core (measured on the 2-core CI machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def G():

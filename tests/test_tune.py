@@ -21,15 +21,6 @@ from pti.engine.tune import TuneConfig, locality_ws, reconstruction_metrics, tun
 skimage_data = pytest.importorskip("skimage.data")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and OpenMP's spin-waiting makes 2 threads
-    10-40x slower whenever another process holds a core (measured on the 2-core CI machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _crop(img: np.ndarray, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
     """uint8 [H, W, 3] crop (top, left, bottom, right) -> [1, 3, size, size] in [-1, 1]."""
