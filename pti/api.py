@@ -234,15 +234,10 @@ def _save_json(obj: dict, path: Path, kept: list[Path]) -> Path:
 
 
 def _metrics(img, target, losses) -> dict:
-    import torch
-    import torch.nn.functional as F
+    from pti.engine.tune import image_metrics
 
-    from pti.engine.similarity import ms_ssim
-
-    with torch.no_grad():
-        m = {"mse": float(F.mse_loss(img, target)), "ms_ssim": float(ms_ssim(img, target).mean())}
-        key = "lpips_alex" if losses.official else "perceptual_weight_free"
-        m[key] = float(losses.perceptual(img, target).mean())
+    m = image_metrics(img, target, losses.perceptual)
+    m["lpips_alex" if losses.official else "perceptual_weight_free"] = m.pop("perceptual")
     return m
 
 

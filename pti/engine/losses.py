@@ -50,13 +50,13 @@ class VGGProjectorMetric:
     name = "vgg16 (stylegan2-ada metric)"
 
     def __init__(self, net: torch.nn.Module):
-        self.net = net  # a VGG16Metric: .features(img_0_255) on <= 256 px images
+        self.net = net  # a VGG16Metric: .features(img_0_255) downsamples and runs the net
 
     def prepare(self, target_0_255):
-        return self.net.features(area_downsample(target_0_255)).detach()
+        return self.net.features(target_0_255).detach()  # features() area-downsamples to 256 px
 
     def distance(self, synth_0_255, prepared):
-        return (prepared - self.net.features(area_downsample(synth_0_255))).square().sum()
+        return (prepared - self.net.features(synth_0_255)).square().sum()
 
 
 class WeightFreeProjectorMetric:

@@ -163,18 +163,20 @@ def tune(
 
 
 @torch.no_grad()
-def reconstruction_metrics(G, target: torch.Tensor, pivot: torch.Tensor, perceptual: Perceptual | None = None) -> dict:
-    """MSE, MS-SSIM (and the perceptual distance when given) of G's render at the pivot."""
+def image_metrics(img: torch.Tensor, target: torch.Tensor, perceptual: Perceptual | None = None) -> dict:
+    """MSE, MS-SSIM (and the perceptual distance when given) between two [-1, 1] images."""
     from pti.engine.similarity import ms_ssim
 
-    device = next(G.parameters()).device
-    img = G.synthesis(pivot.to(device), noise_mode="const", force_fp32=True)
-    target = target.to(device)
-    out = {
-        "mse": float(F.mse_loss(img, target)),
-        "ms_ssim": float(ms_ssim(img, target).mean()),
-    }
+    out = {"mse": float(F.mse_loss(img, target)), "ms_ssim": float(ms_ssim(img, target).mean())}
     if perceptual is not None:
         out["perceptual"] = float(perceptual(img, target).mean())
     return out
+
+
+@torch.no_grad()
+def reconstruction_metrics(G, target: torch.Tensor, pivot: torch.Tensor, perceptual: Perceptual | None = None) -> dict:
+    """`image_metrics` of G's render at the pivot against the target."""
+    device = next(G.parameters()).device
+    img = G.synthesis(pivot.to(device), noise_mode="const", force_fp32=True)
+    return image_metrics(img, target.to(device), perceptual)
 
