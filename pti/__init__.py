@@ -3,7 +3,7 @@
 Importing `pti` is cheap (no torch); the heavy parts load on first use.
 """
 
-__version__ = "0.1.0"
+from pti._version import __version__  # noqa: F401 (re-export)
 
 
 def __getattr__(name):
