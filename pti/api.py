@@ -14,20 +14,14 @@ from typing import Any, Callable, Sequence
 
 from pti.engine.invert import InvertConfig
 from pti.engine.tune import TuneConfig
-from pti.errors import PTIError
+from pti.errors import Interrupted, PTIError
+from pti.fsutil import atomic_path, ensure_writable_dir, mark, written_since
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, values)
 
 
-class TuneInterrupted(PTIError):
+class TuneInterrupted(Interrupted):
     """Ctrl-C during `tune`: nothing partial was written; `kept` lists the complete files."""
-
-    exit_code = 130
-
-    def __init__(self, kept: list[Path]):
-        self.kept = list(kept)
-        listed = ", ".join(str(p) for p in self.kept) if self.kept else "nothing"
-        super().__init__(f"interrupted; no partial files were left. Kept: {listed}")
 
 
 @dataclass
@@ -67,7 +61,7 @@ def tune(
     from pti.engine.checkpoint import generator_hash, load_generator
     from pti.engine.device import resolve_device
     from pti.engine.losses import load_losses
-    from pti.engine.photo import expand_photo_paths
+    from pti.engine.photo import expand_photo_paths, unique_stems
     from pti.engine.tune import tune as tune_generator
 
     out = Path(out)
@@ -75,14 +69,15 @@ def tune(
     paths = expand_photo_paths(list(photos))
     if not paths:
         raise PTIError("no photos given")
-    kept: list[Path] = []
+    start = mark()
     try:
         G = load_generator(network, dev)
         losses = load_losses(dev, allow_fallback=allow_fallback, registry=registry)
+        ensure_writable_dir(out)  # inputs first, then the output: a mistyped network creates no folder
         run = _Run(G, losses, out, dev, generator_hash(G), str(network) if network else "builtin:tiny",
-                   invert_cfg, tune_cfg, exact, kept, progress)
+                   invert_cfg, tune_cfg, exact, progress)
         # Align every photo first: bad input (no face, unreadable file) fails before any long work.
-        results = [run.align(path, name, align, face) for path, name in zip(paths, _unique_names(paths))]
+        results = [run.align(path, name, align, face) for path, name in zip(paths, unique_stems(paths))]
         # Single-ID: invert, tune and write each photo in turn, so finished identities are kept even
         # if a later one is interrupted. Joint: all pivots first, then one shared tuning (the paper).
         groups = [results] if joint else [[r] for r in results]
@@ -94,7 +89,7 @@ def tune(
                 run.finish(res, tuned, [r.name for r in group if r is not res])
         return results
     except KeyboardInterrupt:
-        raise TuneInterrupted(kept) from None
+        raise TuneInterrupted(written_since(start)) from None
 
 
 # ---------------------------------------------------------------------------- one run's steps
@@ -111,7 +106,6 @@ class _Run:
     invert_cfg: InvertConfig
     tune_cfg: TuneConfig
     exact: bool
-    kept: list[Path]
     progress: ProgressFn | None
 
     def align(self, path: Path, name: str, align: bool, face: int | None) -> PhotoResult:
@@ -120,7 +114,7 @@ class _Run:
         _log(self.progress, "align", 0, 1, photo=str(path))
         aligned, warning, faces = _aligned(path, self.G.img_resolution, align, face)
         res.warnings += [warning] if warning else []
-        res.files["aligned"] = _save(aligned, self.out / name / "aligned.png", self.kept)
+        res.files["aligned"] = _save(aligned, self.out / name / "aligned.png")
         res.target = _to_tensor(aligned, self.device)
         res.report = {"photo": str(path), "faces_found": faces, "seconds": {"align": time.perf_counter() - t0}}
         _log(self.progress, "align", 1, 1, photo=str(path), faces=faces)
@@ -135,7 +129,7 @@ class _Run:
         res.pivot = inv.pivot
         with torch.no_grad():
             pivot_img = self.G.synthesis(inv.pivot, noise_mode="const", force_fp32=True)
-        res.files["pivot"] = _save_tensor(pivot_img, self.out / res.name / "pivot.png", self.kept)
+        res.files["pivot"] = _save_tensor(pivot_img, self.out / res.name / "pivot.png")
         res.report["seconds"]["invert"] = inv.seconds
         res.report["steps"] = {"invert": self.invert_cfg.steps}
         res.report["before_tuning"] = _metrics(pivot_img, res.target, self.losses)
@@ -149,7 +143,7 @@ class _Run:
 
         with torch.no_grad():
             recon = tuned.G.synthesis(res.pivot, noise_mode="const", force_fp32=True)
-        res.files["reconstruction"] = _save_tensor(recon, self.out / res.name / "reconstruction.png", self.kept)
+        res.files["reconstruction"] = _save_tensor(recon, self.out / res.name / "reconstruction.png")
         rep = res.report
         rep["after_tuning"] = _metrics(recon, res.target, self.losses)
         rep["seconds"]["tune"] = tuned.seconds
@@ -163,27 +157,18 @@ class _Run:
             invert_config=asdict(self.invert_cfg), tune_config=asdict(self.tune_cfg), versions=versions(),
         )
         rep["identity_similarity"] = _id_similarity(res.files["aligned"], recon)
-        meta = {k: rep[k] for k in ("seconds", "steps", "curves", "invert_config", "tune_config", "versions",
-                                     "losses", "official_losses", "photo", "joint_with")}
+        meta = {k: rep[k] for k in ("seconds", "steps", "early_stopped", "curves", "invert_config", "tune_config",
+                                     "versions", "losses", "official_losses", "photo", "joint_with", "device",
+                                     "precision", "before_tuning", "after_tuning", "identity_similarity")}
         ident = Identity.from_tuning(self.G, tuned.G, res.pivot, self.base_hash, self.base_hint, exact=self.exact, meta=meta)
         res.identity = ident.save(self.out / f"{res.name}.pti")
-        self.kept.append(res.identity)
         rep["identity_file"] = {"path": str(res.identity), "bytes": res.identity.stat().st_size,
                                 "encoding": "weight-fp32" if self.exact else "delta-fp16"}
-        res.files["report"] = _save_json(rep, self.out / res.name / "report.json", self.kept)
-        res.files["contact"] = _contact_sheet(res, self.out / res.name / "contact.png", self.kept)
+        res.files["report"] = _save_json(rep, self.out / res.name / "report.json")
+        res.files["contact"] = _contact_sheet(res, self.out / res.name / "contact.png")
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _unique_names(paths: list[Path]) -> list[str]:
-    names, seen = [], {}
-    for p in paths:
-        stem = p.stem or "photo"
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return names
 
 
 def _aligned(path: Path, size: int, align: bool, face: int | None):
@@ -209,27 +194,21 @@ def _to_tensor(img, device):
     return from_uint8(np.asarray(img.convert("RGB")), device)
 
 
-def _save(img, path: Path, kept: list[Path]) -> Path:
+def _save(img, path: Path) -> Path:
     from pti.engine.photo import save_photo_atomic
 
-    kept.append(save_photo_atomic(img, path))
-    return path
+    return save_photo_atomic(img, path)
 
 
-def _save_tensor(t, path: Path, kept: list[Path]) -> Path:
+def _save_tensor(t, path: Path) -> Path:
     from pti.engine.images import save_png, to_uint8
 
-    save_png(to_uint8(t[0]), path)
-    kept.append(path)
-    return path
+    return save_png(to_uint8(t[0]), path)
 
 
-def _save_json(obj: dict, path: Path, kept: list[Path]) -> Path:
-    from pti.fsutil import atomic_path
-
+def _save_json(obj: dict, path: Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
-    kept.append(path)
     return path
 
 
@@ -254,7 +233,7 @@ def _id_similarity(aligned_path: Path, recon) -> float | None:
         return None
 
 
-def _contact_sheet(res: PhotoResult, path: Path, kept: list[Path]) -> Path:
+def _contact_sheet(res: PhotoResult, path: Path) -> Path:
     """input | aligned | pivot | reconstruction, labelled, one row a person can open."""
     from PIL import Image, ImageDraw
 
@@ -275,4 +254,4 @@ def _contact_sheet(res: PhotoResult, path: Path, kept: list[Path]) -> Path:
         x = pad + k * (size + pad)
         sheet.paste(img, (x, pad + label_h))
         draw.text((x, pad), label, fill="black")
-    return _save(sheet, path, kept)
+    return _save(sheet, path)

@@ -1,5 +1,9 @@
 """Errors a person can act on. The CLI prints them as one line and exits non-zero."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class PTIError(Exception):
     """Base class for every error `pti` reports to the user (no traceback unless --debug)."""
@@ -25,3 +29,24 @@ class WeightsError(PTIError):
 
 class IdentityError(PTIError):
     """A .pti identity file is unreadable or belongs to another base generator."""
+
+
+class OutputError(PTIError):
+    """An output cannot be written: the path is a file or a folder, read-only, or the disk is full."""
+
+
+class Interrupted(PTIError):
+    """Ctrl-C or SIGTERM stopped the work. Nothing partial was left; `kept` lists the complete files.
+
+    Exit code 130, the shell's code for a process stopped by SIGINT, for both signals: the CLI
+    treats them alike.
+    """
+
+    exit_code = 130
+
+    def __init__(self, kept: list[Path] | tuple[Path, ...] = (), how: str = "Ctrl-C"):
+        from pti.fsutil import describe_files
+
+        self.kept = list(kept)
+        self.how = how
+        super().__init__(f"interrupted ({how}); no partial files were left. Kept: {describe_files(self.kept)}")

@@ -2,34 +2,117 @@
 
 `atomic_path(path)` yields a temporary path in the same directory; the caller writes it, and only
 when the block finishes without error is it fsynced, given normal permissions and renamed onto
-`path`. An error or Ctrl-C removes the temporary file and leaves `path` as it was, so readers
-never see a half-written file.
+`path`. An error, Ctrl-C or SIGTERM (which the CLI turns into the same exception) removes the
+temporary file and leaves `path` as it was, so readers never see a half-written file.
+
+Every completed write is recorded in a per-process ledger (`written_since`), which is how an
+interrupted command can say exactly which complete files it kept.
+
+File-system failures (the output is a folder or sits under a file, the folder is read-only, the
+disk is full) become one-line `OutputError`s naming the path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from pti.errors import OutputError
+
+_WRITTEN: list[Path] = []  # every file atomic_path completed in this process, in order
+
+# errnos that mean "this storage cannot take the file", as opposed to errors of whatever the caller
+# reads while writing (a dropped connection, say), which pass through unchanged.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                   errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+
+
+def mark() -> int:
+    """A position in the ledger; `written_since(mark)` lists the files completed after it."""
+    return len(_WRITTEN)
+
+
+def written_since(position: int = 0) -> list[Path]:
+    """Files completely written (and still present) since `position`, oldest first, no repeats."""
+    seen: dict[Path, None] = {}
+    for p in _WRITTEN[position:]:
+        if p.exists():
+            seen[p] = None
+    return list(seen)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder")
+    ensure_dir(path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise _output_error(path, e) from None
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _chmod_like_open(tmp)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            _chmod_like_open(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.errno not in _STORAGE_ERRNOS:
+                raise
+            raise _output_error(path, e) from None
+        _WRITTEN.append(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create the folder `path` (and its parents) if needed; OutputError when that is impossible."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(path, e, folder=True) from None
+    return path
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """`ensure_dir`, then prove a file can be created there, so long work does not fail at its end."""
+    path = ensure_dir(path)
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise _output_error(path, e, folder=True) from None
+    return path
+
+
+def _output_error(path: Path, e: OSError, folder: bool = False) -> OutputError:
+    """One line saying why `path` cannot be written."""
+    what = "folder" if folder else "file"
+    code = e.errno
+    if code in (errno.EEXIST, errno.ENOTDIR):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return OutputError(f"cannot write the {what} {path}: {blocker} is a file, not a folder")
+    if code == errno.EISDIR:
+        return OutputError(f"cannot write {path}: it is a folder")
+    if code in (errno.EACCES, errno.EPERM):
+        return OutputError(f"cannot write the {what} {path}: permission denied (is the folder read-only?)")
+    if code == errno.EROFS:
+        return OutputError(f"cannot write the {what} {path}: the file system is read-only")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"cannot write {path}: no space left on the device (free some space and run again)")
+    if code == errno.EFBIG:
+        return OutputError(f"cannot write {path}: the file is larger than this system allows")
+    return OutputError(f"cannot write the {what} {path}: {e.strerror or e}")
 
 
 def _chmod_like_open(path: Path) -> None:
@@ -37,3 +120,19 @@ def _chmod_like_open(path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def describe_files(paths: Iterable[str | os.PathLike], per_folder: int = 3) -> str:
+    """The files as one short line: 'nothing', 'a.png, b.png' or '30 files in out/ (seed0000.png ... seed0029.png)'."""
+    groups: dict[Path, list[str]] = {}
+    for p in map(Path, paths):
+        groups.setdefault(p.parent, []).append(p.name)
+    if not groups:
+        return "nothing"
+    parts = []
+    for folder, names in groups.items():
+        if len(names) <= per_folder:
+            parts.append(", ".join(str(folder / n) for n in names))
+        else:
+            parts.append(f"{len(names)} files in {folder}/ ({names[0]} ... {names[-1]})")
+    return "; ".join(parts)

@@ -111,9 +111,14 @@ def list_photos(directory: str | Path) -> list[Path]:
 
 
 def expand_photo_paths(paths: list[str | Path]) -> list[Path]:
-    """Files as given, directories replaced by their photos (`list_photos`); order kept."""
+    """Files as given, directories replaced by their photos (`list_photos`); order kept.
+
+    A path that does not exist fails here, before any long work starts.
+    """
     out: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise ImageError(f"photo not found: {p}")
         if p.is_dir():
             found = list_photos(p)
             if not found:
@@ -122,6 +127,16 @@ def expand_photo_paths(paths: list[str | Path]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output names for photos: their stems, with -2, -3, ... for repeats (a/me.jpg, b/me.png -> me, me-2)."""
+    names, seen = [], {}
+    for p in paths:
+        stem = p.stem or "photo"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
 
 
 def save_photo_atomic(img: Image.Image, path: str | Path) -> Path:
