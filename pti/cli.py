@@ -1,19 +1,28 @@
 """The `pti` command line.
 
 Thin by design: each command lives in `pti/commands/<name>.py`, imports torch and the engine
-inside the command body (so `pti --help` appears in well under a second), maps its options onto
-the engine's config dataclasses, and lets `PTIError`s become one-line messages.
+inside the command body (so `pti --help` appears in well under a second) and maps its options
+onto the engine's config dataclasses.
+
+One contract for every command, kept by `run()`:
+- a usage error (unknown option, bad or out-of-range value, missing argument) prints the usage
+  message and exits 2;
+- a `PTIError` prints one line and exits 1;
+- Ctrl-C or SIGTERM prints "interrupted" and the complete files that were kept, and exits 130;
+  temporary files are removed on the way out, so nothing half-written is ever left;
+- nothing prints a traceback unless `--debug` is given (anywhere on the command line).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
-import os
 import sys
+import traceback
 
 import typer
 
-from pti import __version__
+from pti._version import __version__
 
 app = typer.Typer(
     name="pti",
@@ -44,49 +53,116 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors (accepted anywhere on the command line)."),
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    if debug:
-        os.environ["PTI_DEBUG"] = "1"
+    """`--debug` is taken out of the arguments by `run()` before parsing; this option documents it."""
 
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
-def main() -> None:
-    """Console-script entry: runs the app and turns PTIErrors into one-line messages."""
-    from pti.errors import PTIError
-
-    debug = "--debug" in sys.argv[1:]
+def _click_exceptions():
+    """Click's exception module: Typer >= 0.26 ships its own copy of click, older Typer uses click."""
     try:
-        app(standalone_mode=False)
+        from typer._click import exceptions
+    except ImportError:  # Typer < 0.26
+        from click import exceptions
+    return exceptions
+
+
+def _error(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def _show_usage_error(e) -> None:
+    try:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(e)
+    except Exception:  # noqa: BLE001  older Typer, or no rich: click's plain format
+        e.show()
+
+
+def _interrupted(start: int) -> int:
+    from pti.__main__ import how_interrupted
+    from pti.errors import Interrupted
+    from pti.fsutil import written_since
+
+    typer.secho(str(Interrupted(written_since(start), how_interrupted())), fg=typer.colors.YELLOW, err=True)
+    return 130
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI on `argv` (without the program name) and return the exit code."""
+    from pti.errors import Interrupted, PTIError
+    from pti.fsutil import mark
+
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut]
+    argv = [a for i, a in enumerate(argv) if not (i < cut and a == "--debug")]
+    click_exc = _click_exceptions()
+    start = mark()
+    try:
+        rv = app(args=argv, prog_name="pti", standalone_mode=False)
+        # Typer turns a KeyboardInterrupt inside a command into Exit(130) and, outside standalone
+        # mode, returns that code.
+        return _interrupted(start) if rv == 130 else (rv if isinstance(rv, int) else 0)
+    except click_exc.UsageError as e:  # NoSuchOption, BadParameter, MissingParameter, no args = help
+        _show_usage_error(e)
+        return e.exit_code
+    except click_exc.ClickException as e:
+        e.show()
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        _error("aborted")
+        return 1
+    except (KeyboardInterrupt, Interrupted):  # the ledger knows every complete file of this run
+        if debug:
+            traceback.print_exc()
+        return _interrupted(start)
     except PTIError as e:
         if debug:
-            raise
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.secho("aborted", err=True)
-        sys.exit(1)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+            traceback.print_exc()
+        _error(str(e))
+        return e.exit_code
+    except BrokenPipeError:  # `pti ... | head`: the reader left; say nothing more
+        _silence_stdout()
+        return 1
+    except OSError as e:
         if debug:
-            raise
-        typer.secho(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", fg=typer.colors.RED, err=True)
-        sys.exit(1)
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        _error(f"{e.strerror or errno.errorcode.get(e.errno or 0, type(e).__name__)}{where}")
+        return 1
+    except Exception as e:  # a bug of ours: still one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        _error(f"{type(e).__name__}: {e} (this is a bug in pti; run with --debug for the traceback)")
+        return 1
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+def main() -> None:
+    """Entry point kept for `python -m pti.cli`; the console script is `pti.__main__:main`."""
+    from pti.__main__ import main as entry
+
+    entry()
 
 
 if __name__ == "__main__":

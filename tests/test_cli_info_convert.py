@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from clirun import run_pti
 from pti.cli import app
 from pti.engine.checkpoint import generator_hash, load_generator
 from test_checkpoint_pkl import small_generator, write_nvidia_pickle
@@ -55,24 +54,7 @@ def test_convert_then_info_same_hash(tmp_path, pkl):
     assert runner.invoke(app, ["convert", str(pkl), str(out), "--force"]).exit_code == 0
 
 
-def _main(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pti.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
-
-
-def test_errors_are_one_line_without_traceback(tmp_path):
-    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)
-    for args, message in (
-        (["info", str(tmp_path / "missing.pkl")], "missing.pkl: no such file"),
-        (["info", str(tmp_path / "photo.png")], "photo.png is a PNG image"),
-        (["convert", "builtin:tiny", str(tmp_path / "out.onnx")], "must end in .safetensors"),
-    ):
-        proc = _main(*args)
-        assert proc.returncode == 1, proc.stderr
-        assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
-        assert "Traceback" not in proc.stderr
-
-
 def test_convert_builtin(tmp_path):
-    proc = _main("convert", "builtin:tiny", str(tmp_path / "tiny.safetensors"))
+    proc = run_pti("convert", "builtin:tiny", tmp_path / "tiny.safetensors")
     assert proc.returncode == 0, proc.stderr
     assert generator_hash(load_generator(tmp_path / "tiny.safetensors")) == generator_hash(load_generator())

@@ -1,15 +1,20 @@
-"""Options and helpers shared by commands. Imports nothing heavy."""
+"""Options and helpers shared by commands. Imports nothing heavy.
+
+Every option is checked while the command line is parsed (type, range, choices), so a bad value is
+a usage error (exit 2) before any work starts, never a traceback from deep inside the engine.
+"""
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from pti.errors import PTIError
-
-console = Console(stderr=False, highlight=False)
+# soft_wrap: long lines (paths, values) are never broken or cut when the output is a log file.
+console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 NetworkOption = Annotated[
     Optional[str],
@@ -31,21 +36,89 @@ def network_label(network: str | None) -> str:
     return str(network)
 
 
-DeviceOption = Annotated[str, typer.Option("--device", help="auto (GPU if present), cpu or cuda.")]
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.lower()):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value.lower()
+
+
+DeviceOption = Annotated[
+    str, typer.Option("--device", callback=_check_device, help="auto (the GPU if there is one), cpu, cuda or cuda:N.")
+]
+
+SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds up to 2^32 - 1
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]."""
+    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]; ValueError with the reason otherwise."""
     seeds: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            lo, _, hi = part.partition("-")
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
             lo_i, hi_i = int(lo), int(hi or lo)
-            if hi_i < lo_i:
-                raise ValueError
-            seeds.extend(range(lo_i, hi_i + 1))
-    except ValueError:
-        raise PTIError(f"cannot read seeds {text!r}; use a list like '0-7' or '1,5,9'") from None
-    if not seeds or max(seeds) >= 2**32:
-        raise PTIError(f"seeds must be between 0 and 2^32-1, got {text!r}")
+        except ValueError:
+            raise ValueError(f"cannot read {part!r}; use a list like '0-7' or '1,5,9'") from None
+        if hi_i < lo_i:
+            raise ValueError(f"{part!r} is an empty range")
+        seeds.extend(range(lo_i, hi_i + 1))
+    if not seeds:
+        raise ValueError("no seeds given; use a list like '0-7' or '1,5,9'")
+    if max(seeds) > SEED_MAX:
+        raise ValueError(f"seeds must be between 0 and {SEED_MAX}")
     return seeds
+
+
+def seeds_callback(value: str) -> str:
+    try:
+        parse_seeds(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value
+
+
+class PhaseProgress:
+    """Progress of long phases: a live bar with the loss in a terminal, a line every tenth in a log.
+
+    `update(phase, step, total, values)` is the engine's progress callback signature; a new phase
+    (or step 1 of a phase seen before, i.e. the next photo) starts a new bar.
+    """
+
+    def __init__(self, out: Console = console, lines: int = 10):
+        self.out = out
+        self.lines = lines
+        self.live = out.is_terminal
+        self._bar = None
+        self._tasks: dict[str, int] = {}
+        self._started: dict[str, float] = {}
+
+    def __enter__(self) -> "PhaseProgress":
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=self.out, transient=False)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            for task in self._bar.tasks:  # an early stop ends a bar where the work ended
+                self._bar.update(task.id, total=task.completed)
+            self._bar.__exit__(*exc)
+
+    def update(self, phase: str, step: int, total: int, values: dict) -> None:
+        info = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+        new = step <= 1 or phase not in self._started
+        if new:
+            self._started[phase] = time.perf_counter()
+        if self._bar is not None:
+            if new:
+                self._tasks[phase] = self._bar.add_task(phase, total=total, info="")
+            self._bar.update(self._tasks[phase], completed=step, total=total, info=info)
+            return
+        every = max(1, total // self.lines)
+        if step == total or step % every == 0:
+            seconds = time.perf_counter() - self._started[phase]
+            self.out.print(f"{phase} {step}/{total}  {info}  {seconds:.1f} s")
