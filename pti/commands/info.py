@@ -1,4 +1,4 @@
-"""`pti info [CKPT]`: what a generator checkpoint holds, without rendering anything."""
+"""`pti info [FILE]`: what a generator checkpoint or a `.pti` identity file holds, without rendering."""
 
 from __future__ import annotations
 
@@ -11,43 +11,118 @@ def info(
     checkpoint: Annotated[
         Optional[str],
         typer.Argument(
-            metavar="[CKPT]",
-            help="stylegan2-ada .pkl, rosinality .pt or pti .safetensors; none (or builtin:tiny) = the built-in tiny generator.",
+            metavar="[FILE]",
+            help="A .pti identity file, or a generator: stylegan2-ada .pkl, rosinality .pt or pti .safetensors; "
+            "none (or builtin:tiny) = the built-in tiny generator.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Show a checkpoint's format, resolution, number of ws, parameter counts, fp16 layers and content hash."""
-    import dataclasses
+    """Show what a checkpoint or identity file holds: sizes, settings, hashes, and for identities the tuning results."""
     import json
+
+    from pti.engine.identity import is_identity_file
+
+    if checkpoint and is_identity_file(checkpoint):
+        record, rows = _identity(checkpoint)
+    else:
+        record, rows = _generator(checkpoint)
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f} M ({n:,})"
+
+
+def _generator(checkpoint: str | None) -> tuple[dict, list[tuple[str, str]]]:
+    import dataclasses
 
     from pti.engine.checkpoint import load_checkpoint, summarize
 
     loaded = load_checkpoint(checkpoint, device="cpu")
     summary = summarize(loaded.generator)
-    record = {"source": loaded.source, "format": loaded.format, "label": loaded.label, "notes": loaded.notes,
-              **dataclasses.asdict(summary)}
-    if as_json:
-        typer.echo(json.dumps(record, indent=2))
-        return
-    millions = lambda n: f"{n / 1e6:.2f} M ({n:,})"  # noqa: E731
+    record = {"kind": "generator", "source": loaded.source, "format": loaded.format, "label": loaded.label,
+              "notes": loaded.notes, **dataclasses.asdict(summary)}
     rows = [
         ("checkpoint", loaded.source),
         ("format", f"{loaded.format}: {loaded.label}"),
         ("resolution", f"{summary.resolution} x {summary.resolution}"),
         ("num_ws", str(summary.num_ws)),
         ("z_dim / w_dim", f"{summary.z_dim} / {summary.w_dim}"),
-        ("parameters", millions(summary.params_total)),
-        ("  mapping", millions(summary.params_mapping)),
-        ("  synthesis", millions(summary.params_synthesis)),
+        ("parameters", _millions(summary.params_total)),
+        ("  mapping", _millions(summary.params_mapping)),
+        ("  synthesis", _millions(summary.params_synthesis)),
         ("fp16 layers", ", ".join(f"{r}px" for r in summary.fp16_resolutions) or "none"),
         ("conv_clamp", "none" if summary.conv_clamp is None else f"{summary.conv_clamp:g}"),
         ("content hash", summary.content_hash),
     ]
     rows += [("note", note) for note in loaded.notes]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        typer.echo(f"{key:<{width}}  {value}")
+    return record, rows
+
+
+def _identity(path: str) -> tuple[dict, list[tuple[str, str]]]:
+    from pathlib import Path
+
+    from pti.engine.identity import describe
+
+    d = describe(path)
+    record = {"kind": "identity", **d}
+    hint = d["base_hint"] or "unknown"
+    found = hint == "builtin:tiny" or Path(hint).is_file()
+    encoding = {"delta-fp16": "fp16 deltas from the base generator's synthesis weights",
+                "weight-fp32": "exact fp32 synthesis weights"}.get(d["encoding"], d["encoding"])
+    rows = [
+        ("identity", d["path"]),
+        ("format", d["format"]),
+        ("photo", d.get("photo") or "-"),
+        ("base generator", f"{hint} ({'found' if found else 'not found here: pass it with --network'})"),
+        ("base hash", d["base_hash"]),
+        ("pivot", f"{d['pivot_shape']} {d['pivot_dtype']}"),
+        ("storage", f"{encoding}: {d['tensors']} tensors, {_millions(d['parameters'])} values"),
+        ("size", f"{d['bytes'] / 1e6:.2f} MB ({d['bytes']:,} bytes)"),
+    ]
+    rows += _tuning_rows(d)
+    versions = d.get("versions") or {}
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
+    return record, rows
+
+
+def _tuning_rows(d: dict) -> list[tuple[str, str]]:
+    """The run's settings and before/after metrics, as far as the file records them."""
+    rows = []
+    inv, tun, steps = d.get("invert_config") or {}, d.get("tune_config") or {}, d.get("steps") or {}
+    if inv:
+        rows.append(("inversion", f"{steps.get('invert', inv.get('steps'))} steps in {inv.get('space')}, "
+                                  f"lr {inv.get('initial_lr')}, seed {inv.get('seed')}"))
+    if tun:
+        stop = " (early stop)" if d.get("early_stopped") else ""
+        locality = (f"locality on (alpha {tun.get('locality_alpha')}, psi {tun.get('locality_psi')}, "
+                    f"{tun.get('locality_samples')} sample(s) every {tun.get('locality_interval')} step(s))"
+                    if tun.get("locality") else "locality off")
+        rows.append(("tuning", f"{steps.get('tune', '?')} of {tun.get('max_steps')} steps{stop}, lr {tun.get('lr')}, "
+                               f"stop at perceptual <= {tun.get('lpips_threshold')}, {locality}, seed {tun.get('seed')}"))
+    if d.get("joint_with"):
+        rows.append(("tuned jointly with", ", ".join(d["joint_with"])))
+    losses = d.get("losses") or {}
+    if losses:
+        official = "the paper's" if d.get("official_losses") else "WEIGHT-FREE stand-ins, not the paper's"
+        rows.append(("losses", f"{losses.get('projector')} / {losses.get('perceptual')} ({official})"))
+    before, after = d.get("before_tuning") or {}, d.get("after_tuning") or {}
+    for key in after:
+        if key in before:
+            rows.append((f"{key}", f"{before[key]:.4f} -> {after[key]:.4f} (pivot before tuning -> after)"))
+    if d.get("identity_similarity") is not None:
+        rows.append(("ID similarity", f"{d['identity_similarity']:.3f} (dlib, reconstruction vs aligned photo)"))
+    seconds = d.get("seconds") or {}
+    if seconds:
+        rows.append(("seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+                     + (f" on {d['device']}, {d.get('precision')}" if d.get("device") else "")))
+    return rows
 
 
 def register(app: typer.Typer) -> None:

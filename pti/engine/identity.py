@@ -15,6 +15,7 @@ Applying the file to any generator whose content hash differs from the recorded 
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,3 +155,54 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}  # safetensors' names
+
+
+def is_identity_file(path: str | Path) -> bool:
+    """True when `path` is a safetensors file tagged as a pti identity (reads only the header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001  not safetensors, unreadable: not an identity
+        return False
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What an identity file holds, from its header alone (tensors are not loaded), for `pti info`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: _DTYPE_NAMES.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise IdentityError(f"{path}: unreadable identity file ({type(e).__name__}: {e})") from None
+    if header.get("format") != FORMAT:
+        raise IdentityError(f"{path}: not a pti identity file (format {header.get('format')!r})")
+    try:
+        meta = json.loads(header.get("meta", "{}"))
+    except json.JSONDecodeError:
+        meta = {}
+    weights = {k: v for k, v in shapes.items() if k != "pivot"}
+    return {
+        "path": str(path),
+        "format": f"{FORMAT} v{header.get('version', '?')}",
+        "bytes": path.stat().st_size,
+        "base_hash": header.get("base_hash", ""),
+        "base_hint": header.get("base_hint", ""),
+        "encoding": header.get("encoding", "?"),
+        "pivot_shape": shapes.get("pivot"),
+        "pivot_dtype": dtypes.get("pivot"),
+        "tensors": len(weights),
+        "parameters": sum(math.prod(s) for s in weights.values()),
+        "weights_dtype": sorted({dtypes[k] for k in weights}),
+        **{k: meta.get(k) for k in ("photo", "steps", "early_stopped", "invert_config", "tune_config", "losses",
+                                    "official_losses", "before_tuning", "after_tuning", "identity_similarity",
+                                    "seconds", "device", "precision", "joint_with", "versions")},
+    }
