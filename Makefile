@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-threads clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_tune
+
+bench-threads: setup
+	$(BIN)/python -m benchmarks.bench_threads
 
 clean:
 	rm -rf $(VENV) demo-out

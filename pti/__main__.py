@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     """Install the handlers, run the CLI, exit with its code."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+    if os.environ.get("PTI_THREADS") != "torch":
+        # Waiting OpenMP threads sleep instead of spinning: read once when torch loads, so set it now.
+        # Why, and the numbers: pti.engine.device, benchmarks/bench_threads.py.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         from pti.cli import run

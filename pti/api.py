@@ -56,10 +56,11 @@ def tune(
     allow_fallback: bool = True,                 # weight-free losses when the official weights are absent
     progress: ProgressFn | None = None,
     registry=None,                               # weights registry (default: the user's cache)
+    threads: str | int | None = None,            # CPU threads: None = torch's as set, "auto" = pti's policy, N
 ) -> list[PhotoResult]:
     """Align, invert and tune each photo (or all jointly); write `<out>/<name>.pti` and a folder per photo."""
     from pti.engine.checkpoint import generator_hash, load_generator
-    from pti.engine.device import resolve_device
+    from pti.engine.device import apply_cpu_threads, resolve_device
     from pti.engine.losses import load_losses
     from pti.engine.photo import expand_photo_paths, unique_stems
     from pti.engine.tune import tune as tune_generator
@@ -72,6 +73,7 @@ def tune(
     start = mark()
     try:
         G = load_generator(network, dev)
+        apply_cpu_threads(G, dev, threads)
         losses = load_losses(dev, allow_fallback=allow_fallback, registry=registry)
         ensure_writable_dir(out)  # inputs first, then the output: a mistyped network creates no folder
         run = _Run(G, losses, out, dev, generator_hash(G), str(network) if network else "builtin:tiny",
@@ -153,6 +155,7 @@ class _Run:
         rep["curves"].update({f"tune_{k}": v for k, v in tuned.curves.items()})
         rep.update(
             network=self.base_hint, base_hash=self.base_hash, device=str(self.device), precision="fp32",
+            threads=torch.get_num_threads() if self.device.type == "cpu" else None,
             losses=self.losses.names, official_losses=self.losses.official, notice=self.losses.notice,
             invert_config=asdict(self.invert_cfg), tune_config=asdict(self.tune_cfg), versions=versions(),
         )

@@ -46,6 +46,15 @@ DeviceOption = Annotated[
     str, typer.Option("--device", callback=_check_device, help="auto (the GPU if there is one), cpu, cuda or cuda:N.")
 ]
 
+def thread_setting() -> str:
+    """The CLI's CPU-thread setting: $PTI_THREADS (auto | torch | N); "torch" when the user set OMP_NUM_THREADS."""
+    import os
+
+    if "PTI_THREADS" in os.environ:
+        return os.environ["PTI_THREADS"]
+    return "torch" if "OMP_NUM_THREADS" in os.environ else "auto"
+
+
 SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds up to 2^32 - 1
 
 

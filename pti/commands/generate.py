@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from pti.commands.common import DeviceOption, NetworkOption, console, network_label, parse_seeds, seeds_callback
+from pti.commands.common import (DeviceOption, NetworkOption, console, network_label, parse_seeds, seeds_callback,
+                                 thread_setting)
 
 
 GRID_MAX = 64  # seeds shown in grid.png: a grid of thousands of faces helps nobody and fills memory
@@ -33,13 +34,14 @@ def generate(
     import torch
 
     from pti.engine.checkpoint import load_generator
-    from pti.engine.device import resolve_device
+    from pti.engine.device import apply_cpu_threads, resolve_device
     from pti.engine.images import grid, save_png, to_uint8
     from pti.fsutil import ensure_writable_dir
 
     seed_list = parse_seeds(seeds)
     dev = resolve_device(device)
     G = load_generator(network, dev)
+    apply_cpu_threads(G, dev, thread_setting())
     ensure_writable_dir(outdir)
     console.print(f"generator: {network_label(network)}")
     written, tiles = [], []

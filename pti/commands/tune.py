@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pti.commands.common import SEED_MAX, DeviceOption, NetworkOption, PhaseProgress, console, network_label
+from pti.commands.common import (SEED_MAX, DeviceOption, NetworkOption, PhaseProgress, console, network_label,
+                                 thread_setting)
 
 
 class Space(str, Enum):
@@ -50,6 +51,7 @@ def run_tune(photos, **kwargs):
     """Run `pti.api.tune` with live progress per phase, then print what was written."""
     import pti.api
 
+    kwargs.setdefault("threads", thread_setting())
     console.print(f"generator: {network_label(kwargs.get('network'))}")
     with PhaseProgress() as bar:
         def progress(phase: str, step: int, total: int, values: dict) -> None:

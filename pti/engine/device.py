@@ -23,3 +23,54 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise PTIError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+# ---------------------------------------------------------------------------- CPU threads
+#
+# Measured on the 2-core CPU machine (benchmarks/bench_threads.py): torch's OpenMP threads spin
+# while they wait for work. Idle, that is what makes many small ops fast; when another process holds
+# a core, the spinning thread and the other process fight over it and a run of small ops takes
+# several times longer. So the CLI (a) makes waiting threads sleep (OMP_WAIT_POLICY=PASSIVE, set in
+# pti.__main__ before torch loads), which costs nothing on large ops, and (b) runs generators whose
+# per-image work is small on one thread, where a second thread never paid for its wake-ups anyway.
+
+SMALL_WORK_MACS = 2e9  # multiply-adds per synthesized image below which one CPU thread is fastest
+
+
+def synthesis_macs(G) -> int:
+    """Multiply-adds of one synthesis forward: the convolutions (an up-convolution runs at its input size)."""
+    total = 0
+    for res in G.synthesis.block_resolutions:
+        block = getattr(G.synthesis, f"b{res}")
+        for name in ("conv0", "conv1", "torgb"):
+            layer = getattr(block, name, None)
+            if layer is None:
+                continue
+            out_ch, in_ch, kh, kw = layer.weight.shape
+            side = res // getattr(layer, "up", 1)
+            total += side * side * out_ch * in_ch * kh * kw
+    return total
+
+
+def cpu_threads_for(G, setting: str | int | None = "auto") -> int | None:
+    """Threads for running `G` on the CPU: `setting` as a number, one for small generators under
+    "auto" (else torch's default), None for "torch" (leave torch's own choice alone)."""
+    if setting in (None, "torch"):
+        return None
+    if setting != "auto":
+        try:
+            n = int(setting)
+        except ValueError:
+            raise PTIError(f"PTI_THREADS must be auto, torch or a number of threads, not {setting!r}") from None
+        if n < 1:
+            raise PTIError(f"PTI_THREADS must be at least 1, got {n}")
+        return n
+    return 1 if synthesis_macs(G) < SMALL_WORK_MACS else None
+
+
+def apply_cpu_threads(G, device: torch.device, setting: str | int | None = "auto") -> int:
+    """Set torch's intra-op threads for running `G` on `device` (CPU only); returns the count in effect."""
+    n = cpu_threads_for(G, setting) if device.type == "cpu" else None
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
