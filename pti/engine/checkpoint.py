@@ -12,6 +12,9 @@ Formats read by `load_generator(path, device)`, all returning the same `Generato
   one file, no pickle.
 
 Every failure is a one-line `CheckpointError` naming the file and what was found in it.
+
+Layering: the loaders and this module share `LoadedGenerator` and `build_generator` from
+`pti.engine.loaded`, below them all, so data flows one way (file -> loader -> LoadedGenerator -> engine).
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from pti.engine.generator import Generator
-from pti.fsutil import atomic_path
+from pti.engine.generator import TINY_LABEL, Generator, tiny_generator
+# LoadedGenerator lives below the loaders (in `loaded`) and is re-exported here for callers.
+from pti.engine.loaded import LoadedGenerator, build_generator  # noqa: F401 (re-export)
+from pti.engine.nvidia_pkl import load_nvidia_pickle
+from pti.engine.rosinality import load_rosinality
 from pti.errors import CheckpointError
+from pti.fsutil import atomic_path
 
 BUILTIN_TINY = "builtin:tiny"
 SAFETENSORS_FORMAT = "pti.generator"      # metadata "format" tag of our files
@@ -46,22 +52,6 @@ _MAGIC_NAMES = {
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pre-zip torch.save
 
 
-@dataclass
-class LoadedGenerator:
-    """A generator plus where it came from; `pti info` prints these."""
-
-    generator: Generator
-    format: str                                  # builtin | stylegan2-ada-pkl | rosinality-pt | pti-safetensors
-    source: str                                  # the path, or "builtin:tiny"
-    label: str                                   # one line for people ("stylegan2-ada-pytorch pickle, G_ema")
-    notes: list[str] = field(default_factory=list)  # caveats, e.g. an estimated w_avg
-
-    def to_device(self, device: str | torch.device) -> "LoadedGenerator":
-        """Move to `device`, eval mode, gradients off (tuning turns on what it trains)."""
-        self.generator = self.generator.to(device).eval().requires_grad_(False)
-        return self
-
-
 def load_generator(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Generator:
     """The generator stored at `path` (any supported format), in eval mode with gradients off."""
     return load_checkpoint(path, device).generator
@@ -70,8 +60,6 @@ def load_generator(path: str | os.PathLike | None = None, device: str | torch.de
 def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedGenerator:
     """Like `load_generator`, also telling which format was read and any caveats."""
     if path is None or str(path) == BUILTIN_TINY:
-        from pti.engine.generator import TINY_LABEL, tiny_generator
-
         return LoadedGenerator(tiny_generator(), "builtin", BUILTIN_TINY, TINY_LABEL).to_device(device)
     path = Path(path)
     if not path.exists():
@@ -82,12 +70,8 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
     if kind == "safetensors":
         loaded = _load_safetensors(path)
     elif kind == "torch":
-        from pti.engine.rosinality import load_rosinality
-
         loaded = load_rosinality(path)
     else:
-        from pti.engine.nvidia_pkl import load_nvidia_pickle
-
         loaded = load_nvidia_pickle(path)
     return loaded.to_device(device)
 
@@ -117,34 +101,6 @@ def sniff_format(path: Path) -> str:
     except UnicodeDecodeError:
         what = f"an unrecognized binary file (starts with {head[:8].hex()})"
     raise CheckpointError(f"{path} is {what}, not a generator checkpoint (.pkl, .pt or .safetensors)")
-
-
-def build_generator(init_kwargs: dict[str, Any], state: dict[str, torch.Tensor], source: str,
-                    derive_filters: bool = False) -> Generator:
-    """Construct our Generator from `init_kwargs` and load `state` strictly, with one-line errors.
-
-    `derive_filters`: keep the generator's own `resample_filter` buffers (they follow from the config)
-    for formats that do not store them under our names.
-    """
-    try:
-        G = Generator(**init_kwargs)
-    except CheckpointError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: generator options not understood ({e})") from None
-    expected = G.state_dict()
-    if derive_filters:
-        state = {**{k: v for k, v in expected.items() if k.endswith("resample_filter")}, **state}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = [f"{what} {names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)})"
-                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
-        raise CheckpointError(f"{source}: weights do not fit the generator its config describes: " + "; ".join(parts))
-    with torch.no_grad():
-        G.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-    return G
 
 
 # ---------------------------------------------------------------------------------------------

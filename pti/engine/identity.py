@@ -144,9 +144,9 @@ class Identity:
 def versions() -> dict[str, str]:
     import numpy
 
-    import pti
+    from pti._version import __version__  # the version module, not `pti`: the package sits above the engine
 
-    return {"pti": pti.__version__, "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
+    return {"pti": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
 
 
 def _json_default(obj):

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pti.engine.checkpoint import LoadedGenerator, build_generator
+from pti.engine.loaded import LoadedGenerator, build_generator
 from pti.engine.safe_pickle import PersistentObject, safe_load_pickle
 from pti.errors import CheckpointError
 

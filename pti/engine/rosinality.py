@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from pti.engine.checkpoint import LoadedGenerator, build_generator
+from pti.engine.loaded import LoadedGenerator, build_generator
 from pti.errors import CheckpointError
 
 LR_MLP = 0.01                     # rosinality's Generator(lr_mlp=0.01); not stored in checkpoints
