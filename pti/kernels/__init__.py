@@ -115,10 +115,9 @@ def modulated_conv2d(
 
 
 def upsample2d(x, f, up=2, impl="auto"):
-    """Upsample by `up` with FIR filter f to exactly up x the size (the skip path's op)."""
-    fw, fh = ref.filter_size(f)
-    p = [(fw + up - 1) // 2, (fw - up) // 2, (fh + up - 1) // 2, (fh - up) // 2]
-    return upfirdn2d(x, f, up=up, padding=p, gain=up * up, impl=impl)
+    """Upsample by `up` with FIR filter f to exactly up x the size (the skip path's op): upfirdn2d
+    with the padding `ref.upsample_padding` (shared with conv2d_resample) and gain up^2."""
+    return upfirdn2d(x, f, up=up, padding=ref.upsample_padding(f, up), gain=up * up, impl=impl)
 
 
 setup_filter = ref.setup_filter

@@ -137,11 +137,11 @@ def upfirdn2d(
     return x
 
 
-def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
-    """Upsample by `up` with FIR filter f, output size exactly up * input (the skip-path op)."""
+def upsample_padding(f: torch.Tensor | None, up: int) -> list[int]:
+    """[x0, x1, y0, y1] padding after zero insertion that makes filtering with f give exactly up x
+    the input size, centred: the filter's taps split around each inserted sample."""
     fw, fh = filter_size(f)
-    p = [(fw + up - 1) // 2, (fw - up) // 2, (fh + up - 1) // 2, (fh - up) // 2]
-    return upfirdn2d(x, f, up=up, padding=p, gain=up * up)
+    return [(fw + up - 1) // 2, (fw - up) // 2, (fh + up - 1) // 2, (fh - up) // 2]
 
 
 # ----------------------------------------------------------------------------- conv2d_resample
@@ -176,10 +176,8 @@ def conv2d_resample(
     fw, fh = filter_size(f)
     px0, px1, py0, py1 = _parse_padding(padding)
     if up > 1:
-        px0 += (fw + up - 1) // 2
-        px1 += (fw - up) // 2
-        py0 += (fh + up - 1) // 2
-        py1 += (fh - up) // 2
+        ux0, ux1, uy0, uy1 = upsample_padding(f, up)
+        px0, px1, py0, py1 = px0 + ux0, px1 + ux1, py0 + uy0, py1 + uy1
     if down > 1:
         px0 += (fw - down + 1) // 2
         px1 += (fw - down) // 2
