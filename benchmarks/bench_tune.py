@@ -36,6 +36,11 @@ import torch
 
 from pti.engine.generator import TINY_CONFIG, Generator, tiny_generator
 
+# The perceptual stand-ins (random-weight LPIPS, the VGG16 TorchScript stand-in) are test helpers:
+# they live in tests/helpers.py, not in the library, so the benchmark puts tests/ on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import helpers  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "tune_cpu.json"
 
 PAPER256 = dict(
@@ -56,19 +61,13 @@ def build(name: str) -> Generator:
 
 def losses(kind: str, tmp: Path):
     """(projector metric, perceptual) for `kind`: 'weight-free' or 'nets' (random-weight LPIPS-alex + VGG16 stand-in)."""
-    from pti.engine import perceptual as P
-    from pti.engine.losses import (LPIPSPerceptual, VGGProjectorMetric, WeightFreePerceptual,
-                                   WeightFreeProjectorMetric)
+    from pti.engine.losses import VGGProjectorMetric, WeightFreePerceptual, WeightFreeProjectorMetric
+    from pti.engine.perceptual import VGG16Metric
 
     if kind == "weight-free":
         return WeightFreeProjectorMetric(), WeightFreePerceptual()
-    g = torch.Generator().manual_seed(1)
-    trunk = {k: torch.randn(v.shape, generator=g) * (2.0 / max(1, v[0].numel())) ** 0.5
-             for k, v in P.Trunk("alex").state_dict().items()}
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(P.CHANNELS["alex"])}
-    lpips = LPIPSPerceptual(P.LPIPS.from_state_dicts("alex", trunk, heads))
-    vgg = P.VGG16Metric(P.make_scripted_vgg16_standin(tmp / "vgg16-standin.pt"))
-    return VGGProjectorMetric(vgg), lpips
+    vgg = VGG16Metric(helpers.make_scripted_vgg16_standin(tmp / "vgg16-standin.pt"))
+    return VGGProjectorMetric(vgg), helpers.random_lpips(seed=1)
 
 
 class _Clock:
@@ -100,8 +99,8 @@ def run_phase(G, phase: str, metric, perceptual, steps: int, warmup: int) -> dic
     clock, n = _Clock(), steps + warmup
     if phase == "invert step":
         invert(G, target, metric, InvertConfig(steps=n), progress=clock)
-    else:  # a negative threshold: never stop early
-        cfg = TuneConfig(max_steps=n, lpips_threshold=-1.0, locality=phase.endswith("locality"))
+    else:  # threshold 0: never stop early (the perceptual term of two different images is > 0)
+        cfg = TuneConfig(max_steps=n, lpips_threshold=0.0, locality=phase.endswith("locality"))
         tune(G, target, pivot, perceptual, cfg, progress=clock)
     return clock.per_step(warmup)
 

@@ -227,8 +227,8 @@ def _id_similarity(aligned_path: Path, recon) -> float | None:
     """dlib face-embedding cosine similarity of reconstruction vs aligned input, None without a face."""
     from PIL import Image
 
+    from pti.engine.align import identity_similarity
     from pti.engine.images import to_uint8
-    from pti.engine.similarity import identity_similarity
 
     try:
         return identity_similarity(Image.open(aligned_path).convert("RGB"), Image.fromarray(to_uint8(recon[0])))

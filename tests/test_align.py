@@ -1,4 +1,5 @@
-"""FFHQ alignment on skimage's public-domain astronaut photo, checked against the recipe's own geometry."""
+"""FFHQ alignment on skimage's public-domain astronaut photo, checked against the recipe's own geometry;
+and dlib's face-identity embedding beside it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import canonical_positions, command_app
 from pti.engine import align as A
+from pti.engine.images import from_uint8
 from pti.errors import FaceNotFoundError
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -38,7 +41,7 @@ def _key_points(lm: np.ndarray) -> dict[str, np.ndarray]:
 
 def test_astronaut_lands_on_canonical_positions(aligned: A.AlignResult, astro_face: A.Face) -> None:
     assert aligned.image.size == (SIZE, SIZE) and aligned.image.mode == "RGB"
-    expected = A.canonical_positions(astro_face.landmarks, SIZE)  # from the quad geometry
+    expected = canonical_positions(astro_face.landmarks, SIZE)  # from the quad geometry
     redetected = A.detect_faces(aligned.image)
     assert len(redetected) == 1
     got = _key_points(redetected[0].landmarks)
@@ -57,7 +60,7 @@ def test_canonical_positions_follow_the_recipe() -> None:
     lm = np.zeros((68, 2))
     lm[36:42], lm[42:48] = (40.0, 50.0), (60.0, 50.0)  # eye distance e = 20
     lm[48], lm[54] = (45.0, 80.0), (55.0, 80.0)  # eye-mouth m = 30
-    pos = A.canonical_positions(lm, 100)
+    pos = canonical_positions(lm, 100)
     half = max(2 * 20, 1.8 * 30)  # |x| = 54: the quad spans 108 source px
     centre = 100 / 2 - 0.5
     assert np.allclose(pos["eye_left"], [centre - 10 / half * 50, centre - 0.1 * 30 / half * 50])
@@ -128,6 +131,23 @@ def test_resize_prealigned() -> None:
 
 def test_models_loaded_once() -> None:
     assert A._detector() is A._detector() and A._predictor() is A._predictor()
+    assert A._face_encoder() is A._face_encoder()
+
+
+# --- face identity ---------------------------------------------------------------------------------
+
+
+def test_identity_similarity(astronaut: Image.Image) -> None:
+    face = astronaut.crop((110, 20, 330, 240))
+    shifted = face.resize((200, 200)).rotate(5, fillcolor=(128, 128, 128))
+    score = A.compare_identity(face, shifted)
+    assert score is not None and score.same_person and score.cosine > 0.95 and score.euclidean < A.DLIB_SAME_PERSON
+    # A [-1, 1] tensor (the generator's range) is read through images.to_uint8: the same pixels, the same embedding.
+    tensor = from_uint8(np.asarray(face))
+    assert np.array_equal(A.face_embedding(tensor), A.face_embedding(face))
+    assert np.array_equal(A.face_embedding(tensor[0]), A.face_embedding(np.asarray(face)))
+    assert A.identity_similarity(face, tensor) == pytest.approx(1.0, abs=1e-12)
+    assert A.identity_similarity(face, Image.new("RGB", (100, 100), (128, 128, 128))) is None
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -137,14 +157,7 @@ def test_models_loaded_once() -> None:
 def cli() -> typer.Typer:
     from pti.commands import align as cmd
 
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        pass
-
-    cmd.register(app)
-    return app
+    return command_app(cmd)
 
 
 def test_cli_align(cli: typer.Typer, tmp_path: Path, astronaut: Image.Image, two_faces: Image.Image) -> None:

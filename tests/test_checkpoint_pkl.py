@@ -1,125 +1,27 @@
 """stylegan2-ada-pytorch .pkl loading through the restricted unpickler, including hostile pickles.
 
-The pickles are built here in NVIDIA's real layout: stand-in `torch_utils.persistence` and `dnnlib.util`
-modules are registered in sys.modules while pickling, and each network object reduces to
-`torch_utils.persistence._reconstruct_persistent_obj(meta)` with meta = {type, version, module_src,
-class_name, state}, state being the module's __dict__ (parameters, buffers, submodules, init kwargs).
+The pickles are built in NVIDIA's real layout by `helpers.write_nvidia_pickle` / `as_persistent`:
+stand-in `torch_utils.persistence` and `dnnlib.util` modules are registered in sys.modules while
+pickling, and each network object reduces to `torch_utils.persistence._reconstruct_persistent_obj(meta)`
+with meta = {type, version, module_src, class_name, state}, state being the module's __dict__.
 """
 
 from __future__ import annotations
 
 import builtins
 import collections
-import contextlib
 import os
 import pickle
 import subprocess
 import sys
-import types
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from helpers import SMALL, Persistent, as_persistent, easy, fake_nvidia_modules, small_generator, write_nvidia_pickle
 from pti.engine.checkpoint import load_checkpoint, load_generator
 from pti.engine.generator import Generator
 from pti.errors import CheckpointError
-
-SMALL = dict(
-    z_dim=32, c_dim=0, w_dim=32, img_resolution=16, img_channels=3,
-    mapping_kwargs=dict(num_layers=2),
-    synthesis_kwargs=dict(channel_base=256, channel_max=32, num_fp16_res=1, conv_clamp=256),
-)
-HARMLESS_SRC = "# the network's source code would be here\n"
-
-
-@contextlib.contextmanager
-def fake_nvidia_modules():
-    """Register stand-ins for NVIDIA's `torch_utils.persistence` and `dnnlib.util` so pickle can name them."""
-    persistence = types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta):  # never called by the loader under test
-        raise AssertionError("NVIDIA's reconstruct hook must not run")
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-
-    util = types.ModuleType("dnnlib.util")
-    EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
-    util.EasyDict = EasyDict
-    names = {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
-             "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}
-    saved = {k: sys.modules.get(k) for k in names}
-    sys.modules.update(names)
-    try:
-        yield types.SimpleNamespace(reconstruct=_reconstruct_persistent_obj, EasyDict=EasyDict)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
-class Persistent:
-    """Pickles exactly as a `torch_utils.persistence` object does."""
-
-    def __init__(self, hook, class_name: str, state: dict, module_src: str = HARMLESS_SRC):
-        self.hook, self.meta = hook, dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
-
-    def __reduce__(self):
-        return self.hook, (self.meta,)
-
-
-def as_persistent(module: torch.nn.Module, fake, init_kwargs=None, module_src=HARMLESS_SRC, rename=None) -> Persistent:
-    """Wrap a module tree like NVIDIA's persistent classes pickle it (Module.__dict__ as the state)."""
-    state = {
-        "training": False,
-        "_parameters": collections.OrderedDict((k, v) for k, v in module._parameters.items()),
-        "_buffers": collections.OrderedDict((k, v) for k, v in module._buffers.items()),
-        "_non_persistent_buffers_set": set(),
-        "_backward_hooks": collections.OrderedDict(),
-        "_forward_hooks": collections.OrderedDict(),
-        "_modules": collections.OrderedDict(
-            ((rename or {}).get(k, k), as_persistent(m, fake, module_src=module_src)) for k, m in module._modules.items()),
-        "_init_args": (),
-        "_init_kwargs": init_kwargs if init_kwargs is not None else {},
-        "weight_gain": np.float64(0.125),  # NVIDIA modules keep numpy scalars as attributes
-    }
-    return Persistent(fake.reconstruct, type(module).__name__, state, module_src)
-
-
-def easy(fake, d: dict):
-    return fake.EasyDict({k: easy(fake, v) if isinstance(v, dict) else v for k, v in d.items()})
-
-
-def small_generator(seed: int = 0, config: dict = SMALL) -> Generator:
-    torch.manual_seed(seed)
-    G = Generator(**config).eval()
-    with torch.no_grad():
-        for name, t in G.named_parameters():
-            t.add_(torch.randn_like(t) * 0.1)
-        G.mapping.w_avg.normal_()
-    return G
-
-
-def write_nvidia_pickle(path: Path, G: Generator, protocol: int = 3, module_src: str = HARMLESS_SRC,
-                        kwargs_override: dict | None = None, rename=None, snapshot: bool = True) -> Path:
-    """A network-snapshot-like pickle: dict(G, D, G_ema, training_set_kwargs, augment_pipe)."""
-    with fake_nvidia_modules() as fake:
-        init_kwargs = easy(fake, {**G.init_kwargs, **(kwargs_override or {})})
-        G_p = as_persistent(G, fake, init_kwargs, module_src, rename=rename)
-        if snapshot:
-            D = Persistent(fake.reconstruct, "Discriminator", {"_parameters": {"w": torch.ones(3)}, "_modules": {}})
-            obj = dict(G=G_p, D=D, G_ema=G_p, training_set_kwargs=easy(fake, dict(path="ffhq.zip", resolution=16)),
-                       augment_pipe=None)
-        else:
-            obj = dict(G_ema=G_p)
-        path.write_bytes(pickle.dumps(obj, protocol=protocol))
-    return path
-
 
 @pytest.fixture(scope="module")
 def G_small() -> Generator:

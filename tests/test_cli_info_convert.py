@@ -9,9 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from clirun import run_pti
+from helpers import small_generator, write_nvidia_pickle
 from pti.cli import app
 from pti.engine.checkpoint import generator_hash, load_generator
-from test_checkpoint_pkl import small_generator, write_nvidia_pickle
 
 runner = CliRunner()
 

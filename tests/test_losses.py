@@ -1,43 +1,38 @@
 """Which losses a run uses: the paper's nets when their weights are cached, else a weight-free pair, said plainly."""
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import skimage.data
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import pti
-from pti.engine import perceptual as P
+from helpers import make_scripted_vgg16_standin, random_lpips_state_dicts, standin_registry
 from pti.engine import weights as W
 from pti.engine.invert import InvertConfig
-from pti.engine.losses import LPIPSPerceptual, VGGProjectorMetric, WeightFreePerceptual, load_losses
+from pti.engine.losses import (LPIPSPerceptual, VGGProjectorMetric, WeightFreePerceptual, WeightFreeProjectorMetric,
+                               load_losses, to_0_255)
+from pti.engine.ssim import ms_ssim
 from pti.engine.tune import TuneConfig
 from pti.errors import WeightsError
 
 
-def _registry(cache: Path) -> W.Registry:
-    # The real entry names with checksums dropped, so files the test makes can be imported.
-    return W.Registry([replace(e, sha256=None, sha256_prefix=None, size=None) for e in W.DEFAULT_ENTRIES], cache_dir=cache)
-
-
 def _cache_standins(tmp_path: Path) -> W.Registry:
     """vgg16.pt (TorchScript stand-in), an AlexNet trunk and LPIPS heads, random, in the real formats."""
-    reg = _registry(tmp_path / "cache")
-    g = torch.Generator().manual_seed(0)
-    trunk = {k: torch.randn(t.shape, generator=g) * (2.0 / max(1, t[0].numel())) ** 0.5 for k, t in P.Trunk("alex").state_dict().items()}
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(P.CHANNELS["alex"])}
+    reg = standin_registry(tmp_path / "cache")
+    trunk, heads = random_lpips_state_dicts("alex", seed=0)
     torch.save(trunk, tmp_path / "alexnet-owt-7be5be79.pth")
     torch.save(heads, tmp_path / "alex.pth")
-    P.make_scripted_vgg16_standin(tmp_path / "vgg16.pt", seed=3)
+    make_scripted_vgg16_standin(tmp_path / "vgg16.pt", seed=3)
     for f in ("alexnet-owt-7be5be79.pth", "alex.pth", "vgg16.pt"):
         reg.import_file(tmp_path / f)
     return reg
 
 
 def test_without_weights_falls_back_and_says_so(tmp_path):
-    reg = _registry(tmp_path / "empty")
+    reg = standin_registry(tmp_path / "empty")
     losses = load_losses(registry=reg)
     assert not losses.official and isinstance(losses.perceptual, WeightFreePerceptual)
     assert "WEIGHT-FREE" in losses.notice and "pti weights" in losses.notice
@@ -66,3 +61,27 @@ def test_pipeline_uses_paper_losses_when_cached(tmp_path, monkeypatch):
     assert rep["official_losses"] is True and rep["notice"] is None
     assert "lpips_alex" in rep["after_tuning"] and "lpips_alex" in rep["before_tuning"]
     assert rep["losses"]["perceptual"].startswith("lpips-alex")
+
+
+def test_weight_free_pair_measures_what_it_says() -> None:
+    """The fallback perceptual term is 1 - MS-SSIM per image; the fallback projector metric is
+    (1 - MS-SSIM) + MSE on [0, 1] images area-downsampled to 256 px, like the VGG metric's input."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    b = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    perceptual = WeightFreePerceptual()
+    assert perceptual(a, b).shape == (3,)
+    assert torch.equal(perceptual(a, b), 1 - ms_ssim(a, b))
+    assert torch.allclose(perceptual(a, a), torch.zeros(3), atol=1e-5) and (perceptual(a, b) > 0.05).all()
+    x = a.clone().requires_grad_(True)
+    perceptual(x, b).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+    metric = WeightFreeProjectorMetric()
+    big_a, big_b = (F.interpolate(t[:1], size=(512, 512), mode="nearest") for t in (a, b))
+    small_a, small_b = (F.interpolate(t, size=(256, 256), mode="area") for t in (big_a, big_b))
+    got = metric.distance(to_0_255(big_a), metric.prepare(to_0_255(big_b)))
+    x, y = to_0_255(small_a) / 255, to_0_255(small_b) / 255
+    want = (1 - ms_ssim(x, y, value_range=(0.0, 1.0)).mean()) + F.mse_loss(x, y)
+    assert got.ndim == 0 and torch.allclose(got, want, rtol=1e-6)
+    assert float(metric.distance(to_0_255(big_a), metric.prepare(to_0_255(big_a)))) == pytest.approx(0, abs=1e-5)

@@ -1,4 +1,4 @@
-"""Perceptual metrics: LPIPS structure and behaviour, the VGG16 TorchScript wrapper, MS-SSIM, identity, fallback loss.
+"""Perceptual metrics: LPIPS structure and behaviour, the VGG16 TorchScript wrapper, and MS-SSIM.
 
 Numerical parity of our LPIPS with the lpips package was checked side by side outside the repo
 (it needs torchvision and the lpips sources); these tests pin the structure that parity rests on.
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import make_scripted_vgg16_standin, random_lpips_state_dicts, standin_registry
 from pti.engine import perceptual as P
-from pti.engine import weights as W
+from pti.engine.ssim import ms_ssim
 from pti.errors import WeightsError
 
 # torchvision's checkpoints: features.<index> of each conv and its weight shape.
@@ -23,17 +24,6 @@ VGG_CONVS = dict(zip(
     [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256),
      (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)],
 ))  # fmt: skip
-
-
-def _random_checkpoints(net: str, seed: int = 0) -> tuple[dict, dict]:
-    """Random weights in torchvision's trunk format (plus classifier keys, to be ignored) and lpips' heads format."""
-    g = torch.Generator().manual_seed(seed)
-    trunk = {}
-    for name, t in P.Trunk(net).state_dict().items():
-        trunk[name] = torch.randn(t.shape, generator=g) * (2.0 / max(1, t[0].numel())) ** 0.5
-    trunk["classifier.1.weight"] = torch.zeros(4, 4)
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(P.CHANNELS[net])}
-    return trunk, heads
 
 
 def test_trunk_keys_match_torchvision() -> None:
@@ -50,7 +40,7 @@ def test_trunk_keys_match_torchvision() -> None:
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_lpips_behaviour(net: str) -> None:
-    trunk, heads = _random_checkpoints(net)
+    trunk, heads = random_lpips_state_dicts(net)
     model = P.LPIPS.from_state_dicts(net, trunk, heads)
     assert all(not p.requires_grad for p in model.parameters())
     a = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -68,7 +58,7 @@ def test_lpips_behaviour(net: str) -> None:
 
 def test_lpips_matches_a_direct_computation() -> None:
     """The published formula written out with functional ops on the same state dict (alex)."""
-    trunk, heads = _random_checkpoints("alex", seed=3)
+    trunk, heads = random_lpips_state_dicts("alex", seed=3)
     model = P.LPIPS.from_state_dicts("alex", trunk, heads)
     a, b = torch.rand(1, 3, 70, 70) * 2 - 1, torch.rand(1, 3, 70, 70) * 2 - 1
     F = torch.nn.functional
@@ -92,8 +82,8 @@ def test_lpips_matches_a_direct_computation() -> None:
 
 
 def test_lpips_rejects_wrong_files() -> None:
-    trunk, heads = _random_checkpoints("alex")
-    vgg_trunk, vgg_heads = _random_checkpoints("vgg")
+    trunk, heads = random_lpips_state_dicts("alex")
+    vgg_trunk, vgg_heads = random_lpips_state_dicts("vgg")
     with pytest.raises(WeightsError, match="trunk"):
         P.LPIPS.from_state_dicts("alex", vgg_trunk, heads)
     with pytest.raises(WeightsError, match="shape"):
@@ -102,19 +92,12 @@ def test_lpips_rejects_wrong_files() -> None:
         P.LPIPS.from_state_dicts("alex", trunk, {})
 
 
-def _registry(tmp_path: Path) -> W.Registry:
-    """The real entry names, with checksums dropped so random stand-in files can be imported."""
-    from dataclasses import replace
-
-    return W.Registry([replace(e, sha256=None, sha256_prefix=None, size=None) for e in W.DEFAULT_ENTRIES], cache_dir=tmp_path)
-
-
 def test_get_lpips_from_cache(tmp_path: Path) -> None:
-    reg = _registry(tmp_path / "cache")
+    reg = standin_registry(tmp_path / "cache")
     with pytest.raises(WeightsError, match="pti weights import") as info:
         P.get_lpips("alex", registry=reg)
     assert "alexnet-owt-7be5be79.pth" in str(info.value) and "\n" not in str(info.value)
-    trunk, heads = _random_checkpoints("alex")
+    trunk, heads = random_lpips_state_dicts("alex")
     torch.save(trunk, tmp_path / "alexnet-owt-7be5be79.pth")
     torch.save(heads, tmp_path / "alex.pth")
     reg.import_file(tmp_path / "alexnet-owt-7be5be79.pth")
@@ -124,13 +107,14 @@ def test_get_lpips_from_cache(tmp_path: Path) -> None:
     model = P.get_lpips("alex", registry=reg)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert model(x, x).item() == pytest.approx(0, abs=1e-6)
-    (tmp_path / "cache" / "lpips_v0.1_alex.pth").write_bytes(b"garbage")
+    (tmp_path / "garbage.pth").write_bytes(b"garbage")
+    reg.import_file(tmp_path / "garbage.pth", name="lpips-alex", force=True)  # accepted, but not a torch file
     with pytest.raises(WeightsError, match="cannot read"):
         P.get_lpips("alex", registry=reg)
 
 
 def test_vgg16_metric_standin(tmp_path: Path) -> None:
-    path = P.make_scripted_vgg16_standin(tmp_path / "vgg16.pt", seed=1)
+    path = make_scripted_vgg16_standin(tmp_path / "vgg16.pt", seed=1)
     metric = P.VGG16Metric(path)
     a = torch.rand(2, 3, 512, 512) * 255
     b = torch.rand(2, 3, 512, 512) * 255
@@ -140,11 +124,12 @@ def test_vgg16_metric_standin(tmp_path: Path) -> None:
     assert d.shape == (2,) and (d > 0).all()
     d.sum().backward()
     assert x.grad.abs().sum() > 0
-    # Larger than 256 px: area-downsampled first, exactly as the projector does.
+    # Larger than 256 px: area-downsampled first, exactly as the projector does; 256 px and less as is.
     small = torch.nn.functional.interpolate(a, size=(256, 256), mode="area")
-    assert torch.allclose(metric.features(a), metric.net(small, resize_images=False, return_lpips=True))
+    assert torch.equal(P.area_downsample(a), small) and P.area_downsample(small) is small
+    assert torch.equal(metric.features(a), metric.net(small, resize_images=False, return_lpips=True))
     # Same seed, same network.
-    again = P.VGG16Metric(P.make_scripted_vgg16_standin(tmp_path / "again.pt", seed=1))
+    again = P.VGG16Metric(make_scripted_vgg16_standin(tmp_path / "again.pt", seed=1))
     assert torch.allclose(again.distance(a, b), metric.distance(a, b))
 
 
@@ -153,7 +138,7 @@ def test_vgg16_metric_errors(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="bad.pt"):
         P.VGG16Metric(tmp_path / "bad.pt")
     with pytest.raises(WeightsError, match="vgg16.pt"):
-        P.get_vgg16_metric(registry=_registry(tmp_path / "cache"))
+        P.get_vgg16_metric(registry=standin_registry(tmp_path / "cache"))
 
 
 def test_ms_ssim_single_scale_matches_skimage() -> None:
@@ -165,7 +150,7 @@ def test_ms_ssim_single_scale_matches_skimage() -> None:
         a, b, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
     )
     ta, tb = (torch.from_numpy(x).permute(2, 0, 1)[None] for x in (a, b))
-    ours = P.ms_ssim(ta, tb, value_range=(0.0, 1.0), weights=(1.0,))
+    ours = ms_ssim(ta, tb, value_range=(0.0, 1.0), weights=(1.0,))
     assert ours.item() == pytest.approx(ref, abs=1e-6)
 
 
@@ -173,34 +158,10 @@ def test_ms_ssim_single_scale_matches_skimage() -> None:
 def test_ms_ssim_sizes_and_gradients(size: int) -> None:
     torch.manual_seed(0)
     a = torch.rand(2, 3, size, size) * 2 - 1
-    assert torch.allclose(P.ms_ssim(a, a), torch.ones(2), atol=1e-5)
+    assert torch.allclose(ms_ssim(a, a), torch.ones(2), atol=1e-5)
     noisy = [(a + s * torch.randn_like(a)).clamp(-1, 1) for s in (0.05, 0.3)]
-    light, heavy = (P.ms_ssim(a, n) for n in noisy)
+    light, heavy = (ms_ssim(a, n) for n in noisy)
     assert (heavy < light).all() and (light < 1).all()
     x = a.clone().requires_grad_(True)
-    P.ms_ssim(x, noisy[1]).sum().backward()
+    ms_ssim(x, noisy[1]).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-
-def test_weight_free_loss() -> None:
-    loss = P.WeightFreeLoss()
-    a = torch.rand(3, 3, 64, 64) * 2 - 1
-    assert torch.allclose(loss(a, a), torch.zeros(3, 1, 1, 1), atol=1e-5)
-    x = a.clone().requires_grad_(True)
-    out = loss(x, torch.zeros_like(a))
-    assert out.shape == (3, 1, 1, 1) and (out > 0).all()
-    out.sum().backward()
-    assert x.grad.abs().sum() > 0
-
-
-def test_identity_similarity() -> None:
-    skimage_data = pytest.importorskip("skimage.data")
-    from PIL import Image
-
-    face = Image.fromarray(skimage_data.astronaut()).crop((110, 20, 330, 240))
-    shifted = face.resize((200, 200)).rotate(5, fillcolor=(128, 128, 128))
-    score = P.compare_identity(face, shifted)
-    assert score is not None and score.same_person and score.cosine > 0.95 and score.euclidean < 0.6
-    tensor = torch.from_numpy(np.array(face)).permute(2, 0, 1).float() / 127.5 - 1
-    assert P.identity_similarity(face, tensor) == pytest.approx(1.0, abs=1e-3)
-    assert P.identity_similarity(face, Image.new("RGB", (100, 100), (128, 128, 128))) is None

@@ -15,6 +15,10 @@ The recipe of the FFHQ dataset (Karras et al. 2019), written for Pillow >= 10:
 5. Map the quad onto a 4096 px square (bilinear), then Lanczos-downsample to the output size.
 
 dlib's models come from the `face-recognition-models` package and are loaded once per process.
+
+Beside the alignment sits dlib's other face model, the 128-d identity embedding (`face_embedding`,
+`compare_identity`), which reuses the detector and the landmark predictor above: reports score a
+reconstruction by the cosine similarity of its embedding to the photo's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pti.errors import FaceNotFoundError, PTIError
 
 TRANSFORM_SIZE = 4096  # FFHQ renders the quad at 4096 px before the final Lanczos downsample.
 UPSAMPLE = 1  # dlib detector upsampling: finds faces down to ~40 px (FFHQ used 1 as well).
+DLIB_SAME_PERSON = 0.6  # dlib's published threshold on the euclidean distance of its 128-d embeddings
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,13 @@ def _predictor():
     return dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
 
 
+@functools.cache
+def _face_encoder():
+    import dlib
+
+    return dlib.face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
+
+
 def detect_faces(img: Image.Image, upsample: int = UPSAMPLE) -> list[Face]:
     """Faces in an RGB image, each with its 68 landmarks, largest box first."""
     arr = np.ascontiguousarray(np.asarray(img.convert("RGB")))
@@ -107,34 +119,6 @@ def face_quad(landmarks: np.ndarray) -> tuple[np.ndarray, float]:
     c = eye_avg + eye_to_mouth * 0.1
     quad = np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
     return quad, float(np.hypot(*x) * 2)
-
-
-def map_to_output(points: np.ndarray, quad: np.ndarray, output_size: int) -> np.ndarray:
-    """Where source pixel positions land in the aligned image (the quad is a similarity transform).
-
-    Pixel centres are at integer coordinates in both images; the recipe samples with (quad + 0.5),
-    i.e. it treats the quad as corner coordinates, which is where the half-pixel shifts come from.
-    """
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    origin, ex, ey = quad[0], quad[3] - quad[0], quad[1] - quad[0]  # TL corner and the two edges
-    rel = pts + 0.5 - (origin + 0.5)
-    u = rel @ ex / (ex @ ex)  # 0..1 across the output
-    v = rel @ ey / (ey @ ey)  # 0..1 down the output
-    return np.stack([u, v], axis=1) * output_size - 0.5
-
-
-def canonical_positions(landmarks: np.ndarray, output_size: int) -> dict[str, np.ndarray]:
-    """Where the recipe puts the eye centres and mouth corners of a face with these landmarks.
-
-    By construction the eye midpoint lands on the vertical centre line, a tenth of the eye-mouth
-    distance above the image centre, and the mouth midpoint 0.9 of it below; the quad size sets
-    the scale. Used by tests to check alignment against the recipe rather than magic numbers.
-    """
-    lm = np.asarray(landmarks, dtype=np.float64)
-    quad, _ = face_quad(lm)
-    pts = np.stack([lm[36:42].mean(0), lm[42:48].mean(0), lm[48], lm[54]])
-    out = map_to_output(pts, quad, output_size)
-    return dict(zip(["eye_left", "eye_right", "mouth_left", "mouth_right"], out))
 
 
 def align_face(img: Image.Image, landmarks: np.ndarray, output_size: int = 1024, transform_size: int = TRANSFORM_SIZE) -> Image.Image:
@@ -218,3 +202,53 @@ def resize_prealigned(img: Image.Image, output_size: int = 1024) -> tuple[Image.
     if img.size != (output_size, output_size):
         img = img.resize((output_size, output_size), Image.Resampling.LANCZOS)
     return img, warning
+
+
+# --- face identity (dlib's 128-d embedding) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdentityScore:
+    cosine: float  # cosine similarity of the two embeddings (1 = same direction)
+    euclidean: float  # euclidean distance; dlib calls < 0.6 the same person
+    same_person: bool  # euclidean < DLIB_SAME_PERSON
+
+
+def _rgb_array(img) -> np.ndarray:
+    """PIL image, HxWx3 uint8 array, or [3,H,W] / [1,3,H,W] tensor in [-1, 1] -> HxWx3 uint8."""
+    if isinstance(img, np.ndarray):
+        return np.ascontiguousarray(img.astype(np.uint8))
+    if isinstance(img, Image.Image):
+        return np.ascontiguousarray(np.asarray(img.convert("RGB")))
+    from pti.engine.images import to_uint8  # a tensor: the one [-1, 1] -> uint8 mapping (torch loads only here)
+
+    return np.ascontiguousarray(to_uint8(img[0] if img.ndim == 4 else img))
+
+
+def face_embedding(img) -> np.ndarray | None:
+    """dlib's 128-d embedding of the largest face, or None when no face is found."""
+    import dlib
+
+    arr = _rgb_array(img)
+    faces = detect_faces(Image.fromarray(arr))
+    if not faces:
+        return None
+    left, top, right, bottom = faces[0].box
+    shape = _predictor()(arr, dlib.rectangle(left, top, right, bottom))
+    return np.array(_face_encoder().compute_face_descriptor(arr, shape), dtype=np.float64)
+
+
+def compare_identity(img_a, img_b) -> IdentityScore | None:
+    """Cosine similarity and euclidean distance of the two faces' embeddings; None if either has no face."""
+    ea, eb = face_embedding(img_a), face_embedding(img_b)
+    if ea is None or eb is None:
+        return None
+    cos = float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12))
+    dist = float(np.linalg.norm(ea - eb))
+    return IdentityScore(cosine=cos, euclidean=dist, same_person=dist < DLIB_SAME_PERSON)
+
+
+def identity_similarity(img_a, img_b) -> float | None:
+    """Cosine similarity of dlib face embeddings (see `compare_identity`); None when a face is missing."""
+    score = compare_identity(img_a, img_b)
+    return None if score is None else score.cosine

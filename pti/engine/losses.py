@@ -19,21 +19,14 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from pti.engine.perceptual import area_downsample, get_lpips, get_vgg16_metric
+from pti.engine.ssim import ms_ssim
 from pti.errors import WeightsError
-
-FEATURE_RESOLUTION = 256  # the projector compares images at most this large (VGG was trained near 224)
 
 
 def to_0_255(img: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 255], as the projector feeds its metric."""
     return (img + 1) * (255 / 2)
-
-
-def area_downsample(img: torch.Tensor, size: int = FEATURE_RESOLUTION) -> torch.Tensor:
-    """Area-average down to `size` when larger (the projector's resize); smaller images pass through."""
-    if img.shape[2] > size:
-        img = F.interpolate(img, size=(size, size), mode="area")
-    return img
 
 
 class ProjectorMetric(Protocol):
@@ -68,8 +61,6 @@ class WeightFreeProjectorMetric:
         return area_downsample(target_0_255) / 255
 
     def distance(self, synth_0_255, prepared):
-        from pti.engine.similarity import ms_ssim
-
         x = area_downsample(synth_0_255) / 255
         return (1 - ms_ssim(x, prepared, value_range=(0.0, 1.0)).mean()) + F.mse_loss(x, prepared)
 
@@ -93,8 +84,6 @@ class WeightFreePerceptual:
     name = "weight-free (1 - MS-SSIM)"
 
     def __call__(self, a, b):
-        from pti.engine.similarity import ms_ssim
-
         return (1 - ms_ssim(a, b)).reshape(a.shape[0])
 
 
@@ -112,8 +101,6 @@ class Losses:
 
 def load_losses(device: torch.device | str = "cpu", allow_fallback: bool = True, registry=None) -> Losses:
     """The paper's losses from the weights cache, or the weight-free pair when allowed and absent."""
-    from pti.engine.perceptual import get_lpips, get_vgg16_metric
-
     try:
         vgg = get_vgg16_metric(device=device, registry=registry)
         lpips = get_lpips("alex", device=device, registry=registry)

@@ -1,8 +1,8 @@
 """Perceptual distances: LPIPS v0.1 (alex, vgg) and the StyleGAN VGG16 TorchScript metric.
 
 Both load official weights from the weights cache (`pti.engine.weights`) and raise `WeightsError`
-with an actionable one-line message when a file is absent. Weight-free measures (MS-SSIM, the
-dlib identity similarity and the fallback loss) live in `pti.engine.similarity` and are re-exported here.
+with an actionable one-line message when a file is absent. The weight-free measure (MS-SSIM) lives in
+`pti.engine.ssim`, the dlib face-identity embedding in `pti.engine.align`.
 
 LPIPS here is our own plain-torch implementation of the published v0.1 math (no torchvision):
     x -> (x - shift) / scale                      per-channel constants below
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pti.engine.similarity import WeightFreeLoss, compare_identity, identity_similarity, ms_ssim  # noqa: F401 (re-export)
 from pti.errors import WeightsError
 
 # lpips' ScalingLayer: maps [-1, 1] inputs onto ImageNet-normalised ones. shift = (mean*2 - 1),
@@ -51,6 +50,7 @@ TAPS = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}
 CHANNELS = {"alex": (64, 192, 384, 256, 256), "vgg": (64, 128, 256, 512, 512)}
 # Registry names of the trunk and heads for each backbone.
 WEIGHT_NAMES = {"alex": ("alexnet", "lpips-alex"), "vgg": ("vgg16", "lpips-vgg")}
+FEATURE_RESOLUTION = 256  # the projector compares images at most this large (VGG was trained near 224)
 
 
 def _detail(e: BaseException) -> str:
@@ -181,6 +181,13 @@ def get_lpips(net: str = "alex", device: str | torch.device = "cpu", registry=No
     return LPIPS.from_state_dicts(net, _load_tensors(trunk_path), _load_tensors(heads_path)).to(device)
 
 
+def area_downsample(img: torch.Tensor, size: int = FEATURE_RESOLUTION) -> torch.Tensor:
+    """Area-average [N, C, H, H] down to `size` when larger (the projector's resize); smaller images pass through."""
+    if img.shape[2] > size:
+        img = F.interpolate(img, size=(size, size), mode="area")
+    return img
+
+
 class VGG16Metric(nn.Module):
     """NVIDIA's VGG16 TorchScript perceptual network as the StyleGAN2-ADA projector uses it.
 
@@ -203,9 +210,7 @@ class VGG16Metric(nn.Module):
             p.requires_grad_(False)
 
     def features(self, img_0_255: torch.Tensor) -> torch.Tensor:
-        if img_0_255.shape[2] > 256:
-            img_0_255 = F.interpolate(img_0_255, size=(256, 256), mode="area")
-        return self.net(img_0_255, resize_images=False, return_lpips=True)
+        return self.net(area_downsample(img_0_255), resize_images=False, return_lpips=True)
 
     def distance(self, a_0_255: torch.Tensor, b_0_255: torch.Tensor) -> torch.Tensor:
         fa, fb = self.features(a_0_255), self.features(b_0_255)
@@ -220,43 +225,3 @@ def get_vgg16_metric(device: str | torch.device = "cpu", registry=None) -> VGG16
     from pti.engine.weights import default_registry
 
     return VGG16Metric((registry or default_registry()).resolve("vgg16-metric"), device)
-
-
-class VGG16StandIn(nn.Module):
-    """A small random network with the TorchScript VGG16's call signature, for tests and demos.
-
-    Returns [N, D] features, each tap unit-normalised per position and scaled by 1/sqrt(H*W), the
-    same layout as the real network's `return_lpips=True` output (so distances are LPIPS-like).
-    """
-
-    def __init__(self, seed: int = 0, width: int = 8):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, x: torch.Tensor, resize_images: bool = True, return_lpips: bool = False) -> torch.Tensor:
-        if resize_images:
-            x = F.interpolate(x, size=(224, 224), mode="area")
-        x = x / 127.5 - 1  # the real network also takes [0, 255]
-        h1 = F.relu(self.conv1(x))
-        h2 = F.relu(self.conv2(F.avg_pool2d(h1, 2)))
-        outs: list[torch.Tensor] = []
-        for h in [h1, h2]:
-            if return_lpips:
-                h = h / (h.square().sum(dim=1, keepdim=True).sqrt() + 1e-8)
-                h = h / float(h.shape[2] * h.shape[3]) ** 0.5
-            outs.append(h.flatten(1))
-        return torch.cat(outs, dim=1)
-
-
-def make_scripted_vgg16_standin(path: str | Path, seed: int = 0) -> Path:
-    """Save a `VGG16StandIn` as TorchScript at `path` (loadable by `VGG16Metric(path)`)."""
-    path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(VGG16StandIn(seed).eval()), str(path))
-    return path
