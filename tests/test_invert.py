@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from pti.engine import perceptual as P
+from helpers import assert_accepted, assert_refused, field_names, make_scripted_vgg16_standin, refused_cases
 from pti.engine.generator import tiny_generator
 from pti.engine.invert import InvertConfig, invert, learning_rate, noise_regularization, w_noise_scale, w_stats
 from pti.engine.losses import VGGProjectorMetric, WeightFreeProjectorMetric, to_0_255
+from pti.engine.perceptual import VGG16Metric
 
 STEPS = 20  # enough for a clear drop on the tiny generator, well under 1 s per run
-
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def target(G) -> torch.Tensor:
 def metric(request, tmp_path_factory):
     if request.param == "weight-free":
         return WeightFreeProjectorMetric()
-    path = P.make_scripted_vgg16_standin(tmp_path_factory.mktemp("vgg") / "vgg16.pt")
-    return VGGProjectorMetric(P.VGG16Metric(path))
+    path = make_scripted_vgg16_standin(tmp_path_factory.mktemp("vgg") / "vgg16.pt")
+    return VGGProjectorMetric(VGG16Metric(path))
 
 
 def _distance(G, metric, target, ws) -> float:
@@ -162,8 +162,38 @@ def test_noise_regularization_prefers_white_noise() -> None:
     assert float(noise_regularization(white)) < 0.1 * float(noise_regularization(smooth))
 
 
-def test_bad_config_is_refused() -> None:
-    with pytest.raises(ValueError, match="space"):
-        InvertConfig(space="z")
-    with pytest.raises(ValueError, match="steps"):
-        InvertConfig(steps=0)
+NAN, INF = float("nan"), float("inf")
+# Every field, with values it must refuse: out of range, not finite, or of the wrong kind.
+INVERT_REFUSED = {
+    "steps": [0, -5, 10.0, True],
+    "space": ["z", "W", None],
+    "w_avg_samples": [0, 600.5],
+    "w_avg_seed": [-1, 2**32, 1.5],            # numpy's RandomState takes 32-bit seeds
+    "initial_lr": [0.0, -0.01, NAN, INF],
+    "lr_rampup": [0.0, 1.5, NAN],              # divides t
+    "lr_rampdown": [0.0, -0.25, 2.0],          # divides 1 - t
+    "initial_noise_factor": [-0.05, INF],
+    "noise_ramp": [0.0, -0.75, NAN],           # divides t
+    "noise_reg_weight": [-1.0, INF],
+    "seed": [-1, 2**64, "0"],
+}
+INVERT_EDGES = [
+    dict(steps=1, space="w+", w_avg_samples=1, w_avg_seed=0, initial_lr=1e-9, lr_rampup=1.0, lr_rampdown=1.0,
+         initial_noise_factor=0.0, noise_ramp=1e-6, noise_reg_weight=0.0, seed=None),
+    dict(w_avg_seed=2**32 - 1, seed=2**64 - 1, lr_rampup=1e-6, noise_ramp=5.0, steps=np.int64(2)),
+]
+
+
+def test_every_invert_config_field_has_refused_values() -> None:
+    assert set(INVERT_REFUSED) == field_names(InvertConfig)
+
+
+@pytest.mark.parametrize("name,value", refused_cases(INVERT_REFUSED))
+def test_a_bad_invert_config_is_refused_naming_the_field(name, value) -> None:
+    assert_refused(InvertConfig, name, value)
+
+
+@pytest.mark.parametrize("edges", INVERT_EDGES)
+def test_the_edges_of_each_range_are_accepted(edges) -> None:
+    cfg = assert_accepted(InvertConfig, edges)
+    assert math.isfinite(learning_rate(0, cfg)) and math.isfinite(w_noise_scale(cfg.steps - 1, 1.0, cfg))

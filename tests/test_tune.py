@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pti.engine import perceptual as P
+from helpers import (assert_accepted, assert_refused, field_names, random_lpips, reconstruction_metrics,
+                     refused_cases)
 from pti.engine.generator import tiny_generator
 from pti.engine.invert import InvertConfig, invert
 from pti.engine.losses import LPIPSPerceptual, WeightFreePerceptual, WeightFreeProjectorMetric
-from pti.engine.tune import TuneConfig, locality_ws, reconstruction_metrics, tune
+from pti.engine.tune import TuneConfig, locality_ws, tune
 
 skimage_data = pytest.importorskip("skimage.data")
-
 
 
 def _crop(img: np.ndarray, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
@@ -29,15 +29,6 @@ def _crop(img: np.ndarray, box: tuple[int, int, int, int], size: int) -> torch.T
     t, l, b, r = box
     small = np.array(Image.fromarray(img[t:b, l:r]).resize((size, size), Image.Resampling.LANCZOS))
     return torch.from_numpy(small).float().permute(2, 0, 1)[None] / 127.5 - 1
-
-
-def random_lpips(seed: int = 1) -> LPIPSPerceptual:
-    """LPIPS-alex with random He-scaled trunk weights and nonnegative heads, in the official key layout."""
-    g = torch.Generator().manual_seed(seed)
-    trunk = {k: torch.randn(v.shape, generator=g) * (2.0 / max(1, v[0].numel())) ** 0.5
-             for k, v in P.Trunk("alex").state_dict().items()}
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(P.CHANNELS["alex"])}
-    return LPIPSPerceptual(P.LPIPS.from_state_dicts("alex", trunk, heads), name="lpips-alex (random weights)")
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +134,7 @@ def test_inversion_leaves_a_train_mode_generators_w_avg_alone(G, face) -> None:
     assert torch.equal(G2.mapping.w_avg, before)
 
 
+@pytest.mark.slow  # 40 steps twice with LPIPS: about 7 s on one CPU core
 def test_locality_regularization_keeps_far_latents_unchanged(G, face, pivot, lpips) -> None:
     """Renders 30 units from the pivot (built as the regularizer builds them, from 8 fresh z's never
     used in tuning) drift less from the original generator with locality on than off."""
@@ -215,3 +207,46 @@ def test_one_pivot_per_target() -> None:
     p = torch.zeros(1, G.num_ws, G.w_dim)
     with pytest.raises(ValueError, match="one pivot per target"):
         tune(G, [t, t], [p], WeightFreePerceptual(), TuneConfig(max_steps=1))
+
+
+# ---------------------------------------------------------------------------- the config
+
+
+NAN, INF = float("nan"), float("inf")
+# Every field, with values it must refuse: out of range, not finite, or of the wrong kind.
+TUNE_REFUSED = {
+    "lr": [0.0, -3e-4, NAN, INF, "3e-4"],
+    "max_steps": [0, -1, 2.5, True],
+    "lpips_threshold": [-0.01, NAN, INF],
+    "l2_lambda": [-1.0, INF],
+    "lpips_lambda": [-1.0, NAN],
+    "locality": [1, "yes", None],
+    "locality_alpha": [0.0, -30.0, INF],       # a distance from the pivot
+    "locality_psi": [1.01, -1.01, NAN],        # truncation psi, [-1, 1]
+    "locality_l2_lambda": [-0.1],
+    "locality_lpips_lambda": [-0.1],
+    "locality_samples": [0, 1.0],
+    "locality_interval": [0, -2, 1.5],         # step % 0 divided by zero before
+    "seed": [-1, 2**64, 1.5],
+}
+# The edges of each range, which must be accepted.
+TUNE_EDGES = [
+    dict(lr=1e-12, max_steps=1, lpips_threshold=0.0, l2_lambda=0.0, lpips_lambda=0.0, locality=False,
+         locality_alpha=1e-6, locality_psi=-1.0, locality_l2_lambda=0.0, locality_lpips_lambda=0.0,
+         locality_samples=1, locality_interval=1, seed=None),
+    dict(locality_psi=1.0, seed=2**64 - 1, max_steps=np.int64(3)),
+]
+
+
+def test_every_tune_config_field_has_refused_values() -> None:
+    assert set(TUNE_REFUSED) == field_names(TuneConfig)
+
+
+@pytest.mark.parametrize("name,value", refused_cases(TUNE_REFUSED))
+def test_a_bad_tune_config_is_refused_naming_the_field(name, value) -> None:
+    assert_refused(TuneConfig, name, value)
+
+
+@pytest.mark.parametrize("edges", TUNE_EDGES)
+def test_the_edges_of_each_range_are_accepted(edges) -> None:
+    assert_accepted(TuneConfig, edges)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,64 @@ import torch.nn.functional as F
 from pti.engine.losses import ProjectorMetric, to_0_255
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, {"loss": ...})
+
+
+# ---------------------------------------------------------------------------- config checks, seeding
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a config field accepts: `ok(value)`, and `text` for the error message."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def whole(low: int, high: int | None = None, optional: bool = False) -> Rule:
+    """A whole number (not a bool) in [low, high]; `optional` also accepts None."""
+    def ok(v) -> bool:
+        if v is None:
+            return optional
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v and (high is None or v <= high)
+
+    text = f"a whole number >= {low}" + (f" and <= {high}" if high is not None else "") + (" (or None)" if optional else "")
+    return Rule(ok, text)
+
+
+def one_of(*choices) -> Rule:
+    """Exactly one of `choices` (of the same type: 1 is not True)."""
+    return Rule(lambda v: any(v == c and type(v) is type(c) for c in choices), "one of " + ", ".join(map(repr, choices)))
+
+
+def real(low: float, high: float | None = None, above: bool = False) -> Rule:
+    """A finite number >= low (> low when `above`) and <= high."""
+    def ok(v) -> bool:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+            return False
+        return (v > low if above else v >= low) and (high is None or v <= high)
+
+    return Rule(ok, f"a finite number {'>' if above else '>='} {low}" + (f" and <= {high}" if high is not None else ""))
+
+
+def check_fields(cfg, rules: dict[str, Rule]) -> None:
+    """ValueError naming the first field of the config `cfg` that breaks its rule."""
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        if not rule.ok(value):
+            raise ValueError(f"{type(cfg).__name__}.{name} must be {rule.text}, got {value!r}")
+
+
+def seeded_generator(seed: int | None, device) -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed`; None seeds it nondeterministically."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+# ---------------------------------------------------------------------------- the projector
 
 
 @dataclass(frozen=True)
@@ -42,10 +101,19 @@ class InvertConfig:
     seed: int | None = 0                # seeds noise init and exploration; None = nondeterministic
 
     def __post_init__(self):
-        if self.space not in ("w", "w+"):
-            raise ValueError(f"space must be 'w' or 'w+', got {self.space!r}")
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
+        check_fields(self, {
+            "steps": whole(1),
+            "space": one_of("w", "w+"),
+            "w_avg_samples": whole(1),
+            "w_avg_seed": whole(0, 2**32 - 1),             # numpy's RandomState takes 32-bit seeds
+            "initial_lr": real(0, above=True),
+            "lr_rampup": real(0, 1, above=True),           # divides: t / lr_rampup
+            "lr_rampdown": real(0, 1, above=True),         # divides: (1 - t) / lr_rampdown
+            "initial_noise_factor": real(0),
+            "noise_ramp": real(0, above=True),             # divides: t / noise_ramp
+            "noise_reg_weight": real(0),
+            "seed": whole(0, 2**64 - 1, optional=True),    # torch.Generator's range
+        })
 
 
 @dataclass
@@ -107,11 +175,7 @@ def invert(
     device = next(G.parameters()).device
     target = target.reshape(1, G.img_channels, G.img_resolution, G.img_resolution).to(device, torch.float32)
     start = time.perf_counter()
-    gen = torch.Generator(device=device)
-    if cfg.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(cfg.seed)
+    gen = seeded_generator(cfg.seed, device)
 
     w_avg, w_std = w_stats(G, cfg.w_avg_samples, cfg.w_avg_seed)
     # A private copy of the synthesis network: its noise buffers become optimization variables.

@@ -23,7 +23,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pti.engine.invert import check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import Perceptual
+from pti.engine.ssim import ms_ssim
 
 ProgressFn = Callable[[str, int, int, dict], None]
 
@@ -43,6 +45,23 @@ class TuneConfig:
     locality_samples: int = 1           # sampled w's per regularized step
     locality_interval: int = 1          # regularize every N-th step
     seed: int | None = 0                # seeds the locality samples; None = nondeterministic
+
+    def __post_init__(self):
+        check_fields(self, {
+            "lr": real(0, above=True),
+            "max_steps": whole(1),
+            "lpips_threshold": real(0),                    # 0: never stop early
+            "l2_lambda": real(0),
+            "lpips_lambda": real(0),
+            "locality": one_of(True, False),
+            "locality_alpha": real(0, above=True),         # a distance from the pivot, divided by ||w_z - w_p||
+            "locality_psi": real(-1, 1),                   # truncation psi, as `pti generate --trunc` takes it
+            "locality_l2_lambda": real(0),
+            "locality_lpips_lambda": real(0),
+            "locality_samples": whole(1),                  # the loss is a mean over them
+            "locality_interval": whole(1),                 # step % interval
+            "seed": whole(0, 2**64 - 1, optional=True),    # torch.Generator's range
+        })
 
 
 @dataclass
@@ -93,15 +112,6 @@ def _prepare(G):
     return G_tuned, G_orig
 
 
-def _rng(cfg: TuneConfig, device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    if cfg.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(cfg.seed)
-    return gen
-
-
 def tune(
     G,
     targets: Sequence[torch.Tensor] | torch.Tensor,  # each [1, 3, R, R] in [-1, 1]
@@ -120,7 +130,7 @@ def tune(
     start = time.perf_counter()
     G_tuned, G_orig = _prepare(G)
     optimizer = torch.optim.Adam(G_tuned.synthesis.parameters(), lr=cfg.lr)
-    gen = _rng(cfg, device)
+    gen = seeded_generator(cfg.seed, device)
     result = TuneResult(G=G_tuned, config=asdict(cfg))
     curves = result.curves
     for key in ("loss", "l2", "lpips") + (("reg_step", "reg_l2", "reg_lpips") if cfg.locality else ()):
@@ -165,18 +175,7 @@ def tune(
 @torch.no_grad()
 def image_metrics(img: torch.Tensor, target: torch.Tensor, perceptual: Perceptual | None = None) -> dict:
     """MSE, MS-SSIM (and the perceptual distance when given) between two [-1, 1] images."""
-    from pti.engine.similarity import ms_ssim
-
     out = {"mse": float(F.mse_loss(img, target)), "ms_ssim": float(ms_ssim(img, target).mean())}
     if perceptual is not None:
         out["perceptual"] = float(perceptual(img, target).mean())
     return out
-
-
-@torch.no_grad()
-def reconstruction_metrics(G, target: torch.Tensor, pivot: torch.Tensor, perceptual: Perceptual | None = None) -> dict:
-    """`image_metrics` of G's render at the pivot against the target."""
-    device = next(G.parameters()).device
-    img = G.synthesis(pivot.to(device), noise_mode="const", force_fp32=True)
-    return image_metrics(img, target.to(device), perceptual)
-
