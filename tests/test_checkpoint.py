@@ -1,33 +1,24 @@
-"""Our .safetensors format, the content hash, the built-in generator and format sniffing errors."""
+"""Our .safetensors format, the content hash, the built-in generator, format sniffing errors, and the
+device argument (CUDA renders what the CPU renders, forward and backward: a `gpu` test)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 
 import pytest
 import torch
 
+from helpers import fan_in_and_depth, fp32_reorder_tolerance, small_generator
 from pti.engine.checkpoint import generator_hash, load_checkpoint, load_generator, save_generator, summarize
-from pti.engine.generator import Generator
+from pti.engine.generator import Generator, tiny_generator
 from pti.errors import CheckpointError
-
-SMALL = dict(
-    z_dim=32, c_dim=0, w_dim=32, img_resolution=16, img_channels=3,
-    mapping_kwargs=dict(num_layers=2),
-    synthesis_kwargs=dict(channel_base=256, channel_max=32, num_fp16_res=1, conv_clamp=256),
-)
 
 
 @pytest.fixture(scope="module")
 def G() -> Generator:
-    torch.manual_seed(0)
-    G = Generator(**SMALL).eval()
-    with torch.no_grad():
-        for t in G.parameters():
-            t.add_(torch.randn_like(t) * 0.1)
-        G.mapping.w_avg.normal_()
-    return G
+    return small_generator()
 
 
 def test_round_trip_is_bit_exact(tmp_path, G):
@@ -136,3 +127,85 @@ def test_truncated_safetensors(tmp_path, G):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match="cut.safetensors is a corrupt or truncated safetensors file"):
         load_generator(tmp_path / "cut.safetensors")
+
+
+# ---------------------------------------------------------------------------- the device argument
+#
+# `load_generator(path, device)` on CUDA must render what it renders on the CPU, forward and backward
+# (tuning backpropagates through everything), up to float32 summation order. The tolerance is
+# `helpers.fp32_reorder_tolerance`; the CPU test below shows it admits a real reordering (fused vs
+# shared-weight modulated conv) and rejects TF32 arithmetic, which CUDA convolutions use by default.
+
+
+def _render_and_grad(G, device: str = "cpu", fused_modconv: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image at two fixed z's (psi 0.7, noise 'const', fp32) and the gradient of <image, probe>
+    with respect to the w's and every synthesis parameter, flattened into one vector."""
+    G = G.clone().to(device).requires_grad_(False)
+    G.synthesis.requires_grad_(True)
+    z = torch.randn([2, G.z_dim], generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        ws = G.mapping(z, truncation_psi=0.7)
+    ws.requires_grad_(True)
+    img = G.synthesis(ws, noise_mode="const", force_fp32=True, fused_modconv=fused_modconv)
+    probe = torch.randn(img.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    (img * probe).sum().backward()
+    grad = torch.cat([ws.grad.flatten()] + [p.grad.flatten() for p in G.synthesis.parameters()])
+    return img.detach().cpu(), grad.cpu()
+
+
+def _tolerances(G, img: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """(largest image difference, gradient difference in norm) two float32 summation orders may give.
+
+    The image: `depth` layers of `fan_in` terms at the image's scale. The gradient, compared in norm
+    (single entries can be sums that cancel): the backward pass runs through the forward's layers and
+    back (twice the depth), and weight gradients also sum over every output position (N * R * R terms).
+    """
+    fan_in, depth = fan_in_and_depth(G)
+    positions = img.shape[0] * img.shape[2] * img.shape[3]
+    return (fp32_reorder_tolerance(float(img.abs().max()), fan_in, depth),
+            fp32_reorder_tolerance(float(grad.norm()), max(fan_in, positions), 2 * depth))
+
+
+def _tf32(G):
+    """G with every conv weight rounded to TF32's 10-bit mantissa, as TF32 convolutions read them."""
+    G = G.clone()
+    with torch.no_grad():
+        for p in G.synthesis.parameters():
+            if p.ndim == 4:
+                p.copy_((p.view(torch.int32) & ~0x1FFF).view(torch.float32))
+    return G
+
+
+def test_the_fp32_tolerance_admits_reordering_and_catches_tf32() -> None:
+    G = tiny_generator()
+    img, grad = _render_and_grad(G, fused_modconv=True)
+    img_tol, grad_tol = _tolerances(G, img, grad)
+    reordered, tf32 = _render_and_grad(G, fused_modconv=False), _render_and_grad(_tf32(G), fused_modconv=True)
+    assert (reordered[0] - img).abs().max() <= img_tol and (reordered[1] - grad).norm() <= grad_tol
+    assert (tf32[0] - img).abs().max() > 3 * img_tol and (tf32[1] - grad).norm() > 3 * grad_tol
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """Float32 means float32: CUDA convolutions (and, on some versions, matmuls) default to TF32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+def test_generator_on_cuda_renders_what_it_renders_on_cpu(tmp_path) -> None:
+    save_generator(tiny_generator(), tmp_path / "tiny.safetensors")
+    G_cpu = load_generator(tmp_path / "tiny.safetensors")
+    G_cuda = load_generator(tmp_path / "tiny.safetensors", device="cuda")
+    assert all(t.device.type == "cuda" for t in list(G_cuda.parameters()) + list(G_cuda.buffers()))
+    assert generator_hash(G_cuda) == generator_hash(G_cpu)
+    img, grad = _render_and_grad(G_cpu, "cpu")
+    with _no_tf32():
+        img_cuda, grad_cuda = _render_and_grad(G_cuda, "cuda")
+    img_tol, grad_tol = _tolerances(G_cpu, img, grad)
+    assert float((img_cuda - img).abs().max()) <= img_tol
+    assert float((grad_cuda - grad).norm()) <= grad_tol

@@ -5,7 +5,8 @@ state dicts here use rosinality's names and layouts with small channels (the con
 from shapes). `rosinality_forward` is an independent re-statement of rosinality's forward pass
 (EqualLinear, fused modulated conv with the 1/sqrt(fan_in) scale before demodulation, transposed conv +
 blur for upsampling, NoiseInjection, FusedLeakyReLU, ToRGB + upsampled skip): converted outputs must
-match it to float rounding. A side-by-side run against rosinality's own model.py is recorded in the
+match it to float32 rounding (`helpers.fp32_reorder_tolerance`), a bound that deliberately wrong mappings
+are shown to fail. A side-by-side run against rosinality's own model.py is recorded in the
 `pti.engine.rosinality` docstring.
 """
 
@@ -18,7 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import fan_in_and_depth, fp32_reorder_tolerance
 from pti.engine.checkpoint import load_checkpoint, load_generator
+from pti.engine.generator import Generator
+from pti.engine.rosinality import W_AVG_SAMPLES, W_AVG_SEED
 from pti.errors import CheckpointError
 
 SIZE, STYLE_DIM, N_MLP = 16, 32, 2
@@ -71,14 +75,23 @@ def rosinality_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def rosinality_forward(sd, z, latent_avg, truncation):
-    """rosinality's Generator.forward(randomize_noise=False) restated from its equations."""
-    lrelu = lambda x: F.leaky_relu(x, 0.2) * math.sqrt(2)  # noqa: E731
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2) * math.sqrt(2)  # FusedLeakyReLU: slope 0.2, gain sqrt(2)
+
+
+def rosinality_mapping(sd, z):
+    """rosinality's style network: PixelNorm, then n_mlp EqualLinear layers (lr_mul 0.01) with FusedLeakyReLU."""
     w = z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + 1e-8)
     for i in range(1, N_MLP + 1):
         weight = sd[f"style.{i}.weight"] * (LR_MLP / math.sqrt(STYLE_DIM))
-        w = lrelu(w @ weight.t() + sd[f"style.{i}.bias"] * LR_MLP)
-    w = latent_avg + truncation * (w - latent_avg)
+        w = _lrelu(w @ weight.t() + sd[f"style.{i}.bias"] * LR_MLP)
+    return w
+
+
+def rosinality_forward(sd, z, latent_avg, truncation):
+    """rosinality's Generator.forward(randomize_noise=False) restated from its equations."""
+    lrelu = _lrelu
+    w = latent_avg + truncation * (rosinality_mapping(sd, z) - latent_avg)
 
     def modconv(x, prefix, style, demod, up):
         weight = sd[f"{prefix}.conv.weight"][0]                       # [O, I, k, k]
@@ -135,31 +148,94 @@ def test_config_inferred_from_shapes(tmp_path, sd):
     assert [getattr(syn, f"b{r}").conv1.weight.shape[0] for r in (4, 8, 16)] == [32, 32, 16]
 
 
-@pytest.mark.parametrize("fused_modconv", [True, False])
-def test_renders_like_rosinality(tmp_path, sd, fused_modconv):
-    latent_avg = torch.randn(STYLE_DIM)
-    torch.save({"g_ema": sd, "g": sd, "latent_avg": latent_avg}, tmp_path / "r.pt")
-    G = load_generator(tmp_path / "r.pt")
-    z = torch.randn(3, STYLE_DIM, generator=torch.Generator().manual_seed(1))
+Z = torch.randn(3, STYLE_DIM, generator=torch.Generator().manual_seed(1))
+LATENT_AVG = torch.randn(STYLE_DIM, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, sd):
+    """The checkpoint through our loader, and rosinality's images at Z (truncation 0.7)."""
+    path = tmp_path_factory.mktemp("ros") / "r.pt"
+    torch.save({"g_ema": sd, "g": sd, "latent_avg": LATENT_AVG}, path)
     with torch.no_grad():
-        ref = rosinality_forward(sd, z, latent_avg, truncation=0.7)
-        ws = G.mapping(z, None, truncation_psi=0.7)
-        out = G.synthesis(ws, noise_mode="const", fused_modconv=fused_modconv)
-        assert torch.equal(G.mapping.w_avg, latent_avg)
+        return load_generator(path), rosinality_forward(sd, Z, LATENT_AVG, truncation=0.7)
+
+
+def _render(G, fused_modconv=True) -> torch.Tensor:
+    with torch.no_grad():
+        return G.synthesis(G.mapping(Z, None, truncation_psi=0.7), noise_mode="const", fused_modconv=fused_modconv)
+
+
+def _tolerance(G, ref: torch.Tensor) -> float:
+    """Same function, different float order (see the pti.engine.rosinality docstring): the fp32
+    reordering bound for G's fan-in (288) and depth (8) at the images' scale: 9e-5 for these images of
+    +-5.4, where 2e-6 is measured; each wrong mapping below is off by 2e4 times that or more."""
+    fan_in, depth = fan_in_and_depth(G)
+    return fp32_reorder_tolerance(float(ref.abs().max()), fan_in, depth)
+
+
+@pytest.mark.parametrize("fused_modconv", [True, False])
+def test_renders_like_rosinality(converted, fused_modconv):
+    G, ref = converted
+    assert torch.equal(G.mapping.w_avg, LATENT_AVG)
+    out = _render(G, fused_modconv)
     assert out.shape == ref.shape == (3, 3, SIZE, SIZE)
-    # Same function, different float order (see the pti.engine.rosinality docstring).
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+    assert float((out - ref).abs().max()) <= _tolerance(G, ref)
+
+
+def _rebuilt(G, state=None, **mapping_kwargs) -> Generator:
+    """G's weights (or `state`) in a Generator whose mapping options are updated with `mapping_kwargs`."""
+    kwargs = {**G.init_kwargs, "mapping_kwargs": {**G.init_kwargs["mapping_kwargs"], **mapping_kwargs}}
+    other = Generator(**kwargs).eval()
+    other.load_state_dict(state or G.state_dict())
+    return other
+
+
+def _with(G, name: str, fn) -> Generator:
+    state = dict(G.state_dict())
+    state[name] = fn(state[name])
+    return _rebuilt(G, state)
+
+
+def _swapped(G, a: str, b: str) -> Generator:
+    state = dict(G.state_dict())
+    state[a], state[b] = state[b], state[a]
+    return _rebuilt(G, state)
+
+
+# Mappings one could plausibly get wrong, each a small change to the converted generator.
+WRONG_MAPPINGS = {
+    "up-conv kernel flipped": lambda G: _with(G, "synthesis.b8.conv0.weight", lambda w: w.flip([2, 3])),
+    "conv weight transposed": lambda G: _with(G, "synthesis.b4.conv1.weight", lambda w: w.transpose(0, 1)),
+    "noise maps off by one": lambda G: _swapped(G, "synthesis.b8.conv0.noise_const", "synthesis.b8.conv1.noise_const"),
+    "lr_mul 1 instead of 0.01": lambda G: _rebuilt(G, lr_multiplier=1.0),
+    "noise strength dropped": lambda G: _with(G, "synthesis.b8.conv1.noise_strength", torch.zeros_like),
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG_MAPPINGS)
+def test_a_wrong_mapping_fails_the_tolerance(converted, wrong):
+    G, ref = converted
+    assert float((_render(_rebuilt(G)) - ref).abs().max()) <= _tolerance(G, ref)  # the rebuild itself is faithful
+    assert float((_render(WRONG_MAPPINGS[wrong](G)) - ref).abs().max()) > 10 * _tolerance(G, ref)
 
 
 def test_training_checkpoint_without_latent_avg(tmp_path, sd):
+    """w_avg is the mean of mapping(z) over W_AVG_SAMPLES z's from torch's generator seeded W_AVG_SEED."""
     args = argparse.Namespace(size=SIZE, latent=STYLE_DIM, n_mlp=N_MLP, channel_multiplier=2)
     torch.save({"g": sd, "d": {}, "g_ema": sd, "args": args, "ada_aug_p": 0.1}, tmp_path / "000100.pt")
     loaded = load_checkpoint(tmp_path / "000100.pt")
-    assert any("w_avg estimated" in n for n in loaded.notes)
-    G = loaded.generator
-    with torch.no_grad():
-        w = G.mapping(torch.randn(4000, STYLE_DIM), None)[:, 0].mean(0)
-    assert torch.allclose(G.mapping.w_avg, w, atol=0.25 * w.abs().max().item())
+    assert any(f"w_avg estimated from {W_AVG_SAMPLES}" in n for n in loaded.notes)
+    z = torch.randn([W_AVG_SAMPLES, STYLE_DIM], generator=torch.Generator().manual_seed(W_AVG_SEED))
+    ws = rosinality_mapping({k: v.double() for k, v in sd.items()}, z.double())  # float64: the exact values
+    w = ws.mean(0)
+    # Ours maps each z in float32 (2 layers of 32 terms), then takes a float32 mean of 10000 of them,
+    # which torch sums in blocks (pairwise): about eps * log2(N) more, at the scale of the w's averaged.
+    scale = float(ws.abs().max())
+    tol = fp32_reorder_tolerance(scale, STYLE_DIM, N_MLP) + torch.finfo(torch.float32).eps * math.log2(W_AVG_SAMPLES) * scale
+    assert float((loaded.generator.mapping.w_avg.double() - w).abs().max()) <= tol
+    other_seed = torch.randn([W_AVG_SAMPLES, STYLE_DIM], generator=torch.Generator().manual_seed(W_AVG_SEED + 1))
+    assert float((rosinality_mapping(sd, other_seed).mean(0).double() - w).abs().max()) > 10 * tol  # the seed matters
 
 
 def test_legacy_torch_serialization(tmp_path, sd):

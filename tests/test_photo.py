@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -146,12 +148,30 @@ def test_list_and_expand(tmp_path: Path) -> None:
         expand_photo_paths([empty])
 
 
+@pytest.fixture()
+def umask():
+    """Set the process umask for one test (`umask(value)`), restoring the caller's afterwards."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield os.umask
+    os.umask(before)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_saved_photos_get_the_mode_open_would_give(tmp_path: Path, umask, mask: int) -> None:
+    """0o666 less the umask, as open() creates files; not the 0o600 of the temp file it was written to."""
+    from pti.engine.photo import save_photo_atomic
+
+    umask(mask)
+    target = save_photo_atomic(Image.new("RGB", (4, 4)), tmp_path / f"x{mask:o}.png")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
 def test_save_photo_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pti.engine.photo import save_photo_atomic
 
     target = save_photo_atomic(Image.new("RGB", (4, 4), (9, 8, 7)), tmp_path / "out" / "x.png")
     assert tuple(np.asarray(Image.open(target))[0, 0]) == (9, 8, 7)
-    assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
