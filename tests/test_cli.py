@@ -101,3 +101,12 @@ def test_info_on_an_identity_file(tuned):
                    "fp16 deltas", "locality on", f"{report['before_tuning']['mse']:.4f} -> {report['after_tuning']['mse']:.4f}",
                    f"pti {report['versions']['pti']}"):
         assert needle in text.stdout, (needle, text.stdout)
+
+
+def test_identity_file_given_as_network_says_what_it_is(tuned, tmp_path):
+    photo, out, _ = tuned
+    ident = out / f"{photo.stem}.pti"
+    res = run_pti("generate", "--network", ident, "--seeds", "0", "--outdir", tmp_path / "g", "--device", "cpu")
+    assert res.returncode == 1
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is a pti identity file" in lines[0] and f"pti info {ident}" in lines[0]

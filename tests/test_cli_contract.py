@@ -263,7 +263,7 @@ def test_interrupting_align_over_a_folder(tmp_path, astronaut):
     assert _lists_kept(line, out, kept), line
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_tune_mid_inversion(sig, tmp_path, astronaut):
     out = tmp_path / "out"
     proc = start_pti("tune", astronaut, "-o", out, "--invert-steps", "100000", "--device", "cpu",

@@ -152,6 +152,9 @@ def _load_safetensors(path: Path) -> LoadedGenerator:
         meta = _safetensors_metadata(data)
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is a corrupt or truncated safetensors file ({e})") from None
+    if meta.get("format") == "pti-identity":  # identity.FORMAT, spelled out: identity sits above this module
+        raise CheckpointError(f"{path} is a pti identity file (one tuned person), not a generator; `pti info {path}` "
+                              "describes it, and --network takes the generator it was tuned from")
     if meta.get("format") != SAFETENSORS_FORMAT:
         raise CheckpointError(f"{path} is a safetensors file without a pti generator config "
                               f"(format={meta.get('format')!r}); convert the original checkpoint with `pti convert`")
