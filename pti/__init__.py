@@ -16,4 +16,8 @@ def __getattr__(name):
         from pti.api import tune
 
         return tune
+    if name == "render":
+        from pti.rendering import render
+
+        return render
     raise AttributeError(f"module 'pti' has no attribute {name!r}")

@@ -238,23 +238,12 @@ def _id_similarity(aligned_path: Path, recon) -> float | None:
 
 def _contact_sheet(res: PhotoResult, path: Path) -> Path:
     """input | aligned | pivot | reconstruction, labelled, one row a person can open."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
+    from pti.engine.images import labelled_sheet
     from pti.engine.photo import load_photo
 
     aligned = Image.open(res.files["aligned"]).convert("RGB")
-    size = max(aligned.size[0], 256)
     tiles = [("input", load_photo(res.photo)), ("aligned", aligned),
              ("pivot (before tuning)", Image.open(res.files["pivot"])), ("reconstruction (after)", Image.open(res.files["reconstruction"]))]
-    label_h, pad = 18, 6
-    sheet = Image.new("RGB", (len(tiles) * (size + pad) + pad, size + label_h + 2 * pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (label, img) in enumerate(tiles):
-        img = img.convert("RGB")
-        scale = size / max(img.size)  # fit in size x size; small renders are enlarged without smoothing
-        new = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
-        img = img.resize(new, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
-        x = pad + k * (size + pad)
-        sheet.paste(img, (x, pad + label_h))
-        draw.text((x, pad), label, fill="black")
-    return _save(sheet, path)
+    return _save(labelled_sheet([tiles], size=max(aligned.size[0], 256)), path)

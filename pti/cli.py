@@ -37,6 +37,8 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "pti.commands.demo",
     "pti.commands.tune",
+    "pti.commands.render",
+    "pti.commands.directions",
     "pti.commands.align",
     "pti.commands.generate",
     "pti.commands.info",

@@ -309,3 +309,31 @@ def command_app(command_module):
 
     command_module.register(app)
     return app
+
+
+# ---------------------------------------------------------------------------- a tuned identity
+
+
+def tuned_tiny(seed: int = 3, steps: int = 12):
+    """The built-in tiny generator really tuned (10x the paper's lr, `steps` steps) towards a blurred
+    render of another w, and its pivot [1, num_ws, w_dim]: weights moved by 0.01-0.1, like real tuning."""
+    from pti.engine.generator import tiny_generator
+    from pti.engine.losses import WeightFreePerceptual
+    from pti.engine.tune import TuneConfig, tune
+
+    base = tiny_generator()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pivot = base.mapping(torch.randn(1, base.z_dim, generator=g), truncation_psi=0.7)
+        other = base.mapping(torch.randn(1, base.z_dim, generator=g), truncation_psi=0.7)
+        target = base.synthesis(other, noise_mode="const", force_fp32=True)
+    res = tune(base, target, pivot, WeightFreePerceptual(),
+               TuneConfig(max_steps=steps, lr=3e-3, locality=False, lpips_threshold=0.0))
+    return base, res.G, pivot
+
+
+def ffhq_shaped_generator(seed: int = 0) -> Generator:
+    """ws shaped like FFHQ's [18, 512] (1024 px, w_dim 512) at a few channels, so FFHQ directions fit."""
+    torch.manual_seed(seed)
+    return Generator(z_dim=512, w_dim=512, img_resolution=1024, img_channels=3, mapping_kwargs=dict(num_layers=2),
+                     synthesis_kwargs=dict(channel_base=4096, channel_max=4, num_fp16_res=0)).eval().requires_grad_(False)

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tuned_tiny
 from pti.engine.checkpoint import generator_hash, save_generator
 from pti.engine.generator import Generator, tiny_generator
 from pti.engine.identity import Identity
-from pti.engine.losses import WeightFreePerceptual
-from pti.engine.tune import TuneConfig, tune
 from pti.errors import IdentityError
 
 RENDER_TOL = 2e-3  # on [-1, 1] images: a quarter of an 8-bit level (see the module docstring)
@@ -39,13 +38,8 @@ def base_hash(base) -> str:
 @pytest.fixture(scope="module")
 def tuned(base):
     """A really tuned generator and its pivot (a random truncated w; the target is a blurred render of another)."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        pivot = base.mapping(torch.randn(1, base.z_dim, generator=g), truncation_psi=0.7)
-        other = base.mapping(torch.randn(1, base.z_dim, generator=g), truncation_psi=0.7)
-        target = base.synthesis(other, noise_mode="const", force_fp32=True)
-    res = tune(base, target, pivot, WeightFreePerceptual(), TuneConfig(max_steps=12, lr=3e-3, locality=False, lpips_threshold=0.0))
-    return res.G, pivot
+    _, G_tuned, pivot = tuned_tiny()
+    return G_tuned, pivot
 
 
 def _render(G, pivot) -> torch.Tensor:

@@ -9,19 +9,22 @@ import typer
 
 from pti.commands.common import DeviceOption, console
 
+SWEEP = "0=-1:1:7"  # GANSpace component 0 of the tiny generator, -1 to +1 sd in 7 frames
+
 
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
     device: DeviceOption = "auto",
 ) -> None:
-    """Align, invert and tune NASA's public-domain astronaut photo on the built-in tiny generator."""
+    """Align, invert and tune NASA's public-domain astronaut photo on the built-in tiny generator, then edit it."""
     from PIL import Image
 
+    from pti.commands.render import _summary as render_summary
     from pti.commands.tune import run_tune
-    from pti.fsutil import atomic_path
     from pti.engine.invert import InvertConfig
     from pti.engine.tune import TuneConfig
     from pti.errors import PTIError
+    from pti.fsutil import atomic_path
 
     try:
         import skimage.data
@@ -35,7 +38,34 @@ def demo(
                   "tuning is what makes the reconstruction match the photo.")
     run_tune([photo], network=None, out=out, device=device, align=True, face=None, joint=False,
              invert_cfg=InvertConfig(), tune_cfg=TuneConfig(), exact=False, allow_fallback=True)
-    console.print(f"open {out / 'astronaut' / 'contact.png'} to see input, aligned, pivot and reconstruction")
+    result = _edit(out, device)
+    render_summary(result)
+    console.print(f"open {out / 'astronaut' / 'contact.png'} to see input, aligned, pivot, reconstruction and an edit sweep")
+
+
+def _edit(out: Path, device: str):
+    """GANSpace directions for the tiny generator, a sweep of its first component, and the contact sheet grown by a row."""
+    import numpy as np
+    from PIL import Image
+
+    import pti.rendering
+    from pti.engine.checkpoint import load_generator
+    from pti.engine.device import resolve_device
+    from pti.engine.edits import ganspace, save_ganspace
+    from pti.engine.images import labelled_sheet
+    from pti.engine.photo import load_photo, save_photo_atomic
+
+    dirs = out / "tiny_ganspace.pt"
+    console.print(f"computing GANSpace directions for the tiny generator -> {dirs}")
+    save_ganspace(ganspace(load_generator(None, resolve_device(device)), components=16, samples=20_000), dirs)
+    result = pti.rendering.render(out / "astronaut.pti", [f"{dirs}:{SWEEP}"], out / "astronaut" / "edits", device=device)
+    folder = out / "astronaut"
+    first = [("input", load_photo(out / "astronaut.png"))] + [
+        (label, Image.open(folder / f"{name}.png")) for label, name in
+        (("aligned", "aligned"), ("pivot (before tuning)", "pivot"), ("reconstruction (after)", "reconstruction"))]
+    sweep = [(f"GANSpace 0 at {v:+.2g} sd", img) for v, img in zip(np.linspace(-1, 1, 7), result.images)]
+    save_photo_atomic(labelled_sheet([first, sweep], size=128), folder / "contact.png")
+    return result
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,4 @@
-"""Image tensors to files: [-1, 1] float tensors to uint8, grids, and atomic PNG writes."""
+"""Image tensors to files: [-1, 1] float tensors to uint8, grids, labelled sheets, GIFs and atomic writes."""
 
 from __future__ import annotations
 
@@ -47,4 +47,40 @@ def save_png(arr: np.ndarray, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
+    return path
+
+
+def labelled_sheet(rows: Sequence[Sequence[tuple[str, "object"]]], size: int = 256, pad: int = 6, label_h: int = 18):
+    """Rows of (label, image) tiles, each image fitted into size x size under its label, on white.
+
+    Images are PIL images or uint8 [H, W, 3] arrays; small renders are enlarged without smoothing
+    (so pixels stay visible), large photos reduced with Lanczos. Returns a PIL image.
+    """
+    from PIL import Image, ImageDraw
+
+    cols = max(len(r) for r in rows)
+    sheet = Image.new("RGB", (cols * (size + pad) + pad, len(rows) * (size + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        y = pad + r * (size + label_h + pad)
+        for k, (label, img) in enumerate(row):
+            img = (Image.fromarray(img) if isinstance(img, np.ndarray) else img).convert("RGB")
+            scale = size / max(img.size)
+            new = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+            img = img.resize(new, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
+            x = pad + k * (size + pad)
+            sheet.paste(img, (x, y + label_h))
+            draw.text((x, y), label, fill="black")
+    return sheet
+
+
+def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 8.0, bounce: bool = False) -> Path:
+    """An animated GIF of uint8 [H, W, 3] frames, looping forever; `bounce` plays back and forth."""
+    from PIL import Image
+
+    seq = list(frames) + (list(frames[-2:0:-1]) if bounce and len(frames) > 2 else [])
+    images = [Image.fromarray(f) for f in seq]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return path

@@ -1,0 +1,65 @@
+"""`pti render IDENTITY.pti --edit ...`: render edits of a tuned person (PNGs, sweep grids, GIFs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pti.commands.common import DeviceOption, PhaseProgress, console, thread_setting
+
+EDIT_HELP = ("An edit, repeatable (edits sum): NAME=VALUE (age=+3, smile=-1.5), a sweep NAME=START:STOP:N "
+             "(age=-3:3:7), layers NAME=VALUE@A-B (age=+3@0-8). NAME is a preset (age, smile, pose, eye_openness, "
+             "smile_ganspace, trimmed_beard), a direction file (./dir.npy) or FILE:K for GANSpace component K.")
+
+
+def _check_edits(values: list[str] | None) -> list[str]:
+    from pti.engine.edits import EditSyntaxError, parse_edits
+
+    try:
+        parse_edits(values or [])
+    except EditSyntaxError as e:
+        raise typer.BadParameter(str(e)) from None
+    return values or []
+
+
+def render(
+    identity: Annotated[Path, typer.Argument(metavar="IDENTITY.pti", help="An identity file written by `pti tune`.")],
+    edit: Annotated[Optional[list[str]], typer.Option("--edit", "-e", callback=_check_edits, help=EDIT_HELP)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: <identity folder>/<name>/edits).")] = None,
+    network: Annotated[Optional[str], typer.Option("--network", "-n", help="The base generator (default: the one the identity records; its content hash must match).")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Also write compare.png: input | reconstruction | edits.")] = False,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=256, help="Frames per forward pass.")] = 8,
+    fps: Annotated[float, typer.Option("--fps", min=0.5, max=60.0, help="Frames per second of sweep animations.")] = 8.0,
+    mp4: Annotated[bool, typer.Option("--mp4", help="Also write sweeps as .mp4 (needs pip install 'pti[video]').")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="Render backend: torch.")] = "torch",
+    device: DeviceOption = "auto",
+) -> None:
+    """Render edits of a tuned person: one PNG per edit set, or a grid and a GIF for a sweep."""
+    import pti.rendering
+
+    with PhaseProgress() as bar:
+        result = pti.rendering.render(identity, edit or [], out, network=network, device=device, batch=batch,
+                                   compare=compare, gif_fps=fps, mp4=mp4, backend=backend, progress=bar.update,
+                                   threads=thread_setting())
+    _summary(result)
+
+
+def _summary(result) -> None:
+    rep = result.report
+    console.print(f"{result.identity}: {rep['frames']} frame(s) on {rep['backend']} ({rep['device']}), "
+                  f"{rep['ms_per_image']:.1f} ms per image at batch {rep['batch']}")
+    for o in rep["outputs"]:
+        sim = o["identity_similarity_to_reconstruction"]
+        console.print(f"  {o['label']}: ID similarity to the reconstruction "
+                      + ("- (no face found)" if sim is None else f"{sim:.3f}"), markup=False)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    names = ", ".join(str(p.relative_to(result.out)) for k, p in result.files.items() if not k.startswith("frame "))
+    frames = sum(k.startswith("frame ") for k in result.files)
+    console.print(f"wrote {result.out}/: {names}" + (f", and {frames} frames in frames/" if frames else ""), markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("render")(render)

@@ -1,0 +1,237 @@
+"""`pti.render(...)`: edits of a tuned person, rendered through a backend, written as PNGs, grids and GIFs.
+
+(The module is `pti.rendering`, not `pti.render`, so that `pti.render` stays the function.)
+
+Above the engine (edits, identity, generator) and, later, the export backends: a backend is one small
+interface, `render(ws [B, L, C]) -> images [B, 3, R, R]` in [-1, 1], so ONNX Runtime, AOTInductor or
+TensorRT plug in without touching the edit code. Prints nothing; the CLI's `pti render` adds progress
+and a summary.
+
+Outputs in `out/`:
+- no edit: `reconstruction.png`;
+- single edits (summed): one PNG named after the edit set, e.g. `age+3_smile-1.png`;
+- a sweep: `<label>_sweep.png` (a grid of the frames in order) and `<label>_sweep.gif` (and `.mp4` with
+  `mp4=True` when imageio-ffmpeg is installed), plus each frame as `frames/<frame label>.png`;
+- `compare.png` with `compare=True`: input photo | reconstruction | each output, labelled;
+- `render.json`: the identity, base generator, edits, every output with its dlib identity
+  similarity to the reconstruction (an edit should keep the person), timings and backend.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from pti.errors import IdentityError, PTIError
+
+ProgressFn = Callable[[str, int, int, dict], None]
+
+
+class Backend(Protocol):
+    name: str
+
+    def render(self, ws: torch.Tensor) -> torch.Tensor:
+        """[B, num_ws, w_dim] -> [B, 3, R, R] in about [-1, 1], float32."""
+
+
+class TorchBackend:
+    """The tuned generator in PyTorch, in batches of `batch` (constant noise, fp32: the tuned pixels)."""
+
+    name = "torch"
+
+    def __init__(self, G, device: torch.device, batch: int = 8):
+        self.G, self.device, self.batch = G.to(device).eval(), device, batch
+
+    @torch.no_grad()
+    def render(self, ws: torch.Tensor) -> torch.Tensor:
+        chunks = [self.G.synthesis(ws[i:i + self.batch].to(self.device), noise_mode="const", force_fp32=True).float().cpu()
+                  for i in range(0, ws.shape[0], self.batch)]
+        return torch.cat(chunks)
+
+
+BACKENDS = ("torch",)
+
+
+@dataclass
+class RenderResult:
+    identity: Path
+    out: Path
+    labels: list[str] = field(default_factory=list)                 # one per rendered frame, in order
+    images: list[np.ndarray] = field(default_factory=list, repr=False)  # uint8 [R, R, 3] per frame
+    files: dict[str, Path] = field(default_factory=dict)            # what was written, by role
+    warnings: list[str] = field(default_factory=list)               # what a person should be told
+    report: dict[str, Any] = field(default_factory=dict)            # what render.json holds
+
+
+def base_generator(ident, network=None, device="cpu"):
+    """The identity's base generator: `network` if given, else the file it records (checked by content hash)."""
+    from pti.engine.checkpoint import BUILTIN_TINY, load_generator
+
+    source = network or ident.base_hint or None
+    if source is None:
+        raise IdentityError("this identity does not record its base generator; pass it with --network")
+    if network is None and source != BUILTIN_TINY and not Path(source).is_file():
+        raise IdentityError(f"this identity was tuned on {source}, which is not here; pass that generator with --network")
+    return load_generator(source, device)
+
+
+def render(
+    identity: str | Path,
+    edits: Sequence[str] = (),                  # the --edit grammar (pti.engine.edits)
+    out: str | Path | None = None,              # default: <identity folder>/<identity name>/edits
+    *,
+    network: str | Path | None = None,          # base generator; default: the one the identity records
+    device: str = "auto",
+    batch: int = 8,                             # frames per forward pass
+    compare: bool = False,                      # also write input | reconstruction | edits
+    gif_fps: float = 8.0,
+    mp4: bool = False,                          # also write an .mp4 of a sweep (needs imageio-ffmpeg)
+    backend: str = "torch",
+    registry=None,                              # weights registry for presets (default: the user's cache)
+    progress: ProgressFn | None = None,
+    threads: str | int | None = None,           # CPU threads: None = as set, "auto" = pti's policy, N
+) -> RenderResult:
+    """Render `edits` of the person in `identity`; return the images and the files written."""
+    from pti.engine import edits as E
+    from pti.engine.device import apply_cpu_threads, resolve_device
+    from pti.engine.identity import Identity
+    from pti.fsutil import ensure_writable_dir
+
+    if backend not in BACKENDS:
+        raise E.EditSyntaxError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    specs = E.parse_edits(list(edits))          # grammar first: a typo costs nothing
+    path = Path(identity)
+    ident = Identity.load(path)
+    dev = resolve_device(device)
+    G = ident.apply(base_generator(ident, network, dev))
+    apply_cpu_threads(G, dev, threads)
+    num_ws, w_dim = ident.pivot.shape
+    directions = [E.resolve(s, num_ws, w_dim, registry) for s in specs]
+    frames = E.frames(ident.pivot, specs, directions)
+    out = Path(out) if out is not None else path.parent / path.stem / "edits"
+    ensure_writable_dir(out)
+
+    engine = TorchBackend(G, dev, batch)
+    recon_needed = bool(specs)
+    ws = torch.stack(([ident.pivot] if recon_needed else []) + [f.ws for f in frames])
+    t0 = time.perf_counter()
+    images = []
+    for i in range(0, ws.shape[0], batch):
+        images.append(engine.render(ws[i:i + batch]))
+        if progress is not None:
+            progress("render", min(i + batch, ws.shape[0]), ws.shape[0], {})
+    seconds = time.perf_counter() - t0
+    from pti.engine.images import to_uint8
+
+    rendered = list(to_uint8(torch.cat(images)))
+    recon = rendered.pop(0) if recon_needed else rendered[0]
+    result = RenderResult(path, out, [f.label for f in frames], rendered)
+    _write(result, frames, specs, recon, compare, gif_fps, mp4, ident)
+    result.report.update(
+        identity=str(path), base_generator=str(network or ident.base_hint), base_hash=ident.base_hash,
+        edits=[s.text for s in specs], backend=engine.name, device=str(dev), batch=batch,
+        frames=len(frames), ms_per_image=1000 * seconds / ws.shape[0], warnings=result.warnings,
+    )
+    result.files["report"] = _save_json(result.report, out / "render.json")
+    return result
+
+
+def _write(result: RenderResult, frames, specs, recon: np.ndarray, compare: bool, fps: float, mp4: bool, ident) -> None:
+    from pti.engine.images import grid, labelled_sheet, save_gif, save_png
+
+    out, files = result.out, result.files
+    sweep = any(s.sweep for s in specs)
+    outputs = []
+    if sweep:
+        name = _sweep_name(specs)
+        for f, img in zip(frames, result.images):
+            files[f"frame {f.label}"] = save_png(img, out / "frames" / f"{f.label}.png")
+        files["sweep grid"] = save_png(grid(result.images, cols=len(result.images)), out / f"{name}_sweep.png")
+        files["sweep gif"] = save_gif(result.images, out / f"{name}_sweep.gif", fps=fps)
+        if mp4:
+            video = _save_mp4(result.images, out / f"{name}_sweep.mp4", fps)
+            if video is None:
+                result.warnings.append("no .mp4: it needs imageio and imageio-ffmpeg (pip install 'pti[video]'); the GIF was written")
+            else:
+                files["sweep mp4"] = video
+        outputs = list(zip(frames, result.images))
+    else:
+        f, img = frames[0], result.images[0]
+        files[f.label] = save_png(img, out / f"{f.label}.png")
+        outputs = [(f, img)]
+    result.report["outputs"] = [
+        {"label": f.label, "values": f.values, "identity_similarity_to_reconstruction": _id_similarity(recon, img) if specs else 1.0}
+        for f, img in outputs
+    ]
+    if compare:
+        photo = _input_photo(result.identity, ident)
+        if photo is None:
+            result.warnings.append("compare.png has no input photo: neither the aligned photo beside the identity nor the recorded photo was found")
+        tiles = ([("input", photo)] if photo is not None else []) + [("reconstruction", recon)] + [(f.label, img) for f, img in outputs]
+        files["compare"] = _save_image(labelled_sheet([tiles], size=max(recon.shape[0], 128)), out / "compare.png")
+
+
+def _sweep_name(specs) -> str:
+    s = next(s for s in specs if s.sweep)
+    return s.label(0.0).replace("+0", "", 1)
+
+
+def _input_photo(identity: Path, ident):
+    """The aligned photo `pti tune` wrote beside the identity, else the photo it records, else None."""
+    from PIL import Image
+
+    aligned = identity.parent / identity.stem / "aligned.png"
+    if aligned.is_file():
+        return Image.open(aligned).convert("RGB")
+    photo = ident.meta.get("photo")
+    if photo and Path(photo).is_file():
+        from pti.engine.photo import load_photo
+
+        try:
+            return load_photo(photo)
+        except PTIError:
+            return None
+    return None
+
+
+def _id_similarity(recon: np.ndarray, img: np.ndarray) -> float | None:
+    from pti.engine.align import identity_similarity
+
+    try:
+        return identity_similarity(recon, img)
+    except Exception:  # noqa: BLE001  a report metric must never sink a finished render
+        return None
+
+
+def _save_mp4(frames: Sequence[np.ndarray], path: Path, fps: float) -> Path | None:
+    """An H.264 video through imageio-ffmpeg (its wheel ships ffmpeg); None when it is not installed."""
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (imageio's ffmpeg plugin needs it)
+    except ImportError:
+        return None
+    from pti.fsutil import atomic_path
+
+    with atomic_path(path, suffix=".mp4") as tmp:
+        imageio.mimwrite(tmp, list(frames), fps=fps, format="FFMPEG", codec="libx264", macro_block_size=1)
+    return path
+
+
+def _save_image(img, path: Path) -> Path:
+    from pti.engine.photo import save_photo_atomic
+
+    return save_photo_atomic(img, path)
+
+
+def _save_json(obj: dict, path: Path) -> Path:
+    from pti.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+    return path
