@@ -14,73 +14,18 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pti.engine.config import check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import ProjectorMetric, to_0_255
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, {"loss": ...})
-
-
-# ---------------------------------------------------------------------------- config checks, seeding
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What a config field accepts: `ok(value)`, and `text` for the error message."""
-
-    ok: Callable[[Any], bool]
-    text: str
-
-
-def whole(low: int, high: int | None = None, optional: bool = False) -> Rule:
-    """A whole number (not a bool) in [low, high]; `optional` also accepts None."""
-    def ok(v) -> bool:
-        if v is None:
-            return optional
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v and (high is None or v <= high)
-
-    text = f"a whole number >= {low}" + (f" and <= {high}" if high is not None else "") + (" (or None)" if optional else "")
-    return Rule(ok, text)
-
-
-def one_of(*choices) -> Rule:
-    """Exactly one of `choices` (of the same type: 1 is not True)."""
-    return Rule(lambda v: any(v == c and type(v) is type(c) for c in choices), "one of " + ", ".join(map(repr, choices)))
-
-
-def real(low: float, high: float | None = None, above: bool = False) -> Rule:
-    """A finite number >= low (> low when `above`) and <= high."""
-    def ok(v) -> bool:
-        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-            return False
-        return (v > low if above else v >= low) and (high is None or v <= high)
-
-    return Rule(ok, f"a finite number {'>' if above else '>='} {low}" + (f" and <= {high}" if high is not None else ""))
-
-
-def check_fields(cfg, rules: dict[str, Rule]) -> None:
-    """ValueError naming the first field of the config `cfg` that breaks its rule."""
-    for name, rule in rules.items():
-        value = getattr(cfg, name)
-        if not rule.ok(value):
-            raise ValueError(f"{type(cfg).__name__}.{name} must be {rule.text}, got {value!r}")
-
-
-def seeded_generator(seed: int | None, device) -> torch.Generator:
-    """A torch.Generator on `device` seeded with `seed`; None seeds it nondeterministically."""
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
 
 
 # ---------------------------------------------------------------------------- the projector

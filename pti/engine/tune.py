@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from pti.engine.invert import check_fields, one_of, real, seeded_generator, whole
+from pti.engine.config import check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import Perceptual
 from pti.engine.ssim import ms_ssim
 
