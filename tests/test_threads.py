@@ -5,7 +5,7 @@ Why: benchmarks/bench_threads.py (spinning OpenMP threads and a busy core)."""
 import pytest
 import torch
 
-from pti.engine.device import SMALL_WORK_MACS, apply_cpu_threads, cpu_threads_for, synthesis_macs
+from pti.engine.device import SMALL_WORK_MACS, TORCH_DEFAULT_THREADS, apply_cpu_threads, cpu_threads_for, synthesis_macs
 from pti.engine.generator import Generator, tiny_generator
 from pti.errors import PTIError
 
@@ -34,7 +34,7 @@ def test_policy_choices():
     tiny = tiny_generator()
     big = Generator(z_dim=8, w_dim=8, img_resolution=256, synthesis_kwargs=dict(channel_base=16384, channel_max=512))
     assert cpu_threads_for(tiny, "auto") == 1
-    assert cpu_threads_for(big, "auto") is None          # large work: torch's default (one per core)
+    assert cpu_threads_for(big, "auto") == TORCH_DEFAULT_THREADS  # large work: torch's default (one per core)
     assert cpu_threads_for(tiny, "torch") is None and cpu_threads_for(tiny, None) is None
     assert cpu_threads_for(big, "3") == 3
     for bad in ("zero", "0", "-2"):
@@ -50,5 +50,8 @@ def test_apply_sets_torch_threads_on_cpu_only():
         torch.set_num_threads(2)
         assert apply_cpu_threads(tiny_generator(), torch.device("cpu"), "torch") == 2
         assert apply_cpu_threads(tiny_generator(), torch.device("meta"), "auto") == 2  # not a CPU run: untouched
+        big = Generator(z_dim=8, w_dim=8, img_resolution=256, synthesis_kwargs=dict(channel_base=16384, channel_max=512))
+        torch.set_num_threads(1)  # after a small generator in the same process, a large one gets the default back
+        assert apply_cpu_threads(big, torch.device("cpu"), "auto") == TORCH_DEFAULT_THREADS
     finally:
         torch.set_num_threads(before)

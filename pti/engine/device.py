@@ -35,6 +35,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 # per-image work is small on one thread, where a second thread never paid for its wake-ups anyway.
 
 SMALL_WORK_MACS = 2e9  # multiply-adds per synthesized image below which one CPU thread is fastest
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (one per core), before anyone changes it
 
 
 def synthesis_macs(G) -> int:
@@ -53,8 +54,8 @@ def synthesis_macs(G) -> int:
 
 
 def cpu_threads_for(G, setting: str | int | None = "auto") -> int | None:
-    """Threads for running `G` on the CPU: `setting` as a number, one for small generators under
-    "auto" (else torch's default), None for "torch" (leave torch's own choice alone)."""
+    """Threads for running `G` on the CPU: `setting` as a number; under "auto" one for small generators,
+    else torch's default count; None for "torch" (leave the current setting alone)."""
     if setting in (None, "torch"):
         return None
     if setting != "auto":
@@ -65,7 +66,7 @@ def cpu_threads_for(G, setting: str | int | None = "auto") -> int | None:
         if n < 1:
             raise PTIError(f"PTI_THREADS must be at least 1, got {n}")
         return n
-    return 1 if synthesis_macs(G) < SMALL_WORK_MACS else None
+    return 1 if synthesis_macs(G) < SMALL_WORK_MACS else TORCH_DEFAULT_THREADS
 
 
 def apply_cpu_threads(G, device: torch.device, setting: str | int | None = "auto") -> int:
