@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_tune
+	$(BIN)/python -m benchmarks.bench_render
 
 bench-threads: setup
 	$(BIN)/python -m benchmarks.bench_threads

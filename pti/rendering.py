@@ -104,7 +104,7 @@ def render(
     from pti.fsutil import ensure_writable_dir
 
     if backend not in BACKENDS:
-        raise E.EditSyntaxError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     specs = E.parse_edits(list(edits))          # grammar first: a typo costs nothing
     path = Path(identity)
     ident = Identity.load(path)
@@ -146,9 +146,7 @@ def _write(result: RenderResult, frames, specs, recon: np.ndarray, compare: bool
     from pti.engine.images import grid, labelled_sheet, save_gif, save_png
 
     out, files = result.out, result.files
-    sweep = any(s.sweep for s in specs)
-    outputs = []
-    if sweep:
+    if any(s.sweep for s in specs):
         name = _sweep_name(specs)
         for f, img in zip(frames, result.images):
             files[f"frame {f.label}"] = save_png(img, out / "frames" / f"{f.label}.png")

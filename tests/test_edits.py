@@ -202,7 +202,7 @@ def test_direction_files_never_run_code(tmp_path):
             return (os.system, (f"touch {sentinel}",))
 
     evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps(Payload()))
+    evil.write_bytes(pickle.dumps(Payload(), protocol=2))
     with pytest.raises(E.DirectionError, match="cannot read direction file"):
         E.load_direction_file(evil)
     assert not sentinel.exists()

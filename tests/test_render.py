@@ -177,3 +177,18 @@ def test_cli_errors_that_need_the_identity_are_one_line(person, tmp_path, edit, 
     lines = error_lines(res.stderr)
     assert len(lines) == 1 and needle in lines[0] and no_traceback(res)
     assert not (tmp_path / "out").exists()
+
+
+def test_mp4_when_imageio_ffmpeg_is_installed_else_a_warning(person, tmp_path):
+    import importlib.util
+
+    res = pti.render(person["paths"][True], [f"{person['dirs']}:0=-1:1:3"], tmp_path, device="cpu", mp4=True)
+    video = tmp_path / "dirs.pt_0_sweep.mp4"
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        assert not video.exists() and any("pip install 'pti[video]'" in w for w in res.warnings)
+        assert (tmp_path / "dirs.pt_0_sweep.gif").is_file()  # the GIF is still written
+    else:
+        import imageio.v2 as imageio
+
+        frames = imageio.mimread(video)
+        assert len(frames) == 3 and frames[0].shape == (64, 64, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +13,10 @@ from pti.commands.common import DeviceOption, PhaseProgress, console, thread_set
 EDIT_HELP = ("An edit, repeatable (edits sum): NAME=VALUE (age=+3, smile=-1.5), a sweep NAME=START:STOP:N "
              "(age=-3:3:7), layers NAME=VALUE@A-B (age=+3@0-8). NAME is a preset (age, smile, pose, eye_openness, "
              "smile_ganspace, trimmed_beard), a direction file (./dir.npy) or FILE:K for GANSpace component K.")
+
+
+class BackendName(str, Enum):  # pti.rendering.BACKENDS; ONNX Runtime, AOTInductor, TensorRT plug in here
+    torch = "torch"
 
 
 def _check_edits(values: list[str] | None) -> list[str]:
@@ -33,7 +38,7 @@ def render(
     batch: Annotated[int, typer.Option("--batch", min=1, max=256, help="Frames per forward pass.")] = 8,
     fps: Annotated[float, typer.Option("--fps", min=0.5, max=60.0, help="Frames per second of sweep animations.")] = 8.0,
     mp4: Annotated[bool, typer.Option("--mp4", help="Also write sweeps as .mp4 (needs pip install 'pti[video]').")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="Render backend: torch.")] = "torch",
+    backend: Annotated[BackendName, typer.Option("--backend", help="Render backend.")] = BackendName.torch,
     device: DeviceOption = "auto",
 ) -> None:
     """Render edits of a tuned person: one PNG per edit set, or a grid and a GIF for a sweep."""
@@ -41,7 +46,7 @@ def render(
 
     with PhaseProgress() as bar:
         result = pti.rendering.render(identity, edit or [], out, network=network, device=device, batch=batch,
-                                   compare=compare, gif_fps=fps, mp4=mp4, backend=backend, progress=bar.update,
+                                   compare=compare, gif_fps=fps, mp4=mp4, backend=backend.value, progress=bar.update,
                                    threads=thread_setting())
     _summary(result)
 
