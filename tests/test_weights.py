@@ -18,6 +18,7 @@ import typer
 from typer.testing import CliRunner
 
 from clirun import env_with, error_lines, no_traceback, run_pti
+from helpers import command_app
 from pti.engine import weights as W
 from pti.errors import OutputError, WeightsError
 
@@ -466,14 +467,7 @@ def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: str) -> typer.T
     gone = W.WeightEntry(name="gone", filename="gone.bin", url=f"http://127.0.0.1:{_dead_port()}/gone.bin",
                          size=None, sha256=None, license="test", used_by="tests")
     monkeypatch.setattr(W, "DEFAULT_ENTRIES", (_entry(f"{server}/toy.bin"), gone))
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        pass
-
-    cmd.register(app)
-    return app
+    return command_app(cmd)
 
 
 def test_cli(cli: typer.Typer, tmp_path: Path) -> None:
