@@ -6,7 +6,6 @@ run is interrupted, `TuneInterrupted.kept` lists the files that were completely 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Callable, Sequence
 from pti.engine.invert import InvertConfig
 from pti.engine.tune import TuneConfig
 from pti.errors import Interrupted, PTIError
-from pti.fsutil import atomic_path, ensure_writable_dir, mark, written_since
+from pti.fsutil import ensure_writable_dir, mark, write_json, written_since
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, values)
 
@@ -167,7 +166,7 @@ class _Run:
         res.identity = ident.save(self.out / f"{res.name}.pti")
         rep["identity_file"] = {"path": str(res.identity), "bytes": res.identity.stat().st_size,
                                 "encoding": "weight-fp32" if self.exact else "delta-fp16"}
-        res.files["report"] = _save_json(rep, self.out / res.name / "report.json")
+        res.files["report"] = write_json(rep, self.out / res.name / "report.json")
         res.files["contact"] = _contact_sheet(res, self.out / res.name / "contact.png")
 
 
@@ -207,12 +206,6 @@ def _save_tensor(t, path: Path) -> Path:
     from pti.engine.images import save_png, to_uint8
 
     return save_png(to_uint8(t[0]), path)
-
-
-def _save_json(obj: dict, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, default=str))
-    return path
 
 
 def _metrics(img, target, losses) -> dict:

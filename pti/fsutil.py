@@ -73,6 +73,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         tmp.unlink(missing_ok=True)
 
 
+def write_json(obj, path: str | os.PathLike) -> Path:
+    """`obj` as indented JSON (Paths and other objects as their str), atomically."""
+    import json
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+    return path
+
+
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create the folder `path` (and its parents) if needed; OutputError when that is impossible."""
     path = Path(path)

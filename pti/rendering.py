@@ -19,7 +19,6 @@ Outputs in `out/`:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +100,7 @@ def render(
     from pti.engine import edits as E
     from pti.engine.device import apply_cpu_threads, resolve_device
     from pti.engine.identity import Identity
-    from pti.fsutil import ensure_writable_dir
+    from pti.fsutil import ensure_writable_dir, write_json
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -138,12 +137,13 @@ def render(
         edits=[s.text for s in specs], backend=engine.name, device=str(dev), batch=batch,
         frames=len(frames), ms_per_image=1000 * seconds / ws.shape[0], warnings=result.warnings,
     )
-    result.files["report"] = _save_json(result.report, out / "render.json")
+    result.files["report"] = write_json(result.report, out / "render.json")
     return result
 
 
 def _write(result: RenderResult, frames, specs, recon: np.ndarray, compare: bool, fps: float, mp4: bool, ident) -> None:
     from pti.engine.images import grid, labelled_sheet, save_gif, save_png
+    from pti.engine.photo import save_photo_atomic
 
     out, files = result.out, result.files
     if any(s.sweep for s in specs):
@@ -172,7 +172,7 @@ def _write(result: RenderResult, frames, specs, recon: np.ndarray, compare: bool
         if photo is None:
             result.warnings.append("compare.png has no input photo: neither the aligned photo beside the identity nor the recorded photo was found")
         tiles = ([("input", photo)] if photo is not None else []) + [("reconstruction", recon)] + [(f.label, img) for f, img in outputs]
-        files["compare"] = _save_image(labelled_sheet([tiles], size=max(recon.shape[0], 128)), out / "compare.png")
+        files["compare"] = save_photo_atomic(labelled_sheet([tiles], size=max(recon.shape[0], 128)), out / "compare.png")
 
 
 def _sweep_name(specs) -> str:
@@ -218,18 +218,4 @@ def _save_mp4(frames: Sequence[np.ndarray], path: Path, fps: float) -> Path | No
 
     with atomic_path(path, suffix=".mp4") as tmp:
         imageio.mimwrite(tmp, list(frames), fps=fps, format="FFMPEG", codec="libx264", macro_block_size=1)
-    return path
-
-
-def _save_image(img, path: Path) -> Path:
-    from pti.engine.photo import save_photo_atomic
-
-    return save_photo_atomic(img, path)
-
-
-def _save_json(obj: dict, path: Path) -> Path:
-    from pti.fsutil import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, default=str))
     return path
