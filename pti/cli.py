@@ -158,14 +158,3 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
-
-
-def main() -> None:
-    """Entry point kept for `python -m pti.cli`; the console script is `pti.__main__:main`."""
-    from pti.__main__ import main as entry
-
-    entry()
-
-
-if __name__ == "__main__":
-    main()
