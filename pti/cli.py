@@ -38,6 +38,7 @@ COMMAND_MODULES = [
     "pti.commands.demo",
     "pti.commands.tune",
     "pti.commands.render",
+    "pti.commands.export",
     "pti.commands.directions",
     "pti.commands.align",
     "pti.commands.generate",

@@ -50,3 +50,7 @@ class Interrupted(PTIError):
         self.kept = list(kept)
         self.how = how
         super().__init__(f"interrupted ({how}); no partial files were left. Kept: {describe_files(self.kept)}")
+
+
+class ExportError(PTIError):
+    """An export cannot be made, loaded or used: missing runtime, wrong base, version or device, batch out of range."""

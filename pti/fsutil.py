@@ -73,6 +73,39 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def staged_folder(dest: str | os.PathLike, last: Iterable[str] = ()) -> Iterator[Path]:
+    """Write several files that belong together: yield a private staging folder inside `dest`; when the
+    block finishes, move each file (top level only) into `dest` by an atomic rename, the names in `last`
+    after the others (a manifest written last means "the rest is complete"), and record them in the
+    ledger. An error, Ctrl-C or SIGTERM removes the staging folder and leaves `dest` as it was."""
+    import shutil
+
+    dest = ensure_writable_dir(dest)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest))
+    except OSError as e:
+        raise _output_error(dest, e, folder=True) from None
+    try:
+        yield stage
+        names = sorted(p.name for p in stage.iterdir() if p.is_file())
+        late = [n for n in last if n in names]
+        for name in [n for n in names if n not in late] + late:
+            target = dest / name
+            if target.is_dir():
+                raise OutputError(f"cannot write {target}: it is a folder")
+            try:
+                with open(stage / name, "rb+") as f:
+                    os.fsync(f.fileno())
+                _chmod_like_open(stage / name)
+                os.replace(stage / name, target)
+            except OSError as e:
+                raise _output_error(target, e) from None
+            _WRITTEN.append(target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def write_json(obj, path: str | os.PathLike) -> Path:
     """`obj` as indented JSON (Paths and other objects as their str), atomically."""
     import json

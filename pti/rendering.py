@@ -54,7 +54,50 @@ class TorchBackend:
         return torch.cat(chunks)
 
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnx", "aoti", "tensorrt")
+
+
+def make_backend(name: str, G, base, base_hash: str, device: torch.device, batch: int = 8, *, engine=None,
+                 base_hint: str = "", precision: str = "fp32", progress: ProgressFn | None = None):
+    """The backend `name` rendering `G` (base + identity). Exported backends use the export in `engine`, else
+    the base generator's export in the user cache (made on first use from `base`), with `G`'s weights swapped
+    in by name: one graph per base generator, whatever the person."""
+    if name == "torch":
+        return TorchBackend(G, device, batch)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    from pti.export import CONTRACT, Source, default_export_dir
+
+    folder = Path(engine) if engine is not None else default_export_dir(base_hash, name, precision)
+    if engine is None and not (folder / CONTRACT).is_file():
+        if progress is not None:
+            progress(f"export {name} (once per base generator)", 0, 1, {})
+        src = Source(base, base_hash, base_hint)
+        if name == "onnx":
+            from pti.export.onnx import export_onnx
+
+            export_onnx(src, folder, precision=precision)
+        elif name == "aoti":
+            from pti.export.aoti import export_aoti
+
+            export_aoti(src, folder, precision=precision, device=device)
+        else:
+            from pti.export.tensorrt import export_tensorrt
+
+            export_tensorrt(src, folder, fp16=precision == "fp16")
+        if progress is not None:
+            progress(f"export {name} (once per base generator)", 1, 1, {})
+    if name == "onnx":
+        from pti.export.onnx import OnnxBackend
+
+        return OnnxBackend(folder, G, base_hash=base_hash)
+    if name == "aoti":
+        from pti.export.aoti import AotiBackend
+
+        return AotiBackend(folder, G, base_hash=base_hash, device=device)
+    from pti.export.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(folder, G, base_hash=base_hash)
 
 
 @dataclass
@@ -69,15 +112,10 @@ class RenderResult:
 
 
 def base_generator(ident, network=None, device="cpu"):
-    """The identity's base generator: `network` if given, else the file it records (checked by content hash)."""
-    from pti.engine.checkpoint import BUILTIN_TINY, load_generator
+    """The identity's base generator (see `pti.engine.identity.load_base`)."""
+    from pti.engine.identity import load_base
 
-    source = network or ident.base_hint or None
-    if source is None:
-        raise IdentityError("this identity does not record its base generator; pass it with --network")
-    if network is None and source != BUILTIN_TINY and not Path(source).is_file():
-        raise IdentityError(f"this identity was tuned on {source}, which is not here; pass that generator with --network")
-    return load_generator(source, device)
+    return load_base(ident, network, device)
 
 
 def render(
@@ -91,7 +129,9 @@ def render(
     compare: bool = False,                      # also write input | reconstruction | edits
     gif_fps: float = 8.0,
     mp4: bool = False,                          # also write an .mp4 of a sweep (needs imageio-ffmpeg)
-    backend: str = "torch",
+    backend: str = "torch",                     # torch | onnx | aoti | tensorrt (BACKENDS)
+    engine: str | Path | None = None,           # an export folder for that backend; default: the cached base export
+    precision: str = "fp32",                    # of the cached export (fp32 | fp16)
     registry=None,                              # weights registry for presets (default: the user's cache)
     progress: ProgressFn | None = None,
     threads: str | int | None = None,           # CPU threads: None = as set, "auto" = pti's policy, N
@@ -108,7 +148,11 @@ def render(
     path = Path(identity)
     ident = Identity.load(path)
     dev = resolve_device(device)
-    G = ident.apply(base_generator(ident, network, dev))
+    from pti.engine.checkpoint import generator_hash
+
+    base = base_generator(ident, network, dev)
+    base_hash = generator_hash(base)
+    G = ident.apply(base, base_hash)
     apply_cpu_threads(G, dev, threads)
     num_ws, w_dim = ident.pivot.shape
     directions = [E.resolve(s, num_ws, w_dim, registry) for s in specs]
@@ -116,13 +160,14 @@ def render(
     out = Path(out) if out is not None else path.parent / path.stem / "edits"
     ensure_writable_dir(out)
 
-    engine = TorchBackend(G, dev, batch)
+    runner = make_backend(backend, G, base, base_hash, dev, batch, engine=engine, base_hint=str(network or ident.base_hint),
+                          precision=precision, progress=progress)
     recon_needed = bool(specs)
     ws = torch.stack(([ident.pivot] if recon_needed else []) + [f.ws for f in frames])
     t0 = time.perf_counter()
     images = []
     for i in range(0, ws.shape[0], batch):
-        images.append(engine.render(ws[i:i + batch]))
+        images.append(runner.render(ws[i:i + batch]))
         if progress is not None:
             progress("render", min(i + batch, ws.shape[0]), ws.shape[0], {})
     seconds = time.perf_counter() - t0
@@ -134,7 +179,8 @@ def render(
     _write(result, frames, specs, recon, compare, gif_fps, mp4, ident)
     result.report.update(
         identity=str(path), base_generator=str(network or ident.base_hint), base_hash=ident.base_hash,
-        edits=[s.text for s in specs], backend=engine.name, device=str(dev), batch=batch,
+        edits=[s.text for s in specs], backend=runner.name,
+        engine=str(getattr(runner, "folder", "")) or None, device=str(dev), batch=batch,
         frames=len(frames), ms_per_image=1000 * seconds / ws.shape[0], warnings=result.warnings,
     )
     result.files["report"] = write_json(result.report, out / "render.json")

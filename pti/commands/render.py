@@ -9,14 +9,18 @@ from typing import Annotated, Optional
 import typer
 
 from pti.commands.common import DeviceOption, PhaseProgress, console, thread_setting
+from pti.commands.export import Precision
 
 EDIT_HELP = ("An edit, repeatable (edits sum): NAME=VALUE (age=+3, smile=-1.5), a sweep NAME=START:STOP:N "
              "(age=-3:3:7), layers NAME=VALUE@A-B (age=+3@0-8). NAME is a preset (age, smile, pose, eye_openness, "
              "smile_ganspace, trimmed_beard), a direction file (./dir.npy) or FILE:K for GANSpace component K.")
 
 
-class BackendName(str, Enum):  # pti.rendering.BACKENDS; ONNX Runtime, AOTInductor, TensorRT plug in here
+class BackendName(str, Enum):  # pti.rendering.BACKENDS
     torch = "torch"
+    onnx = "onnx"
+    aoti = "aoti"
+    tensorrt = "tensorrt"
 
 
 def _check_edits(values: list[str] | None) -> list[str]:
@@ -38,15 +42,21 @@ def render(
     batch: Annotated[int, typer.Option("--batch", min=1, max=256, help="Frames per forward pass.")] = 8,
     fps: Annotated[float, typer.Option("--fps", min=0.5, max=60.0, help="Frames per second of sweep animations.")] = 8.0,
     mp4: Annotated[bool, typer.Option("--mp4", help="Also write sweeps as .mp4 (needs pip install 'pti[video]').")] = False,
-    backend: Annotated[BackendName, typer.Option("--backend", help="Render backend.")] = BackendName.torch,
+    backend: Annotated[BackendName, typer.Option("--backend", help="torch; or an exported graph with this person's weights swapped in: onnx (ONNX Runtime), aoti (AOTInductor), tensorrt.")] = BackendName.torch,
+    engine: Annotated[Optional[Path], typer.Option("--engine", help="An export folder (pti export) for --backend; default: the base generator's, exported once into the cache.")] = None,
+    precision: Annotated[Precision, typer.Option("--precision", help="Precision of the cached export (fp32 | fp16).")] = Precision.fp32,
     device: DeviceOption = "auto",
 ) -> None:
     """Render edits of a tuned person: one PNG per edit set, or a grid and a GIF for a sweep."""
     import pti.rendering
 
+    if engine is not None and backend is BackendName.torch:
+        raise typer.BadParameter("--engine is for --backend onnx, aoti or tensorrt", param_hint="--engine")
+
     with PhaseProgress() as bar:
         result = pti.rendering.render(identity, edit or [], out, network=network, device=device, batch=batch,
-                                   compare=compare, gif_fps=fps, mp4=mp4, backend=backend.value, progress=bar.update,
+                                   compare=compare, gif_fps=fps, mp4=mp4, backend=backend.value, engine=engine,
+                                   precision=precision.value, progress=bar.update,
                                    threads=thread_setting())
     _summary(result)
 

@@ -141,6 +141,19 @@ class Identity:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()) + self.pivot.numel() * 4
 
 
+def load_base(ident: Identity, network=None, device="cpu"):
+    """The identity's base generator: `network` if given, else the file it records. Applying the
+    identity then checks the content hash, so a different generator is refused, not mixed."""
+    from pti.engine.checkpoint import BUILTIN_TINY, load_generator
+
+    source = network or ident.base_hint or None
+    if source is None:
+        raise IdentityError("this identity does not record its base generator; pass it with --network")
+    if network is None and source != BUILTIN_TINY and not Path(source).is_file():
+        raise IdentityError(f"this identity was tuned on {source}, which is not here; pass that generator with --network")
+    return load_generator(source, device)
+
+
 def versions() -> dict[str, str]:
     import numpy
 

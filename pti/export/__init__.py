@@ -1,0 +1,251 @@
+"""Export a person's tuned synthesis network to deployable runtimes, and swap identities by weight name.
+
+One exported graph per base generator; each tuned person is a set of weights under names that are the
+same for every identity: the identity file's own parameter names (`synthesis.b8.conv0.weight`, ...),
+kept as named initializers (ONNX), constants (AOTInductor) or refittable weights (TensorRT), never
+folded into anonymous constants (REFERENCE §7-8). A graph plus per-identity weights is the unit of
+deployment; `contract.json` beside the graph says how to feed it:
+
+- the input `ws` [batch, num_ws, w_dim] float32 and output `images` [batch, 3, R, R] float32 in about
+  [-1, 1], the dynamic axis and the batch profile (min / opt / max);
+- `weights`: identity tensor -> graph name, dtype and shape, for every tuned parameter;
+- the base generator's content hash (an identity tuned on another base is refused), the versions and
+  device it was built with (a package or engine built for another torch, TensorRT or GPU is refused);
+- a sample input and a checksum of its expected output (a pooled image), and what the export measured
+  against PyTorch right after it was written.
+
+The exported forward is the generator's own reference arithmetic in the export-friendly form: constant
+noise, non-fused modulated convolution (x * s, shared-weight conv, * d), so the batch is dynamic and every
+weight stays a graph weight. Layering: above `pti.engine`, below `pti.rendering`, which picks a backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pti.errors import ExportError
+
+FORMATS = ("onnx", "aoti", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+CONTRACT = "contract.json"
+CONTRACT_FORMAT = "pti-export"
+CONTRACT_VERSION = 1
+INPUT, OUTPUT = "ws", "images"
+DEFAULT_BATCH = (1, 8, 16)            # min, opt, max of the batch profile
+POOL = 4                              # the sample checksum: the output average-pooled to 4 x 4 per channel
+# Largest difference from PyTorch fp32 an export may show, in image units (the image spans [-1, 1], range 2):
+# fp32 1e-4 (float32 rounding through about 20 layers, measured ~1e-5); fp16 1e-2 of the range.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+class ExportSynthesis(nn.Module):
+    """The synthesis network as exported: `ws -> images`, constant noise, non-fused modulated convolution,
+    reference ops. It holds the network under `synthesis`, so every weight is named as in the identity file.
+
+    fp16: the weights are stored in float16 and every block runs in float16 (the generator's own fp16 path,
+    with its overflow guard and `conv_clamp`); the style and demodulation arithmetic, the skip image, the
+    input and the output stay float32.
+    """
+
+    def __init__(self, G, precision: str = "fp32"):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        self.precision = precision
+        self.synthesis = copy.deepcopy(G.synthesis).eval().requires_grad_(False)
+        if precision == "fp16":
+            for res in self.synthesis.block_resolutions:
+                getattr(self.synthesis, f"b{res}").use_fp16 = True
+            self.synthesis.half()
+        self.eval()
+
+    def forward(self, ws: torch.Tensor) -> torch.Tensor:
+        return self.synthesis(ws, noise_mode="const", force_fp32=self.precision == "fp32", fused_modconv=False, impl="ref")
+
+
+def tuned_names(G) -> list[str]:
+    """The tuned tensors (every synthesis parameter), by the names identity files and exports share."""
+    return [f"synthesis.{n}" for n, _ in G.synthesis.named_parameters()]
+
+
+def graph_weights(G, contract: dict) -> dict[str, torch.Tensor]:
+    """`G`'s tuned weights under the contract's graph names, in the graph's dtype; ExportError when they do not fit."""
+    params = {f"synthesis.{n}": p for n, p in G.synthesis.named_parameters()}
+    out = {}
+    for entry in contract["weights"]:
+        p = params.get(entry["tensor"])
+        if p is None:
+            raise ExportError(f"the export expects weight {entry['tensor']!r}, which this generator does not have")
+        if list(p.shape) != list(entry["shape"]):
+            raise ExportError(f"weight {entry['tensor']!r} is {list(p.shape)} here, {entry['shape']} in the export")
+        out[entry["name"]] = p.detach().to("cpu", getattr(torch, entry["dtype"])).contiguous()
+    return out
+
+
+def sample_input(G, ident=None) -> torch.Tensor:
+    """[1, num_ws, w_dim]: the identity's pivot, else the base generator's average w."""
+    if ident is not None:
+        return ident.pivot.float().reshape(1, *ident.pivot.shape).clone()
+    return G.mapping.w_avg.float().reshape(1, 1, -1).repeat(1, G.num_ws, 1).cpu()
+
+
+def checksum(images: torch.Tensor) -> list[float]:
+    """The first image average-pooled to POOL x POOL per channel: a checksum that tolerates float rounding."""
+    x = images[:1].float()
+    return torch.nn.functional.adaptive_avg_pool2d(x, POOL).reshape(-1).tolist()
+
+
+def encode_array(t: torch.Tensor) -> dict:
+    a = t.detach().cpu().float().contiguous().numpy()
+    return {"dtype": "float32", "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode()}
+
+
+def decode_array(d: dict) -> torch.Tensor:
+    a = np.frombuffer(base64.b64decode(d["base64"]), dtype=d["dtype"]).reshape(d["shape"])
+    return torch.from_numpy(a.copy())
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """Versions and the device an export was built with; engines and packages are bound to them."""
+    from pti._version import __version__
+
+    env: dict[str, Any] = {"pti": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                           "machine": platform.machine()}
+    for mod in ("onnx", "onnxruntime", "tensorrt"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001  absent or broken: not part of this export
+            pass
+    env["device"] = describe_device(device)
+    return env
+
+
+def describe_device(device: torch.device | None) -> str:
+    """'cpu', or 'cuda: <GPU name> sm_<major><minor>' (what compiled code is bound to)."""
+    if device is None or torch.device(device).type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"cuda: {torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
+@dataclass
+class Source:
+    """What is exported: the generator to trace (base, or base + identity), and where it came from."""
+
+    generator: Any                      # pti.engine.generator.Generator, identity applied when there is one
+    base_hash: str
+    base_hint: str
+    identity: Any = None                # pti.engine.identity.Identity or None
+    identity_path: str | None = None
+
+
+def load_source(path: str | Path | None, network: str | None = None, device="cpu") -> Source:
+    """A `.pti` identity (its base from `network` or the path it records) or a generator checkpoint."""
+    from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator
+    from pti.engine.identity import Identity, is_identity_file, load_base
+
+    if path is not None and str(path) != BUILTIN_TINY and Path(path).is_file() and is_identity_file(path):
+        ident = Identity.load(path)
+        base = load_base(ident, network, device)
+        base_hash = generator_hash(base)
+        G = ident.apply(base, base_hash)
+        return Source(G, base_hash, str(network or ident.base_hint), ident, str(path))
+    if network is not None and path is not None:
+        raise ExportError("--network is for identities; give either a checkpoint or an identity file")
+    G = load_generator(path, device)
+    return Source(G, generator_hash(G), str(path or BUILTIN_TINY))
+
+
+def make_contract(kind: str, precision: str, src: Source, files: dict[str, str], batch: tuple[int, int, int],
+                  device: torch.device | None = None, **extra) -> dict[str, Any]:
+    """The contract of an export of `src` (see the module docstring); `extra` adds kind-specific fields."""
+    G = src.generator
+    dtype = "float16" if precision == "fp16" else "float32"
+    bmin, bopt, bmax = batch
+    sample = sample_input(G, src.identity)
+    return {
+        "format": CONTRACT_FORMAT, "version": CONTRACT_VERSION, "kind": kind, "precision": precision,
+        "files": files,
+        "input": {"name": INPUT, "dtype": "float32", "shape": ["batch", G.num_ws, G.w_dim]},
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", G.img_channels, G.img_resolution, G.img_resolution]},
+        "dynamic_axes": {INPUT: {"0": "batch"}, OUTPUT: {"0": "batch"}},
+        "batch": {"min": bmin, "opt": bopt, "max": bmax},
+        "base_hash": src.base_hash, "base_hint": src.base_hint,
+        "identity": src.identity_path,
+        "generator_config": G.init_kwargs,
+        "weights": [{"tensor": n, "name": n, "dtype": dtype, "shape": list(p.shape)}
+                    for n, p in ((f"synthesis.{k}", v) for k, v in G.synthesis.named_parameters())],
+        "sample": {"input": encode_array(sample), "pooled_output": None, "pool": POOL,
+                   "tolerance": TOLERANCE[precision]},
+        "built_with": environment(device),
+        **extra,
+    }
+
+
+def load_contract(folder: str | Path, kind: str | None = None) -> tuple[Path, dict]:
+    """(folder, contract) of an export folder, or its `contract.json`; ExportError when it is not one."""
+    folder = Path(folder)
+    if folder.is_file() and folder.name == CONTRACT:
+        folder = folder.parent
+    elif folder.is_file():  # model.onnx, model.pt2, model.engine: the contract sits beside it
+        folder = folder.parent
+    path = folder / CONTRACT
+    if not path.is_file():
+        raise ExportError(f"{folder}: no {CONTRACT} here; make an export with `pti export ... -o {folder}`")
+    try:
+        contract = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable contract ({e})") from None
+    if not isinstance(contract, dict) or contract.get("format") != CONTRACT_FORMAT:
+        raise ExportError(f"{path}: not a pti export contract")
+    if int(contract.get("version", 0)) > CONTRACT_VERSION:
+        raise ExportError(f"{path}: contract v{contract['version']} is newer than this pti; upgrade pti")
+    if kind is not None and contract.get("kind") != kind:
+        raise ExportError(f"{folder} holds a {contract.get('kind')} export, not {kind}")
+    for name in contract.get("files", {}).values():
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder}: the export is incomplete ({name} is missing)")
+    return folder, contract
+
+
+def check_base(contract: dict, base_hash: str, what: str = "this identity") -> None:
+    """Refuse weights of another base generator: the graph's other weights and shapes belong to its base."""
+    if contract["base_hash"] != base_hash:
+        raise ExportError(f"the export was made from base generator {contract['base_hash'][:16]} ({contract.get('base_hint') or '?'}); "
+                          f"{what} belongs to {base_hash[:16]}: export that base, or pass the matching --engine")
+
+
+def check_batch(contract: dict, n: int) -> None:
+    b = contract["batch"]
+    if not b["min"] <= n <= b["max"]:
+        raise ExportError(f"batch {n} is outside the export's batch profile {b['min']}-{b['max']}; "
+                          f"use --batch {b['max']} or less, or export with --max-batch {n}")
+
+
+def check_sample(contract: dict, images: torch.Tensor, where: str) -> float:
+    """Compare a run of the sample input with the recorded checksum; ExportError past the tolerance."""
+    expected = contract["sample"].get("pooled_output")
+    if expected is None:
+        return 0.0
+    diff = float((torch.tensor(checksum(images)) - torch.tensor(expected)).abs().max())
+    if diff > contract["sample"]["tolerance"]:
+        raise ExportError(f"{where} does not reproduce its sample output (difference {diff:.3g} > {contract['sample']['tolerance']}); "
+                          "it was built for another runtime or is damaged: export again")
+    return diff
+
+
+def default_export_dir(base_hash: str, kind: str, precision: str) -> Path:
+    """Where `pti render --backend KIND` keeps the base generator's export: the user cache, one per base."""
+    from pti.engine.weights import default_cache_dir
+
+    return default_cache_dir() / "exports" / f"{base_hash[:16]}-{kind}-{precision}"
