@@ -26,6 +26,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m benchmarks.bench_tune
 	$(BIN)/python -m benchmarks.bench_render
+	$(BIN)/python -m benchmarks.bench_export
 
 bench-threads: setup
 	$(BIN)/python -m benchmarks.bench_threads
