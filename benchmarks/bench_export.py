@@ -15,7 +15,6 @@ under a CUDA graph and TensorRT (fp16) when `tensorrt` imports. Writes benchmark
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_render import build
+from benchmarks.bench_render import build, render_args
 from pti.engine.checkpoint import generator_hash
 from pti.engine.device import apply_cpu_threads, resolve_device
 from pti.export import Source
@@ -92,12 +91,7 @@ def backends(G, dev, threads, batch_max, tmp: Path):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--configs", default="tiny,paper256")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+    args = render_args(__doc__)
     dev = resolve_device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []

@@ -37,13 +37,18 @@ def build(name: str) -> Generator:
     return Generator(**copy.deepcopy(PAPER256)).eval().requires_grad_(False)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def render_args(doc: str) -> argparse.Namespace:
+    """The options every render benchmark takes: --repeats, --configs, --batches, --device."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--configs", default="tiny,paper256")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = render_args(__doc__)
     dev = resolve_device(args.device)
     rows = []
     for name in args.configs.split(","):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from pti.errors import IdentityError, PTIError
+from pti.errors import PTIError
 
 ProgressFn = Callable[[str, int, int, dict], None]
 

@@ -22,9 +22,13 @@ weight stays a graph weight. Layering: above `pti.engine`, below `pti.rendering`
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import io
 import json
+import logging
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +246,46 @@ def check_sample(contract: dict, images: torch.Tensor, where: str) -> float:
         raise ExportError(f"{where} does not reproduce its sample output (difference {diff:.3g} > {contract['sample']['tolerance']}); "
                           "it was built for another runtime or is damaged: export again")
     return diff
+
+
+def torch_reference(G, ws: torch.Tensor) -> torch.Tensor:
+    """What every export is checked against: PyTorch fp32 with constant noise, on CPU as float32."""
+    with torch.no_grad():
+        return G.synthesis(ws.to(G.mapping.w_avg.device), noise_mode="const", force_fp32=True).float().cpu()
+
+
+def verify_export(contract: dict, G, runner, runtime: str, what: str) -> None:
+    """Record the sample's checksum from PyTorch, run the new export (`runner(ws) -> images`) on the sample,
+    and store the largest difference in `contract["verified"]`; ExportError (nothing is written) past the tolerance."""
+    sample = decode_array(contract["sample"]["input"])
+    reference = torch_reference(G, sample)
+    contract["sample"]["pooled_output"] = checksum(reference)
+    diff = float((runner(sample) - reference).abs().max())
+    if diff > contract["sample"]["tolerance"]:
+        raise ExportError(f"the {what} differs from PyTorch by {diff:.3g} on the sample (tolerance "
+                          f"{contract['sample']['tolerance']}); nothing was written")
+    contract["verified"] = {"runtime": runtime, "max_abs_diff_vs_torch_fp32": diff}
+
+
+@contextlib.contextmanager
+def quiet(logger: str = "torch"):
+    """Silence the exporters and compilers (progress prints, warnings, log lines): pti prints its own summary."""
+    log = logging.getLogger(logger)
+    level = log.level
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            log.setLevel(logging.ERROR)
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, for one-line errors from tools whose messages run for pages."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
 
 
 def default_export_dir(base_hash: str, kind: str, precision: str) -> Path:

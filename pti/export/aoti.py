@@ -14,9 +14,6 @@ made by another torch version or for another device is refused with one line.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import warnings
 from pathlib import Path
 
@@ -24,8 +21,8 @@ import torch
 
 from pti.errors import ExportError
 from pti.export import (
-    CONTRACT, DEFAULT_BATCH, ExportSynthesis, Source, check_base, check_batch, checksum, describe_device,
-    graph_weights, load_contract, make_contract, sample_input,
+    CONTRACT, DEFAULT_BATCH, ExportSynthesis, Source, check_base, check_batch, describe_device,
+    first_line, graph_weights, load_contract, make_contract, quiet, sample_input, verify_export,
 )
 
 MODEL = "model.pt2"
@@ -49,45 +46,22 @@ def export_aoti(src: Source, out: str | Path, *, precision: str = "fp32", batch:
         constants = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(constants, str(stage / WEIGHTS))
         contract = make_contract("aoti", precision, src, {"package": MODEL, "weights": WEIGHTS}, batch, device)
-        sample = decode_sample(contract)
-        with torch.no_grad():
-            reference = src.generator.synthesis(sample.to(next(src.generator.parameters()).device), noise_mode="const", force_fp32=True).cpu()
-        contract["sample"]["pooled_output"] = checksum(reference)
-        images = AotiBackend(stage, contract=contract, device=device).render(sample)
-        diff = float((images - reference).abs().max())
-        if diff > contract["sample"]["tolerance"]:
-            raise ExportError(f"the compiled package differs from PyTorch by {diff:.3g} on the sample (tolerance "
-                              f"{contract['sample']['tolerance']}); nothing was written")
-        contract["verified"] = {"runtime": f"AOTInductor (torch {torch.__version__}, {describe_device(device)})",
-                                "max_abs_diff_vs_torch_fp32": diff}
+        verify_export(contract, src.generator, AotiBackend(stage, contract=contract, device=device).render,
+                      f"AOTInductor (torch {torch.__version__}, {describe_device(device)})", "compiled package")
         write_json(contract, stage / CONTRACT)
     return out / CONTRACT
 
 
-def decode_sample(contract: dict) -> torch.Tensor:
-    from pti.export import decode_array
-
-    return decode_array(contract["sample"]["input"])
-
-
 def _compile(module, example, path: Path, batch) -> None:
     dim = torch.export.Dim("batch", min=1, max=max(batch[2], 2))
-    quiet = io.StringIO()
-    log = logging.getLogger("torch")
-    level = log.level
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            warnings.simplefilter("ignore")
-            log.setLevel(logging.ERROR)
+        with quiet("torch"):
             program = torch.export.export(module, (example,), dynamic_shapes={"ws": {0: dim}})
             torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIG))
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001  compiler failures (no C++ compiler, ...): one line, --debug for more
-        raise ExportError(f"AOTInductor could not compile the generator: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
-    finally:
-        log.setLevel(level)
+        raise ExportError(f"AOTInductor could not compile the generator: {first_line(e)}") from e
 
 
 _PACKAGES: dict[tuple, object] = {}   # loaded packages, one per (path, mtime, device) in this process
@@ -131,7 +105,7 @@ class AotiBackend:
                     warnings.simplefilter("ignore")
                     _PACKAGES[self.key] = torch._inductor.aoti_load_package(str(path))
             except Exception as e:  # noqa: BLE001
-                raise ExportError(f"{path}: cannot load the package ({type(e).__name__}: {str(e).strip()[:200]})") from None
+                raise ExportError(f"{path}: cannot load the package ({first_line(e, 200)})") from None
         self.model = _PACKAGES[self.key]
         need = set(self.model.get_constant_fqns())
         lacking = sorted(need - set(self.constants))

@@ -14,18 +14,14 @@ the sample input against PyTorch.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import torch
 
 from pti.errors import ExportError
 from pti.export import (
-    CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, ExportSynthesis, Source, check_base, check_batch, check_sample,
-    checksum, graph_weights, load_contract, make_contract, sample_input,
+    CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, ExportSynthesis, Source, check_base, check_batch,
+    first_line, graph_weights, load_contract, make_contract, quiet, sample_input, verify_export,
 )
 
 MODEL = "model.onnx"
@@ -59,38 +55,18 @@ def export_onnx(src: Source, out: str | Path, *, precision: str = "fp32", batch:
         _check_graph(onnx, stage / MODEL, module, opset)
         files = {"graph": MODEL, **({"external_data": MODEL + ".data"} if external else {})}
         contract = make_contract("onnx", precision, src, files, batch, opset=opset, external_data=external)
-        with torch.no_grad():
-            G = src.generator
-            reference = G.synthesis(contract_sample(contract).to(G.mapping.w_avg.device), noise_mode="const", force_fp32=True).cpu()
-        contract["sample"]["pooled_output"] = checksum(reference)
-        images = OnnxBackend(stage, contract=contract).render(contract_sample(contract))
-        diff = float((images - reference).abs().max())
-        if diff > contract["sample"]["tolerance"]:
-            raise ExportError(f"the exported graph differs from PyTorch by {diff:.3g} on the sample (tolerance "
-                              f"{contract['sample']['tolerance']}); nothing was written")
-        contract["verified"] = {"runtime": f"onnxruntime {_need('onnxruntime').__version__} CPU",
-                                "max_abs_diff_vs_torch_fp32": diff}
+        verify_export(contract, src.generator, OnnxBackend(stage, contract=contract).render,
+                      f"onnxruntime {_need('onnxruntime').__version__} CPU", "exported graph")
         from pti.fsutil import write_json
 
         write_json(contract, stage / CONTRACT)
     return out / CONTRACT
 
 
-def contract_sample(contract: dict) -> torch.Tensor:
-    from pti.export import decode_array
-
-    return decode_array(contract["sample"]["input"])
-
-
 def _torch_export(module, example, path: Path, opset: int, external: bool, batch) -> None:
     dim = torch.export.Dim("batch", min=1, max=max(batch[2], 2))
-    quiet = io.StringIO()
-    log = logging.getLogger("torch.onnx")
-    level = log.level
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            warnings.simplefilter("ignore")
-            log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." and the like
+        with quiet("torch.onnx"):  # "torchvision is not installed. Skipping ..." and the like
             torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
                               dynamic_shapes={"ws": {0: dim}}, opset_version=opset, optimize=False,
                               external_data=external, verbose=False)
@@ -99,9 +75,7 @@ def _torch_export(module, example, path: Path, opset: int, external: bool, batch
     except ImportError as e:
         raise ExportError(f"the ONNX exporter needs {e.name or 'onnxscript'}: pip install 'pti[export]'") from None
     except Exception as e:  # noqa: BLE001  the exporter's failures are many and long; one line, --debug for more
-        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
-    finally:
-        log.setLevel(level)
+        raise ExportError(f"torch.onnx.export failed: {first_line(e)}") from e
 
 
 def _make_overridable(onnx, path: Path, names: list[str]) -> None:
@@ -186,7 +160,7 @@ class OnnxBackend:
                     _MODELS[key] = path.read_bytes()
                 self.session = ort.InferenceSession(_MODELS[key], options, providers=provider_list or providers())
         except Exception as e:  # noqa: BLE001  ORT raises its own types; one line
-            raise ExportError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+            raise ExportError(f"{path}: ONNX Runtime cannot load it ({first_line(e, 200)})") from None
         self.provider = self.session.get_providers()[0]
 
     def render(self, ws: torch.Tensor) -> torch.Tensor:

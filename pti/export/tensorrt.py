@@ -24,7 +24,7 @@ import torch
 from pti.errors import ExportError
 from pti.export import (
     CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, Source, check_base, check_batch, check_sample, checksum,
-    describe_device, graph_weights, load_contract, make_contract,
+    describe_device, graph_weights, load_contract, make_contract, torch_reference,
 )
 
 ENGINE = "model.engine"
@@ -118,9 +118,8 @@ def refit(base: str | Path, src: Source, out: str | Path) -> Path:
         shutil.copyfile(folder / contract["files"]["engine"], stage / ENGINE)
         new = dict(contract, identity=src.identity_path)
         backend = TensorRTBackend(stage, src.generator, contract=new)
-        with torch.no_grad():
-            reference = src.generator.synthesis(backend.sample().to(next(src.generator.parameters()).device), noise_mode="const", force_fp32=True)
-        new["sample"] = dict(contract["sample"], input=contract["sample"]["input"], pooled_output=checksum(reference.cpu()))
+        reference = torch_reference(src.generator, backend.sample())
+        new["sample"] = dict(contract["sample"], pooled_output=checksum(reference))
         (stage / ENGINE).write_bytes(bytes(backend.engine.serialize()))
         new["verified"] = {"runtime": "TensorRT refit", "pooled_diff": check_sample(new, backend.render(backend.sample()), "the refit engine")}
         write_json(new, stage / CONTRACT)
