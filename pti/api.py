@@ -33,6 +33,9 @@ class PhotoResult:
     warnings: list[str] = field(default_factory=list)
     target: Any = field(default=None, repr=False)   # [1, 3, R, R] in [-1, 1], the aligned photo
     pivot: Any = field(default=None, repr=False)    # [1, num_ws, w_dim]
+    status: str = "done"                            # done | skipped (resumed: done before) | failed
+    error: str | None = None                        # the one-line reason, when failed
+    seconds: float = 0.0                            # wall time for this photo in this run
 
 
 def _log(progress: ProgressFn | None, phase: str, step: int, total: int, **values) -> None:
@@ -56,8 +59,16 @@ def tune(
     progress: ProgressFn | None = None,
     registry=None,                               # weights registry (default: the user's cache)
     threads: str | int | None = None,            # CPU threads: None = torch's as set, "auto" = pti's policy, N
+    workers: int = 1,                            # photos in parallel processes (single-ID runs)
+    ray: str | None = None,                      # "auto" or a Ray cluster address: one task per photo (pti[ray])
+    force: bool = False,                         # redo photos the manifest says are done; allow other settings
 ) -> list[PhotoResult]:
-    """Align, invert and tune each photo (or all jointly); write `<out>/<name>.pti` and a folder per photo."""
+    """Align, invert and tune each photo (or all jointly); write `<out>/<name>.pti` and a folder per photo.
+
+    Single-ID runs (the default) go through `pti.batch`: `<out>/manifest.jsonl` records every photo, a
+    photo that fails is recorded and the rest go on, a re-run skips what is done, and `<out>/summary.csv`
+    has one row per photo. The result has one entry per photo, failures included (`status`, `error`).
+    Joint runs tune one generator for all photos, so any bad photo stops them before tuning."""
     from pti.engine.checkpoint import generator_hash, load_generator
     from pti.engine.device import apply_cpu_threads, resolve_device
     from pti.engine.losses import load_losses
@@ -69,6 +80,10 @@ def tune(
     paths = expand_photo_paths(list(photos))
     if not paths:
         raise PTIError("no photos given")
+    if workers < 1:
+        raise PTIError(f"workers must be 1 or more, not {workers}")
+    if joint and (workers > 1 or ray):
+        raise PTIError("--joint tunes one generator for all photos in one process; it cannot use --workers or --ray")
     start = mark()
     try:
         G = load_generator(network, dev)
@@ -77,17 +92,21 @@ def tune(
         ensure_writable_dir(out)  # inputs first, then the output: a mistyped network creates no folder
         run = _Run(G, losses, out, dev, generator_hash(G), str(network) if network else "builtin:tiny",
                    invert_cfg, tune_cfg, exact, progress)
-        # Align every photo first: bad input (no face, unreadable file) fails before any long work.
+        if not joint:
+            from pti.batch import Settings, tune_many
+
+            settings = Settings(network=str(network) if network is not None else None, device=device, align=align, face=face,
+                                invert_cfg=invert_cfg, tune_cfg=tune_cfg, exact=exact, allow_fallback=allow_fallback,
+                                threads=threads)
+            return tune_many(run, paths, unique_stems(paths), settings, workers=workers, ray=ray, force=force, start=start)
+        # Joint: align every photo first: bad input (no face, unreadable file) fails before any long work.
         results = [run.align(path, name, align, face) for path, name in zip(paths, unique_stems(paths))]
-        # Single-ID: invert, tune and write each photo in turn, so finished identities are kept even
-        # if a later one is interrupted. Joint: all pivots first, then one shared tuning (the paper).
-        groups = [results] if joint else [[r] for r in results]
-        for group in groups:
-            for res in group:
-                run.invert(res)
-            tuned = tune_generator(G, [r.target for r in group], [r.pivot for r in group], losses.perceptual, tune_cfg, progress)
-            for res in group:
-                run.finish(res, tuned, [r.name for r in group if r is not res])
+        # then all pivots, then one shared tuning (the paper's multi-ID PTI).
+        for res in results:
+            run.invert(res)
+        tuned = tune_generator(G, [r.target for r in results], [r.pivot for r in results], losses.perceptual, tune_cfg, progress)
+        for res in results:
+            run.finish(res, tuned, [r.name for r in results if r is not res])
         return results
     except KeyboardInterrupt:
         raise TuneInterrupted(written_since(start)) from None
@@ -108,6 +127,16 @@ class _Run:
     tune_cfg: TuneConfig
     exact: bool
     progress: ProgressFn | None
+
+    def one(self, path: Path, name: str, align: bool, face: int | None) -> PhotoResult:
+        """One photo, start to end (single-ID): align, invert, tune, write."""
+        from pti.engine.tune import tune as tune_generator
+
+        res = self.align(path, name, align, face)
+        self.invert(res)
+        tuned = tune_generator(self.G, [res.target], [res.pivot], self.losses.perceptual, self.tune_cfg, self.progress)
+        self.finish(res, tuned, [])
+        return res
 
     def align(self, path: Path, name: str, align: bool, face: int | None) -> PhotoResult:
         res = PhotoResult(photo=path, name=name)

@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, for one-line errors from tools whose messages run for pages."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+
+
 class PTIError(Exception):
     """Base class for every error `pti` reports to the user (no traceback unless --debug)."""
 

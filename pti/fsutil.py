@@ -45,6 +45,11 @@ def written_since(position: int = 0) -> list[Path]:
     return list(seen)
 
 
+def note_written(path: str | os.PathLike) -> None:
+    """Record a file completed by other means than `atomic_path` (an appended line) in the ledger."""
+    _WRITTEN.append(Path(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     path = Path(path)
@@ -54,7 +59,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as e:
-        raise _output_error(path, e) from None
+        raise output_error(path, e) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -67,7 +72,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         except OSError as e:
             if e.errno not in _STORAGE_ERRNOS:
                 raise
-            raise _output_error(path, e) from None
+            raise output_error(path, e) from None
         _WRITTEN.append(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -85,7 +90,7 @@ def staged_folder(dest: str | os.PathLike, last: Iterable[str] = ()) -> Iterator
     try:
         stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest))
     except OSError as e:
-        raise _output_error(dest, e, folder=True) from None
+        raise output_error(dest, e, folder=True) from None
     try:
         yield stage
         names = sorted(p.name for p in stage.iterdir() if p.is_file())
@@ -100,7 +105,7 @@ def staged_folder(dest: str | os.PathLike, last: Iterable[str] = ()) -> Iterator
                 _chmod_like_open(stage / name)
                 os.replace(stage / name, target)
             except OSError as e:
-                raise _output_error(target, e) from None
+                raise output_error(target, e) from None
             _WRITTEN.append(target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -122,7 +127,7 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _output_error(path, e, folder=True) from None
+        raise output_error(path, e, folder=True) from None
     return path
 
 
@@ -133,11 +138,11 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise _output_error(path, e, folder=True) from None
+        raise output_error(path, e, folder=True) from None
     return path
 
 
-def _output_error(path: Path, e: OSError, folder: bool = False) -> OutputError:
+def output_error(path: Path, e: OSError, folder: bool = False) -> OutputError:
     """One line saying why `path` cannot be written."""
     what = "folder" if folder else "file"
     code = e.errno

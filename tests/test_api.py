@@ -55,7 +55,7 @@ def test_tune_writes_every_file_and_prints_nothing(tmp_path, photo, capsys) -> N
     for name in FILES:
         assert (out / "astronaut" / name).is_file(), name
     assert res.identity == out / "astronaut.pti" and res.identity.is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["astronaut", "astronaut.pti"]
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut", "astronaut.pti", "manifest.jsonl", "summary.csv"]
     assert _leftovers(out) == []
 
     report = json.loads((out / "astronaut" / "report.json").read_text())

@@ -57,7 +57,7 @@ def test_tune_writes_identity_report_and_renders(tuned):
     photo, out, res = tuned
     name = photo.stem
     assert "WEIGHT-FREE" in res.stdout
-    assert files_under(out) == sorted([f"{name}.pti"] + [f"{name}/{f}" for f in
+    assert files_under(out) == sorted([f"{name}.pti", "manifest.jsonl", "summary.csv"] + [f"{name}/{f}" for f in
                                        ("aligned.png", "pivot.png", "reconstruction.png", "contact.png", "report.json")])
     report = json.loads((out / name / "report.json").read_text())
     assert report["steps"] == {"invert": 4, "tune": 3}

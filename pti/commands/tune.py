@@ -12,6 +12,14 @@ from pti.commands.common import (SEED_MAX, DeviceOption, NetworkOption, PhasePro
                                  thread_setting)
 
 
+def _check_ray(value: str | None) -> str | None:
+    import re
+
+    if value is None or value == "auto" or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", value):
+        return value
+    raise typer.BadParameter(f"{value!r}: give 'auto' or a cluster address HOST:PORT (or ray://HOST:PORT)")
+
+
 class Space(str, Enum):
     w = "w"
     w_plus = "w+"
@@ -34,17 +42,28 @@ def tune(
     locality_interval: Annotated[int, typer.Option("--locality-interval", min=1, help="Regularize every N-th step.")] = 1,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for inversion noise and locality samples (same seed, same result).")] = 0,
     strict_losses: Annotated[bool, typer.Option("--strict-losses", help="Fail instead of falling back to weight-free losses when the VGG16/LPIPS weights are not cached.")] = False,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1, max=256, help="Photos tuned in parallel processes (the CPU's cores are split between them).")] = 1,
+    ray: Annotated[Optional[str], typer.Option("--ray", callback=_check_ray, help="Tune on a Ray cluster, one task per photo: 'auto' (the running one, else a local one) or its address. Needs pip install 'pti[ray]'.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo photos that out/manifest.jsonl says are done, even with other settings.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
-    """Tune a generator to each photo (PTI) and write its identity file, renders and report."""
+    """Tune a generator to each photo (PTI) and write its identity file, renders and report.
+
+    Folders of photos work too: out/manifest.jsonl records each photo, a photo that fails is recorded and
+    the rest go on, re-running the same command skips what is done, and out/summary.csv has a row per photo."""
     from pti.engine.invert import InvertConfig
     from pti.engine.tune import TuneConfig
 
     invert_cfg = InvertConfig(steps=invert_steps, space=space.value, seed=seed)
     tune_cfg = TuneConfig(max_steps=tune_steps, lpips_threshold=lpips_threshold, locality=not no_locality,
                           locality_samples=locality_samples, locality_interval=locality_interval, seed=seed)
+    if joint and (workers > 1 or ray):
+        raise typer.BadParameter("--joint tunes one generator for all photos in one process", param_hint="--workers/--ray")
+    if ray is not None and workers > 1:
+        raise typer.BadParameter("choose --workers or --ray, not both", param_hint="--workers")
+    extra = {} if joint else dict(workers=workers, ray=ray, force=force)
     run_tune(photos, network=network, out=out, device=device, align=not no_align, face=face, joint=joint,
-             invert_cfg=invert_cfg, tune_cfg=tune_cfg, exact=exact, allow_fallback=not strict_losses)
+             invert_cfg=invert_cfg, tune_cfg=tune_cfg, exact=exact, allow_fallback=not strict_losses, **extra)
 
 
 def run_tune(photos, **kwargs):
@@ -62,13 +81,23 @@ def run_tune(photos, **kwargs):
             bar.update(phase, step, total, values)
 
         results = pti.api.tune(photos, progress=progress, **kwargs)
-    _summary(results)
+    _summary(results, kwargs.get("out"))
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        from pti.errors import PTIError
+
+        if len(results) == 1:
+            raise PTIError(failed[0].error)
+        raise PTIError(f"{len(failed)} of {len(results)} photos failed (the others are written; rerun the same command "
+                       f"to retry only these): {failed[0].photo}: {failed[0].error}" + (" ..." if len(failed) > 1 else ""))
 
 
 def _rows(results) -> list[dict[str, str]]:
     """Every value of the summary, as text, one dict per photo."""
     rows = []
     for r in results:
+        if r.status != "done":
+            continue
         rep = r.report
         b, a = rep["before_tuning"], rep["after_tuning"]
         pkey = "lpips_alex" if "lpips_alex" in a else "perceptual_weight_free"
@@ -85,29 +114,44 @@ def _rows(results) -> list[dict[str, str]]:
     return rows
 
 
-def _summary(results) -> None:
-    """A table in a terminal; in a log, one line per photo with every value whole."""
-    first = results[0].report
-    if first.get("notice"):
-        console.print(f"[yellow]note:[/] {first['notice']}")
+def _summary(results, out=None) -> None:
+    """A table in a terminal; in a log, one line per photo with every value whole; then skips and failures."""
+    done = [r for r in results if r.status == "done"]
+    if done and done[0].report.get("notice"):
+        console.print(f"[yellow]note:[/] {done[0].report['notice']}")
     rows = _rows(results)
-    if console.is_terminal:
+    if not rows:
+        pass
+    elif console.is_terminal:
         from rich.table import Table
 
         table = Table(title="pti tune", show_lines=False)
         for col in rows[0]:
             table.add_column(col, overflow="fold")
-        for r, row in zip(results, rows):
+        for r, row in zip(done, rows):
             table.add_row(r.photo.name, r.identity.name, *list(row.values())[2:])
         console.print(table)
     else:
         for row in rows:
             console.print("  ".join(f"{k}: {v}" for k, v in row.items()), markup=False)
-    for r in results:
+    for r in done:
         for w in r.warnings:
             console.print(f"[yellow]warning:[/] {w}")
         files = ", ".join(p.name for p in r.files.values())
-        console.print(f"{r.name}: wrote {r.identity} and {r.files['report'].parent}/ ({files})")
+        console.print(f"{r.name}: wrote {r.identity} and {r.files['report'].parent}/ ({files})", markup=False)
+    for r in results:
+        if r.status == "skipped":
+            console.print(f"{r.name}: done before, skipped ({r.identity}; --force redoes it)", markup=False)
+        elif r.status == "failed":
+            console.print(f"[red]failed:[/] {r.photo}: {r.error}")
+    if len(results) > 1 or any(r.status != "done" for r in results):
+        counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
+        where = f"; {Path(out) / 'manifest.jsonl'} and {Path(out) / 'summary.csv'}" if out is not None and not _joint(results) else ""
+        console.print(f"{len(results)} photos: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{where}", markup=False)
+
+
+def _joint(results) -> bool:
+    return any(r.report.get("joint_with") for r in results if r.status == "done")
 
 
 def register(app: typer.Typer) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pti.errors import ExportError
+from pti.errors import ExportError, first_line  # noqa: F401  (first_line: re-exported for the backends)
 
 FORMATS = ("onnx", "aoti", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
@@ -280,12 +280,6 @@ def quiet(logger: str = "torch"):
             yield
     finally:
         log.setLevel(level)
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, for one-line errors from tools whose messages run for pages."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
 
 
 def default_export_dir(base_hash: str, kind: str, precision: str) -> Path:

@@ -1,0 +1,232 @@
+"""Many photos (`pti.batch`): the manifest, resume, failures that do not stop the run, summary.csv,
+local worker processes and Ray, all against the plain sequential run.
+
+The built-in tiny generator with an empty weights cache (weight-free losses) and a few steps per phase
+keep a photo to a second or two. Equality with the sequential run is bit for bit: each photo's result
+depends only on the photo, the generator, the settings and the seed, and every run here uses one thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pti
+import pti.api
+from clirun import env_with, error_lines, files_under, no_traceback, run_pti, start_pti
+from pti.engine.identity import Identity
+from pti.engine.invert import InvertConfig
+from pti.engine.tune import TuneConfig
+
+skimage_data = pytest.importorskip("skimage.data")
+
+SMALL = dict(invert_cfg=InvertConfig(steps=4), tune_cfg=TuneConfig(max_steps=3, lpips_threshold=0.0), device="cpu")
+CLI_SMALL = ["--invert-steps", "4", "--tune-steps", "3", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTI_HOME", str(tmp_path / "pti-home"))  # never read the user's cache
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Two faces (the astronaut and her mirror image), a photo with no face and a file that is no image."""
+    folder = tmp_path_factory.mktemp("photos")
+    face = skimage_data.astronaut()
+    Image.fromarray(face).save(folder / "a.png")
+    Image.fromarray(np.ascontiguousarray(face[:, ::-1])).save(folder / "b.png")
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(folder / "c_noface.png")
+    (folder / "d_broken.jpg").write_bytes(b"not a jpeg at all")
+    return folder
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def _same_identity(p: Path, q: Path) -> bool:
+    a, b = Identity.load(p), Identity.load(q)
+    return torch.equal(a.pivot, b.pivot) and a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def _temporaries(out: Path) -> list[str]:
+    return [f for f in files_under(out) if Path(f).name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def sequential(photos, tmp_path_factory):
+    """The reference: the plain sequential run (one process, one thread) over the folder."""
+    out = tmp_path_factory.mktemp("seq") / "out"
+    os.environ["PTI_HOME"] = str(out.parent / "home")
+    try:
+        results = pti.tune([photos], out=out, **SMALL)
+    finally:
+        del os.environ["PTI_HOME"]
+    return out, results
+
+
+def test_failures_are_recorded_and_the_rest_go_on(sequential):
+    out, results = sequential
+    assert [(r.name, r.status) for r in results] == [("a", "done"), ("b", "done"), ("c_noface", "failed"), ("d_broken", "failed")]
+    assert "no face found" in results[2].error and "not an image" in results[3].error
+    assert (out / "a.pti").is_file() and (out / "b.pti").is_file()
+    lines = _manifest(out)
+    assert [(Path(r["photo"]).name, r["status"]) for r in lines] == [("a.png", "done"), ("b.png", "done"),
+                                                                     ("c_noface.png", "failed"), ("d_broken.jpg", "failed")]
+    done = lines[0]
+    from pti.engine.weights import sha256_file
+
+    assert done["identity_sha256"] == sha256_file(out / "a.pti") and done["photo_sha256"] == sha256_file(Path(done["photo"]))
+    assert done["metrics"]["after_tuning"]["mse"] < done["metrics"]["before_tuning"]["mse"]
+    assert done["settings"]["invert"]["steps"] == 4 and lines[2]["error"].startswith("no face found")
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["name"], r["status"]) for r in rows] == [("a", "done"), ("b", "done"), ("c_noface", "failed"), ("d_broken", "failed")]
+    assert float(rows[0]["mse_after"]) == pytest.approx(done["metrics"]["after_tuning"]["mse"])
+    assert _temporaries(out) == []
+
+
+def test_cli_exit_code_summary_and_resume(photos, sequential, tmp_path):
+    out = tmp_path / "out"
+    env = env_with(PTI_HOME=str(tmp_path / "home"))
+    first = run_pti("tune", photos, "-o", out, *CLI_SMALL, env=env)
+    assert first.returncode == 1 and no_traceback(first)
+    (line,) = error_lines(first.stderr)
+    assert line.startswith("error: 2 of 4 photos failed") and "d_broken" in first.stdout
+    assert "4 photos: 2 done, 0 skipped, 2 failed" in first.stdout
+    for name in ("a", "b"):  # the CLI's run equals the library's sequential run
+        assert _same_identity(out / f"{name}.pti", sequential[0] / f"{name}.pti")
+    stamp = (out / "a.pti").stat().st_mtime_ns
+    again = run_pti("tune", photos, "-o", out, *CLI_SMALL, env=env)
+    assert again.returncode == 1 and "4 photos: 0 done, 2 skipped, 2 failed" in again.stdout
+    assert (out / "a.pti").stat().st_mtime_ns == stamp  # skipped, not redone
+    assert [r["status"] for r in _manifest(out)[4:]] == ["skipped", "skipped", "failed", "failed"]
+    # an identity file that was altered is redone; the others stay skipped
+    (out / "b.pti").write_bytes((out / "b.pti").read_bytes()[:-10])
+    third = run_pti("tune", photos / "a.png", photos / "b.png", "-o", out, *CLI_SMALL, env=env)
+    assert third.returncode == 0 and "2 photos: 1 done, 1 skipped, 0 failed" in third.stdout
+    assert _same_identity(out / "b.pti", sequential[0] / "b.pti")
+
+
+def test_other_settings_are_refused_unless_forced(photos, tmp_path):
+    out = tmp_path / "out"
+    env = env_with(PTI_HOME=str(tmp_path / "home"))
+    assert run_pti("tune", photos / "a.png", "-o", out, *CLI_SMALL, env=env).returncode == 0
+    stamp = (out / "a.pti").stat().st_mtime_ns
+    other = run_pti("tune", photos / "a.png", "-o", out, "--invert-steps", "5", "--tune-steps", "3", "--device", "cpu", env=env)
+    assert other.returncode == 1 and no_traceback(other)
+    (line,) = error_lines(other.stderr)
+    assert "other settings (invert.steps was 4, now 5)" in line and "--force" in line
+    assert (out / "a.pti").stat().st_mtime_ns == stamp
+    forced = run_pti("tune", photos / "a.png", "-o", out, "--invert-steps", "5", "--tune-steps", "3", "--device", "cpu", "--force", env=env)
+    assert forced.returncode == 0 and (out / "a.pti").stat().st_mtime_ns != stamp
+    assert Identity.load(out / "a.pti").meta["steps"]["invert"] == 5
+
+
+class _StopAtSecondPhoto:
+    def __init__(self):
+        self.inverts = 0
+
+    def __call__(self, phase, step, total, values):
+        if phase == "invert" and step == 1:
+            self.inverts += 1
+            if self.inverts == 2:
+                raise KeyboardInterrupt
+
+
+def test_ctrl_c_keeps_finished_photos_and_the_next_run_resumes(photos, sequential, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(pti.api.TuneInterrupted) as info:
+        pti.tune([photos / "a.png", photos / "b.png"], out=out, progress=_StopAtSecondPhoto(), **SMALL)
+    kept = {p.relative_to(out).as_posix() for p in info.value.kept}
+    assert {"a.pti", "manifest.jsonl", "a/report.json", "b/aligned.png"} <= kept and "b.pti" not in kept
+    assert [r["status"] for r in _manifest(out)] == ["done"]
+    assert _temporaries(out) == []
+    results = pti.tune([photos / "a.png", photos / "b.png"], out=out, **SMALL)
+    assert [r.status for r in results] == ["skipped", "done"]
+    assert _same_identity(out / "b.pti", sequential[0] / "b.pti")
+
+
+def test_two_workers_equal_the_sequential_run(photos, sequential, tmp_path):
+    out = tmp_path / "out"
+    results = pti.tune([photos], out=out, workers=2, **SMALL)
+    assert [(r.name, r.status) for r in results] == [(r.name, r.status) for r in sequential[1]]
+    for name in ("a", "b"):
+        assert _same_identity(out / f"{name}.pti", sequential[0] / f"{name}.pti")
+    assert sorted(Path(r["photo"]).name for r in _manifest(out)) == ["a.png", "b.png", "c_noface.png", "d_broken.jpg"]
+    assert _temporaries(out) == []
+
+
+def test_joint_cannot_use_workers(photos, tmp_path):
+    p = run_pti("tune", photos / "a.png", photos / "b.png", "--joint", "--workers", "2", "-o", tmp_path / "o")
+    assert p.returncode == 2 and "--joint" in p.stderr and no_traceback(p)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+try:
+    import ray  # noqa: F401
+    HAVE_RAY = True
+except ImportError:
+    HAVE_RAY = False
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install 'pti[ray]')")
+
+
+def _ray_workers_running_a_photo() -> list[int]:
+    """PIDs of Ray workers executing a photo task (Ray titles them `ray::_ray_task` while they run it)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"ray::_ray_task" in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_equals_the_sequential_run_and_records_failures(photos, sequential, tmp_path):
+    out = tmp_path / "out"
+    p = run_pti("tune", photos, "-o", out, *CLI_SMALL, "--ray", "auto", env=env_with(PTI_HOME=str(tmp_path / "home")),
+                timeout=600)
+    assert p.returncode == 1 and "4 photos: 2 done, 0 skipped, 2 failed" in p.stdout, p.stderr
+    assert len(error_lines(p.stderr)) == 1 and no_traceback(p)
+    for name in ("a", "b"):
+        assert _same_identity(out / f"{name}.pti", sequential[0] / f"{name}.pti")
+    assert {r["worker"] for r in _manifest(out)} == {"ray"}
+    assert _temporaries(out) == []
+
+
+@pytest.mark.slow
+@needs_ray
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds Ray's workers through /proc (Linux)")
+def test_ray_retries_a_photo_whose_worker_is_killed(photos, sequential, tmp_path):
+    out = tmp_path / "out"
+    proc = start_pti("tune", photos / "a.png", photos / "b.png", "-o", out, "--invert-steps", "300", "--tune-steps", "3",
+                     "--device", "cpu", "--ray", "auto", env=env_with(PTI_HOME=str(tmp_path / "home")))
+    deadline = time.monotonic() + 240
+    while not _ray_workers_running_a_photo():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no Ray worker started a photo"
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the photo's work
+    victim = _ray_workers_running_a_photo()[0]
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert "2 photos: 2 done, 0 skipped, 0 failed" in stdout
+    assert [r["status"] for r in _manifest(out)] == ["done", "done"]
+    assert _temporaries(out) == []  # the killed worker's temporary files were swept by the driver
+    ident = Identity.load(out / "a.pti")
+    assert ident.meta["steps"] == {"invert": 300, "tune": 3}
