@@ -245,6 +245,7 @@ def tune_many(run, paths: list[Path], names: list[str], settings: Settings, *, w
         if run.progress is not None and (workers > 1 or ray):
             run.progress("photos", finished[0], total, {"failed": sum(1 for j in todo if j.result is not None and j.result.status == "failed")})
 
+    began = time.time()
     try:
         if ray:
             _run_ray(todo, settings, run, ray, on_result)
@@ -255,6 +256,8 @@ def tune_many(run, paths: list[Path], names: list[str], settings: Settings, *, w
                 on_result(job, tune_one(run, job), "main")
     finally:
         _sweep_temporaries(run.out, [j.name for j in todo])
+        if ray or workers > 1:  # other processes wrote these: put them in this process's ledger of kept files
+            _note_files(run.out, [j.name for j in todo], began)
     results = []
     for job in jobs:
         if job.result is not None:
@@ -265,6 +268,15 @@ def tune_many(run, paths: list[Path], names: list[str], settings: Settings, *, w
                                        report={"manifest": rec}))
     write_summary(run.out / SUMMARY, [manifest.latest[_key(j.photo)] for j in jobs])
     return results
+
+
+def _note_files(out: Path, names: list[str], since: float) -> None:
+    from pti.fsutil import note_written
+
+    for name in names:
+        for p in [out / f"{name}.pti", *sorted((out / name).glob("*"))]:
+            if p.is_file() and not p.name.startswith(".") and p.stat().st_mtime >= since - 1:
+                note_written(p)
 
 
 def _sweep_temporaries(out: Path, names: list[str]) -> None:

@@ -230,3 +230,20 @@ def test_ray_retries_a_photo_whose_worker_is_killed(photos, sequential, tmp_path
     assert _temporaries(out) == []  # the killed worker's temporary files were swept by the driver
     ident = Identity.load(out / "a.pti")
     assert ident.meta["steps"] == {"invert": 300, "tune": 3}
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupting_worker_processes_keeps_what_they_finished(photos, tmp_path, signame):
+    from clirun import handlers_installed, wait_until
+
+    out = tmp_path / "out"
+    proc = start_pti("tune", photos / "a.png", photos / "b.png", "-o", out, "--invert-steps", "3000", "--tune-steps", "3",
+                     "--device", "cpu", "--workers", "2", env=env_with(PTI_HOME=str(tmp_path / "home")))
+    wait_until(lambda: handlers_installed(proc.pid) and (out / "a" / "aligned.png").exists() and (out / "b" / "aligned.png").exists(),
+               proc, what="both workers to align their photo")
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (line,) = error_lines(err)
+    assert line.startswith("interrupted") and "a/aligned.png" in line and "b/aligned.png" in line
+    assert _temporaries(out) == [] and not (out / "a.pti").exists()
