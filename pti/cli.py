@@ -39,6 +39,7 @@ COMMAND_MODULES = [
     "pti.commands.tune",
     "pti.commands.render",
     "pti.commands.export",
+    "pti.commands.studio",
     "pti.commands.directions",
     "pti.commands.align",
     "pti.commands.generate",

@@ -118,6 +118,19 @@ def base_generator(ident, network=None, device="cpu"):
     return load_base(ident, network, device)
 
 
+def edit_batch(ident, specs, registry=None):
+    """(frames, ws): the edited frames of `ident` and the batch that renders them, the reconstruction first
+    when there are edits (for the identity similarity). Everything that renders edits uses this batch, so
+    the same edits give the same pixels (float results depend on the batch in the last bits)."""
+    from pti.engine import edits as E
+
+    num_ws, w_dim = ident.pivot.shape
+    directions = [E.resolve(s, num_ws, w_dim, registry) for s in specs]
+    frames = E.frames(ident.pivot, specs, directions)
+    ws = torch.stack(([ident.pivot] if specs else []) + [f.ws for f in frames])
+    return frames, ws
+
+
 def render(
     identity: str | Path,
     edits: Sequence[str] = (),                  # the --edit grammar (pti.engine.edits)
@@ -154,16 +167,13 @@ def render(
     base_hash = generator_hash(base)
     G = ident.apply(base, base_hash)
     apply_cpu_threads(G, dev, threads)
-    num_ws, w_dim = ident.pivot.shape
-    directions = [E.resolve(s, num_ws, w_dim, registry) for s in specs]
-    frames = E.frames(ident.pivot, specs, directions)
+    frames, ws = edit_batch(ident, specs, registry)
     out = Path(out) if out is not None else path.parent / path.stem / "edits"
     ensure_writable_dir(out)
 
     runner = make_backend(backend, G, base, base_hash, dev, batch, engine=engine, base_hint=str(network or ident.base_hint),
                           precision=precision, progress=progress)
     recon_needed = bool(specs)
-    ws = torch.stack(([ident.pivot] if recon_needed else []) + [f.ws for f in frames])
     t0 = time.perf_counter()
     images = []
     for i in range(0, ws.shape[0], batch):
