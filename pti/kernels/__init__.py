@@ -25,6 +25,7 @@ class Impl:
     name: str
     fn: Callable
     supports: Callable[..., bool]
+    auto: bool = True            # False: only when asked for by name (not yet measured faster)
 
 
 OPS = ("bias_act", "upfirdn2d", "conv2d_resample", "modulated_conv2d")
@@ -32,14 +33,16 @@ _REGISTRY: dict[str, list[Impl]] = {op: [] for op in OPS}
 _LAST: dict[str, str] = {}
 
 
-def register(op: str, name: str, fn: Callable, supports: Callable[..., bool] = lambda *a, **k: True) -> None:
-    """Add a fast implementation of `op`. Later registrations take precedence under "auto"."""
+def register(op: str, name: str, fn: Callable, supports: Callable[..., bool] = lambda *a, **k: True,
+             auto: bool = True) -> None:
+    """Add a fast implementation of `op`. Later registrations take precedence under "auto"; `auto=False`
+    keeps it out of "auto" (it runs only when asked for by name) until it has been measured faster."""
     if op not in _REGISTRY:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if name == "ref" or name == "auto":
         raise ValueError(f"{name!r} is reserved")
     _REGISTRY[op] = [i for i in _REGISTRY[op] if i.name != name]
-    _REGISTRY[op].insert(0, Impl(name, fn, supports))
+    _REGISTRY[op].insert(0, Impl(name, fn, supports, auto))
 
 
 def available(op: str) -> list[str]:
@@ -58,7 +61,7 @@ def _dispatch(op: str, impl: str, args, kwargs):
     elif impl == "auto":
         fn, name = getattr(ref, op), "ref"
         for cand in _REGISTRY[op]:
-            if cand.supports(*args, **kwargs):
+            if cand.auto and cand.supports(*args, **kwargs):
                 fn, name = cand.fn, cand.name
                 break
     else:
@@ -122,3 +125,34 @@ def upsample2d(x, f, up=2, impl="auto"):
 
 setup_filter = ref.setup_filter
 activation_gain = ref.activation_gain
+
+
+# ----------------------------------------------------------------------------- Triton kernels (pti.kernels.triton_*)
+# Imported on first use, so that importing the generator never imports Triton. They run on CUDA tensors, and on
+# CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 before the kernel module is imported: how CI tests
+# them). Not in "auto" until measured faster on a GPU: ask for them with impl="triton".
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_modconv_supports(x, *args, **kwargs) -> bool:
+    import os
+
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or not _triton_available():
+        return False
+    from pti.kernels import triton_modconv
+
+    return triton_modconv.supports(x, *args, **kwargs)
+
+
+def _triton_modconv(*args, **kwargs):
+    from pti.kernels import triton_modconv
+
+    return triton_modconv.modulated_conv2d(*args, **kwargs)
+
+
+register("modulated_conv2d", "triton", _triton_modconv, _triton_modconv_supports, auto=False)
