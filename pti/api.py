@@ -182,7 +182,7 @@ class _Run:
         rep["joint_with"] = joint_with
         rep["curves"].update({f"tune_{k}": v for k, v in tuned.curves.items()})
         rep.update(
-            network=self.base_hint, base_hash=self.base_hash, device=str(self.device), precision="fp32",
+            network=self.base_hint, base_hash=self.base_hash, device=str(self.device), precision=self.tune_cfg.precision,
             threads=torch.get_num_threads() if self.device.type == "cpu" else None,
             losses=self.losses.names, official_losses=self.losses.official, notice=self.losses.notice,
             invert_config=asdict(self.invert_cfg), tune_config=asdict(self.tune_cfg), versions=versions(),

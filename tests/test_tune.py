@@ -215,6 +215,7 @@ def test_one_pivot_per_target() -> None:
 NAN, INF = float("nan"), float("inf")
 # Every field, with values it must refuse: out of range, not finite, or of the wrong kind.
 TUNE_REFUSED = {
+    "precision": ["fp16", "BF16", None, 32],
     "lr": [0.0, -3e-4, NAN, INF, "3e-4"],
     "max_steps": [0, -1, 2.5, True],
     "lpips_threshold": [-0.01, NAN, INF],
@@ -250,3 +251,26 @@ def test_a_bad_tune_config_is_refused_naming_the_field(name, value) -> None:
 @pytest.mark.parametrize("edges", TUNE_EDGES)
 def test_the_edges_of_each_range_are_accepted(edges) -> None:
     assert_accepted(TuneConfig, edges)
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights() -> None:
+    """--precision bf16: the same loop with bfloat16 forward passes; the weights stay float32 and move
+    differently from fp32's (it really ran in bf16), the losses still fall. fp32 stays the default."""
+    from pti.engine.generator import tiny_generator
+    from pti.engine.losses import WeightFreePerceptual
+    from pti.engine.tune import TuneConfig, tune
+
+    G = tiny_generator()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        pivot = G.mapping(torch.randn(1, G.z_dim, generator=g), truncation_psi=0.7)
+        target = G.synthesis(G.mapping(torch.randn(1, G.z_dim, generator=g), truncation_psi=0.7), noise_mode="const")
+    runs = {p: tune(G, target, pivot, WeightFreePerceptual(), TuneConfig(max_steps=6, lr=3e-3, lpips_threshold=0.0, precision=p))
+            for p in ("fp32", "bf16")}
+    assert TuneConfig().precision == "fp32"
+    a, b = (dict(runs[p].G.synthesis.named_parameters()) for p in ("fp32", "bf16"))
+    assert all(t.dtype == torch.float32 for t in b.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert runs["bf16"].curves["loss"][-1] < runs["bf16"].curves["loss"][0]
+    with pytest.raises(ValueError, match="precision"):
+        TuneConfig(precision="fp16")

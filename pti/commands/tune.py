@@ -20,6 +20,11 @@ def _check_ray(value: str | None) -> str | None:
     raise typer.BadParameter(f"{value!r}: give 'auto' or a cluster address HOST:PORT (or ray://HOST:PORT)")
 
 
+class Precision(str, Enum):  # pti.engine.config.PRECISIONS
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class Space(str, Enum):
     w = "w"
     w_plus = "w+"
@@ -42,6 +47,7 @@ def tune(
     locality_interval: Annotated[int, typer.Option("--locality-interval", min=1, help="Regularize every N-th step.")] = 1,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for inversion noise and locality samples (same seed, same result).")] = 0,
     strict_losses: Annotated[bool, typer.Option("--strict-losses", help="Fail instead of falling back to weight-free losses when the VGG16/LPIPS weights are not cached.")] = False,
+    precision: Annotated[Precision, typer.Option("--precision", help="Forward passes in fp32 (the paper) or bf16 autocast (fp32 master weights; faster on GPUs with bf16 units).")] = Precision.fp32,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, max=256, help="Photos tuned in parallel processes (the CPU's cores are split between them).")] = 1,
     ray: Annotated[Optional[str], typer.Option("--ray", callback=_check_ray, help="Tune on a Ray cluster, one task per photo: 'auto' (the running one, else a local one) or its address. Needs pip install 'pti[ray]'.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo photos that out/manifest.jsonl says are done, even with other settings.")] = False,
@@ -54,9 +60,10 @@ def tune(
     from pti.engine.invert import InvertConfig
     from pti.engine.tune import TuneConfig
 
-    invert_cfg = InvertConfig(steps=invert_steps, space=space.value, seed=seed)
+    invert_cfg = InvertConfig(steps=invert_steps, space=space.value, seed=seed, precision=precision.value)
     tune_cfg = TuneConfig(max_steps=tune_steps, lpips_threshold=lpips_threshold, locality=not no_locality,
-                          locality_samples=locality_samples, locality_interval=locality_interval, seed=seed)
+                          locality_samples=locality_samples, locality_interval=locality_interval, seed=seed,
+                          precision=precision.value)
     if joint and (workers > 1 or ray):
         raise typer.BadParameter("--joint tunes one generator for all photos in one process", param_hint="--workers/--ray")
     if ray is not None and workers > 1:

@@ -65,3 +65,16 @@ def seeded_generator(seed: int | None, device) -> torch.Generator:
     else:
         gen.manual_seed(seed)
     return gen
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward passes' precision: "fp32" as is; "bf16" under autocast (bfloat16 matmuls and convolutions,
+    float32 master weights, optimizer state and reductions; bfloat16 keeps float32's range, so no loss scaling)."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

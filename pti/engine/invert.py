@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pti.engine.config import check_fields, one_of, real, seeded_generator, whole
+from pti.engine.config import PRECISIONS, autocast, check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import ProjectorMetric, to_0_255
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, {"loss": ...})
@@ -44,9 +44,11 @@ class InvertConfig:
     noise_ramp: float = 0.75            # exploration noise decays to zero by this fraction of steps
     noise_reg_weight: float = 1e5       # weight of the noise-map autocorrelation penalty
     seed: int | None = 0                # seeds noise init and exploration; None = nondeterministic
+    precision: str = "fp32"             # forward passes: fp32 (the paper) or bf16 autocast
 
     def __post_init__(self):
         check_fields(self, {
+            "precision": one_of(*PRECISIONS),
             "steps": whole(1),
             "space": one_of("w", "w+"),
             "w_avg_samples": whole(1),
@@ -142,8 +144,9 @@ def invert(
             group["lr"] = learning_rate(step, cfg)
         w_noise = torch.randn(w_opt.shape, generator=gen, device=device) * w_noise_scale(step, w_std, cfg)
         ws = (w_opt + w_noise).repeat([1, G.num_ws // w_opt.shape[1], 1])
-        synth = synthesis(ws, noise_mode="const", force_fp32=True)
-        dist = metric.distance(to_0_255(synth), prepared)
+        with autocast(device, cfg.precision):
+            synth = synthesis(ws, noise_mode="const", force_fp32=True)
+        dist = metric.distance(to_0_255(synth.float()), prepared)  # the metric in float32
         loss = dist + noise_regularization(noise_bufs) * cfg.noise_reg_weight
 
         optimizer.zero_grad(set_to_none=True)

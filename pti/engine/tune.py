@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from pti.engine.config import check_fields, one_of, real, seeded_generator, whole
+from pti.engine.config import PRECISIONS, autocast, check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import Perceptual
 from pti.engine.ssim import ms_ssim
 
@@ -45,9 +45,11 @@ class TuneConfig:
     locality_samples: int = 1           # sampled w's per regularized step
     locality_interval: int = 1          # regularize every N-th step
     seed: int | None = 0                # seeds the locality samples; None = nondeterministic
+    precision: str = "fp32"             # forward passes: fp32 (the paper) or bf16 autocast
 
     def __post_init__(self):
         check_fields(self, {
+            "precision": one_of(*PRECISIONS),
             "lr": real(0, above=True),
             "max_steps": whole(1),
             "lpips_threshold": real(0),                    # 0: never stop early
@@ -91,10 +93,13 @@ def locality_loss(G, G_orig, pivot, perceptual: Perceptual, cfg: TuneConfig, gen
     """Mean over samples of 0.1 MSE + 0.1 LPIPS between tuned and original renders near the pivot."""
     total, l2_sum, lp_sum = 0.0, 0.0, 0.0
     ws_list = locality_ws(G_orig, pivot, cfg, gen)
+    device = pivot.device
     for w_r in ws_list:
-        new = G.synthesis(w_r, noise_mode="none", force_fp32=True)
-        with torch.no_grad():
-            old = G_orig.synthesis(w_r, noise_mode="none", force_fp32=True)
+        with autocast(device, cfg.precision):
+            new = G.synthesis(w_r, noise_mode="none", force_fp32=True)
+            with torch.no_grad():
+                old = G_orig.synthesis(w_r, noise_mode="none", force_fp32=True)
+        new, old = new.float(), old.float()
         l2 = F.mse_loss(old, new)
         lp = perceptual(old, new).mean()
         total = total + cfg.locality_l2_lambda * l2 + cfg.locality_lpips_lambda * lp
@@ -142,7 +147,9 @@ def tune(
         for target, pivot in zip(targets, pivots):
             target = target.to(device)
             pivot = pivot.to(device)
-            synth = G_tuned.synthesis(pivot, noise_mode="const", force_fp32=True)
+            with autocast(device, cfg.precision):
+                synth = G_tuned.synthesis(pivot, noise_mode="const", force_fp32=True)
+            synth = synth.float()  # the losses in float32 (SSIM's variances cancel badly in bfloat16)
             l2 = F.mse_loss(synth, target)
             lp = perceptual(synth, target).mean()
             loss = cfg.l2_lambda * l2 + cfg.lpips_lambda * lp
