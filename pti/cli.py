@@ -46,6 +46,7 @@ COMMAND_MODULES = [
     "pti.commands.info",
     "pti.commands.convert",
     "pti.commands.weights",
+    "pti.commands.bench",
 ]
 
 

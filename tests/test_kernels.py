@@ -110,3 +110,18 @@ def test_not_in_auto_until_measured_and_unsupported_inputs_refused():
     with pytest.raises(ValueError, match="cannot run these inputs"):  # the up-sampling layers stay on the reference
         kernels.modulated_conv2d(x, w, s, up=2, padding=1, resample_filter=kernels.setup_filter([1, 3, 3, 1]),
                                  flip_weight=False, impl="triton")
+
+
+@pytest.mark.slow
+def test_a_whole_generator_prefers_the_kernel_where_it_applies():
+    """G.impl = "prefer:triton": the stride-1 layers on the kernel, the up-sampling ones on the reference;
+    the image within the float32 bound's order of magnitude of the reference's (20 layers of ~1e-6)."""
+    from pti.engine.generator import tiny_generator
+
+    G = tiny_generator()
+    ws = G.mapping(torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(0)), truncation_psi=0.7)
+    with torch.no_grad():
+        want = G.synthesis(ws, noise_mode="const", force_fp32=True, impl="ref")
+        got = G.synthesis(ws, noise_mode="const", force_fp32=True, impl="prefer:triton")
+    assert kernels.chosen()["modulated_conv2d"] in ("triton", "ref")
+    assert 0 < (got - want).abs().max() <= 1e-4

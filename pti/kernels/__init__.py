@@ -4,7 +4,9 @@ Every op here takes `impl="auto" | "ref" | <registered name>`:
 - "ref" always runs the pure-PyTorch reference;
 - "auto" runs the first registered fast implementation that accepts the inputs (for example a
   Triton kernel on CUDA tensors) and otherwise the reference;
-- a registered name runs that implementation, and fails loudly if it cannot take the inputs.
+- a registered name runs that implementation, and fails loudly if it cannot take the inputs;
+- "prefer:NAME" runs NAME where it exists and takes the inputs, else the reference: how a whole network
+  (`G.impl = "prefer:triton"`) uses a kernel that covers only some of its layers.
 
 A fast implementation registers itself with `register(op, name, fn, supports)` where
 `supports(*args, **kwargs) -> bool` says whether it can run these inputs. The generator never
@@ -62,6 +64,12 @@ def _dispatch(op: str, impl: str, args, kwargs):
         fn, name = getattr(ref, op), "ref"
         for cand in _REGISTRY[op]:
             if cand.auto and cand.supports(*args, **kwargs):
+                fn, name = cand.fn, cand.name
+                break
+    elif impl.startswith("prefer:"):  # a whole network: NAME wherever it exists and takes the inputs, else the reference
+        fn, name = getattr(ref, op), "ref"
+        for cand in _REGISTRY[op]:
+            if cand.name == impl.removeprefix("prefer:") and cand.supports(*args, **kwargs):
                 fn, name = cand.fn, cand.name
                 break
     else:

@@ -1,0 +1,245 @@
+"""`pti bench`: render throughput and tuning time per implementation and precision, against the hardware.
+
+Render: images per second at each batch for one generator config, per implementation:
+- `reference`: the PyTorch reference ops (what `pti render --backend torch` runs);
+- `triton`: the same network with `impl="prefer:triton"` (the Triton modulated convolution where it
+  applies; CUDA only);
+- `compiled`: `torch.compile` of the synthesis network (with `--compile`; the compile time is reported);
+- `onnx`, `aoti`: the export backends (`pti export`), the base generator exported once into a temp folder.
+Tuning: seconds per inversion step, tuning step and locality-regularized tuning step, per precision, and
+the full recipe projected from them (450 inversion + 350 tuning steps; without and with locality), plus
+peak GPU memory. The weight-free losses are used (no weights needed); the paper's VGG16 + LPIPS add
+about one VGG forward per inversion step.
+
+Each measurement: one warm-up call, then `repeats` timed calls, the median reported; every implementation
+runs in the same process on the same inputs. The hardware's floor: 2 x the synthesis multiply-adds per
+image (about 150 GFLOP at 1024 px config-f) at the device's dense peak, for the GPUs in `PEAK_TFLOPS`
+(unknown devices, and CPUs, report achieved GFLOP/s only).
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CONFIGS = {
+    "tiny": None,  # the built-in tiny generator
+    "paper256": dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=256, img_channels=3, mapping_kwargs=dict(num_layers=8),
+                     synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=0, conv_clamp=256)),
+    "ffhq1024": dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=1024, img_channels=3, mapping_kwargs=dict(num_layers=8),
+                     synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256)),
+}
+# Dense peak TFLOP/s by device name (fp32 without tensor cores, bf16/fp16 with), from the vendors' sheets.
+PEAK_TFLOPS = {
+    "H100": {"fp32": 67.0, "bf16": 989.0},
+    "H200": {"fp32": 67.0, "bf16": 989.0},
+    "A100": {"fp32": 19.5, "bf16": 312.0},
+    "RTX 2080": {"fp32": 10.1, "bf16": 40.3},  # fp16 tensor cores with fp32 accumulate (no bf16 on Turing)
+}
+RECIPE = {"invert": 450, "tune": 350}
+
+
+def build(config: str, device):
+    from pti.engine.generator import Generator, tiny_generator
+
+    if CONFIGS[config] is None:
+        return tiny_generator(device)
+    torch.manual_seed(0)
+    return Generator(**copy.deepcopy(CONFIGS[config])).eval().requires_grad_(False).to(device)
+
+
+def peak(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table["fp32" if precision == "fp32" else "bf16"]
+    return None
+
+
+def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    fn()  # warm-up (and lazy initialization)
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=print) -> list[dict]:
+    from pti.engine.checkpoint import generator_hash
+    from pti.engine.device import synthesis_macs
+
+    flop = 2 * synthesis_macs(G)
+    top = peak(device, precision)
+    rows = []
+    runners: dict[str, Callable] = {}
+    setup: dict[str, float] = {}
+    dtype_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else None
+
+    def eager(impl):
+        def run(ws):
+            with torch.no_grad():
+                if dtype_ctx is None:
+                    return G.synthesis(ws, noise_mode="const", force_fp32=True, impl=impl)
+                with dtype_ctx():
+                    return G.synthesis(ws, noise_mode="const", force_fp32=True, impl=impl)
+        return run
+
+    for impl in impls:
+        t0 = time.perf_counter()
+        if impl == "reference":
+            runners[impl] = eager("ref")
+        elif impl == "triton":
+            if device.type != "cuda":
+                progress("triton: needs a CUDA device; skipped")
+                continue
+            runners[impl] = eager("prefer:triton")
+        elif impl == "compiled":
+            compiled = torch.compile(G.synthesis)
+            runners[impl] = lambda ws, c=compiled: c(ws, noise_mode="const", force_fp32=True, impl="ref")
+        elif impl in ("onnx", "aoti"):
+            from pti.rendering import make_backend
+
+            tmp = tempfile.mkdtemp(prefix=f"pti-bench-{impl}-")
+            backend = make_backend(impl, G, G, generator_hash(G), device, max(batches), engine=_export(impl, G, device, tmp, max(batches)))
+            runners[impl] = backend.render
+        else:
+            raise ValueError(f"unknown implementation {impl!r}")
+        setup[impl] = time.perf_counter() - t0
+    for batch in batches:
+        with torch.no_grad():
+            ws = G.mapping(torch.randn([batch, G.z_dim], generator=torch.Generator().manual_seed(0)).to(device), truncation_psi=0.7)
+        base = None
+        for impl, run in runners.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                times = _time(lambda: run(ws), device, repeats)
+            except Exception as e:  # noqa: BLE001  one implementation failing must not end the suite
+                from pti.errors import first_line
+
+                progress(f"{impl} batch {batch}: failed ({first_line(e, 120)})")
+                continue
+            med = statistics.median(times)
+            base = base if base is not None else med if impl == "reference" else None
+            achieved = flop * batch / med / 1e9
+            row = dict(kind="render", implementation=impl, precision=precision, batch=batch,
+                       images_per_second=round(batch / med, 2), ms_per_image=round(1000 * med / batch, 3),
+                       gflops_achieved=round(achieved, 1), gflop_per_image=round(flop / 1e9, 2),
+                       percent_of_peak=None if top is None else round(100 * achieved / (1000 * top), 2),
+                       ratio_to_reference=None if base is None else round(med / base, 3),
+                       setup_seconds=round(setup.get(impl, 0.0), 1),
+                       peak_memory_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None)
+            rows.append(row)
+            progress(f"render {impl:10s} {precision} batch {batch:3d}: {row['images_per_second']:9.2f} img/s "
+                     f"({row['ms_per_image']:.2f} ms/img, {row['gflops_achieved']:.0f} GFLOP/s"
+                     + ("" if row["percent_of_peak"] is None else f", {row['percent_of_peak']:.1f} % of peak")
+                     + ("" if row["ratio_to_reference"] is None else f", x{row['ratio_to_reference']:.2f} of reference") + ")")
+    return rows
+
+
+def _export(kind, G, device, tmp, batch):
+    from pti.engine.checkpoint import generator_hash
+    from pti.export import Source
+
+    src = Source(G, generator_hash(G), "bench")
+    if kind == "onnx":
+        from pti.export.onnx import export_onnx
+
+        return export_onnx(src, tmp, batch=(1, batch, batch)).parent
+    from pti.export.aoti import export_aoti
+
+    return export_aoti(src, tmp, batch=(1, batch, batch), device=device).parent
+
+
+def tune_rows(G, device, precisions, steps, progress=print) -> list[dict]:
+    """Seconds per step of each phase (median after one warm-up step) and the projected full recipe."""
+    from pti.engine.invert import InvertConfig, invert
+    from pti.engine.losses import WeightFreePerceptual, WeightFreeProjectorMetric
+    from pti.engine.tune import TuneConfig, tune
+
+    rows = []
+    with torch.no_grad():
+        target = G.synthesis(G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)).to(device)), noise_mode="const")
+        pivot = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(2)).to(device), truncation_psi=0.7)
+    for precision in precisions:
+        per = {}
+        for phase in ("invert", "tune", "tune+locality"):
+            stamps = []
+
+            def tick(*_):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if phase == "invert":
+                invert(G, target, WeightFreeProjectorMetric(), InvertConfig(steps=steps + 1, w_avg_samples=64, precision=precision), progress=tick)
+            else:
+                tune(G, target, pivot, WeightFreePerceptual(), TuneConfig(max_steps=steps + 1, lpips_threshold=0.0, precision=precision,
+                                                                          locality=phase == "tune+locality"), progress=tick)
+            per[phase] = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+            mem = round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
+            rows.append(dict(kind="tune", phase=phase, precision=precision, seconds_per_step=round(per[phase], 4), peak_memory_gb=mem))
+            progress(f"tune {phase:14s} {precision}: {per[phase] * 1000:9.1f} ms/step" + ("" if mem is None else f", peak {mem:.2f} GB"))
+        for locality in (False, True):
+            total = RECIPE["invert"] * per["invert"] + RECIPE["tune"] * per["tune+locality" if locality else "tune"]
+            rows.append(dict(kind="recipe", precision=precision, locality=locality, projected_seconds=round(total, 2),
+                             from_steps=steps))
+            progress(f"full recipe {precision} {'with' if locality else 'without'} locality: {total:.1f} s per image (projected)")
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    from pti._version import __version__
+
+    env = {"pti": __version__, "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "device": str(device), "date": time.strftime("%Y-%m-%d")}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def run(config: str, device: torch.device, batches: list[int], impls: list[str], precisions: list[str], repeats: int,
+        tune_steps: int, progress=print) -> dict:
+    from pti.engine.device import apply_cpu_threads
+
+    G = build(config, device)
+    apply_cpu_threads(G, device, "auto")
+    rows = []
+    for precision in precisions:
+        rows += render_rows(G, device, batches, impls if precision == "fp32" else [i for i in impls if i in ("reference", "triton")],
+                            repeats, precision, progress)
+    if tune_steps:
+        rows += tune_rows(G, device, precisions, tune_steps, progress)
+    return {"what": "pti bench: render throughput and tuning time per implementation and precision", "config": config,
+            "resolution": G.img_resolution, "environment": environment(device), "repeats": repeats, "rows": rows}
+
+
+def default_out(device: torch.device) -> Path:
+    here = Path.cwd() / "benchmarks" / "results"
+    return (here if here.is_dir() else Path.cwd()) / f"bench_{device.type}.json"
