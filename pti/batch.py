@@ -55,9 +55,9 @@ class Settings:
     allow_fallback: bool
     threads: str | int | None = None
 
-    def fingerprint(self, base_hash: str, losses: list[str]) -> dict:
+    def fingerprint(self, base_hash: str, losses: dict[str, str]) -> dict:
         """The settings that change an identity file (not the device, threads or worker count)."""
-        return {"base_hash": base_hash, "align": self.align, "face": self.face, "exact": self.exact, "losses": list(losses),
+        return {"base_hash": base_hash, "align": self.align, "face": self.face, "exact": self.exact, "losses": dict(losses),
                 "invert": _plain(asdict(self.invert_cfg)), "tune": _plain(asdict(self.tune_cfg))}
 
 
@@ -201,21 +201,11 @@ def _build_run(settings: Settings, out: Path, G=None, losses=None, device=None, 
         import torch
 
         torch.set_num_threads(max(1, min(n, (os.cpu_count() or 1) // workers)))  # split the cores
-    losses = load_losses(dev, allow_fallback=settings.allow_fallback) if losses is None else _losses_to(losses, dev)
+    losses = load_losses(dev, allow_fallback=settings.allow_fallback) if losses is None else losses.to(dev)
     run = _Run(G, losses, out, dev, generator_hash(G), settings.network or "builtin:tiny",
                settings.invert_cfg, settings.tune_cfg, settings.exact, None)
     run.batch_settings = settings
     return run
-
-
-def _losses_to(losses, dev):
-    for part in (losses.projector, losses.perceptual):
-        if hasattr(part, "to"):
-            part.to(dev)
-        for attr in vars(part).values():
-            if hasattr(attr, "to") and hasattr(attr, "parameters"):
-                attr.to(dev)
-    return losses
 
 
 # ----------------------------------------------------------------------------- the driver

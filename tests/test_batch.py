@@ -89,6 +89,7 @@ def test_failures_are_recorded_and_the_rest_go_on(sequential):
     assert done["identity_sha256"] == sha256_file(out / "a.pti") and done["photo_sha256"] == sha256_file(Path(done["photo"]))
     assert done["metrics"]["after_tuning"]["mse"] < done["metrics"]["before_tuning"]["mse"]
     assert done["settings"]["invert"]["steps"] == 4 and lines[2]["error"].startswith("no face found")
+    assert "weight-free" in done["settings"]["losses"]["perceptual"]  # official losses later would be "other settings"
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [(r["name"], r["status"]) for r in rows] == [("a", "done"), ("b", "done"), ("c_noface", "failed"), ("d_broken", "failed")]
     assert float(rows[0]["mse_after"]) == pytest.approx(done["metrics"]["after_tuning"]["mse"])

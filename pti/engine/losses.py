@@ -98,6 +98,14 @@ class Losses:
     def names(self) -> dict[str, str]:
         return {"projector": self.projector.name, "perceptual": getattr(self.perceptual, "name", "custom")}
 
+    def to(self, device) -> "Losses":
+        """Move the networks behind both losses (the weight-free ones have none) to `device`."""
+        for part in (self.projector, self.perceptual):
+            net = getattr(part, "net", None)
+            if net is not None:
+                part.net = net.to(device)
+        return self
+
 
 def load_losses(device: torch.device | str = "cpu", allow_fallback: bool = True, registry=None) -> Losses:
     """The paper's losses from the weights cache, or the weight-free pair when allowed and absent."""
