@@ -21,7 +21,11 @@ import os
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
+# On a GPU the kernel runs on CUDA tensors; elsewhere under Triton's interpreter on CPU tensors. The variable
+# must be set before the kernel module is imported: triton.jit reads it then.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' on Linux)")
 
 from pti import kernels  # noqa: E402
@@ -43,12 +47,14 @@ def _inputs(batch, c_in, c_out, size, k, dtype, noise_kind, seed=0):
     s = (torch.randn(batch, c_in, generator=g) * 0.5 + 1).to(dtype)
     noise = {"none": None, "const": torch.randn(size, size, generator=g) * 0.1,
              "random": torch.randn(batch, 1, size, size, generator=g) * 0.1}[noise_kind]
-    return x, w, s, (None if noise is None else noise.to(dtype))
+    return x.to(DEVICE), w.to(DEVICE), s.to(DEVICE), (None if noise is None else noise.to(dtype).to(DEVICE))
 
 
 def _bound(x, w, s, noise, demodulate, dtype):
     """The a-priori bound of the module docstring, per output element, in float64."""
     k = w.shape[-1]
+    x, w, s = x.cpu(), w.cpu(), s.cpu()
+    noise = None if noise is None else noise.cpu()
     x64, w64, s64 = x.double(), w.double(), s.double()
     y64 = ref.modulated_conv2d(x64, w64, s64, noise=None if noise is None else noise.double(), padding=k // 2,
                                demodulate=demodulate, fused_modconv=False)
@@ -73,7 +79,7 @@ def test_forward_within_the_float32_bound(shape, noise_kind, dtype):
     assert kernels.chosen()["modulated_conv2d"] == "triton"
     assert y.dtype == dtype and y.shape == (batch, c_out, size, size)
     y64, tol = _bound(x, w, s, noise, demodulate, dtype)
-    err = (y.double() - y64).abs()
+    err = (y.cpu().double() - y64).abs()
     assert (err <= tol).all(), f"max error {err.max():.3g}, bound there {tol.flatten()[err.argmax()]:.3g}"
 
 
@@ -82,7 +88,7 @@ def test_a_wrong_kernel_is_outside_the_bound():
     x, w, s, noise = _inputs(2, 16, 24, 6, 3, torch.float32, "const")
     y = T.forward(x, w.flip([2, 3]).contiguous(), s, noise, demodulate=True)
     y64, tol = _bound(x, w, s, noise, True, torch.float32)
-    assert ((y.double() - y64).abs() > tol).any()
+    assert ((y.cpu().double() - y64).abs() > tol).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -93,7 +99,7 @@ def test_backward_equals_the_reference(shape, dtype):
     x, w, s, noise = _inputs(*shape, dtype, "random", seed=1)
     leaves = [t.clone().requires_grad_() for t in (x, w, s, noise)]
     y = kernels.modulated_conv2d(*leaves[:3], noise=leaves[3], padding=k // 2, demodulate=demodulate, impl="triton")
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
     got = torch.autograd.grad(y, leaves, grad)
     ref_leaves = [t.clone().requires_grad_() for t in (x, w, s, noise)]
     y_ref = ref.modulated_conv2d(*ref_leaves[:3], noise=ref_leaves[3], padding=k // 2, demodulate=demodulate, fused_modconv=False)
@@ -118,8 +124,8 @@ def test_a_whole_generator_prefers_the_kernel_where_it_applies():
     the image within the float32 bound's order of magnitude of the reference's (20 layers of ~1e-6)."""
     from pti.engine.generator import tiny_generator
 
-    G = tiny_generator()
-    ws = G.mapping(torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(0)), truncation_psi=0.7)
+    G = tiny_generator(DEVICE)
+    ws = G.mapping(torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(0)).to(DEVICE), truncation_psi=0.7)
     with torch.no_grad():
         want = G.synthesis(ws, noise_mode="const", force_fp32=True, impl="ref")
         got = G.synthesis(ws, noise_mode="const", force_fp32=True, impl="prefer:triton")
