@@ -237,6 +237,17 @@ def test_cli_export_writes_the_folder_and_a_summary(people, tmp_path):
     assert again.returncode == 1 and "already holds an export" in again.stderr and no_traceback(again)
 
 
+def test_info_describes_an_export_folder(people, tmp_path):
+    p = run_pti("info", people["onnx_a"])
+    assert p.returncode == 0, p.stderr
+    assert "onnx (fp32), opset 18" in p.stdout and "66 tuned tensors swappable by name" in p.stdout
+    assert "[batch 1-16 (opt 8), 10, 64]" in p.stdout and "from PyTorch" in p.stdout
+    record = json.loads(run_pti("info", people["onnx_a"] / "contract.json", "--json").stdout)
+    assert record["kind"] == "onnx" and record["base_hash"] == people["hash"] and record["bytes"] > 0
+    p = run_pti("info", tmp_path)
+    assert p.returncode == 1 and "is a folder" in p.stderr and no_traceback(p)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--format", "onnnx"], "onnnx"),
     (["--refit", "x"], "--refit is for --format tensorrt"),

@@ -12,18 +12,25 @@ def info(
         Optional[str],
         typer.Argument(
             metavar="[FILE]",
-            help="A .pti identity file, or a generator: stylegan2-ada .pkl, rosinality .pt or pti .safetensors; "
-            "none (or builtin:tiny) = the built-in tiny generator.",
+            help="A .pti identity file, an export folder (pti export), or a generator: stylegan2-ada .pkl, "
+            "rosinality .pt or pti .safetensors; none (or builtin:tiny) = the built-in tiny generator.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Show what a checkpoint or identity file holds: sizes, settings, hashes, and for identities the tuning results."""
+    """Show what a checkpoint, identity file or export holds: sizes, settings, hashes, and for identities the tuning results."""
     import json
+    from pathlib import Path
 
     from pti.engine.identity import is_identity_file
 
-    if checkpoint and is_identity_file(checkpoint):
+    if checkpoint and Path(checkpoint).is_dir() and not (Path(checkpoint) / "contract.json").is_file():
+        from pti.errors import PTIError
+
+        raise PTIError(f"{checkpoint} is a folder: give a checkpoint or identity file, or an export folder (with contract.json)")
+    if checkpoint and (Path(checkpoint).is_dir() or Path(checkpoint).name == "contract.json"):
+        record, rows = _export(checkpoint)
+    elif checkpoint and is_identity_file(checkpoint):
         record, rows = _identity(checkpoint)
     else:
         record, rows = _generator(checkpoint)
@@ -33,6 +40,32 @@ def info(
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def _export(folder: str) -> tuple[dict, list[tuple[str, str]]]:
+    """An export folder, from its contract.json (nothing is loaded into a runtime)."""
+    import math
+
+    from pti.export import load_contract
+
+    path, c = load_contract(folder)
+    b, built, verified = c["batch"], c.get("built_with", {}), c.get("verified", {})
+    size = sum((path / n).stat().st_size for n in c["files"].values())
+    rows = [
+        ("export", str(path)),
+        ("kind", f"{c['kind']} ({c['precision']})" + (f", opset {c['opset']}" if "opset" in c else "")),
+        ("files", ", ".join(c["files"].values()) + f" ({size / 1e6:.1f} MB)"),
+        ("input", f"{c['input']['name']} [batch {b['min']}-{b['max']} (opt {b['opt']}), {c['input']['shape'][1]}, {c['input']['shape'][2]}] {c['input']['dtype']}"),
+        ("output", f"{c['output']['name']} [{', '.join(map(str, c['output']['shape']))}] {c['output']['dtype']}"),
+        ("weights", f"{len(c['weights'])} tuned tensors swappable by name, {_millions(sum(math.prod(w['shape']) for w in c['weights']))} values"),
+        ("base generator", f"{c['base_hash'][:16]} ({c.get('base_hint') or '?'})"),
+        ("identity", c.get("identity") or "none (the base generator's own weights)"),
+        ("built with", ", ".join(f"{k} {v}" for k, v in built.items() if k in ("torch", "onnxruntime", "tensorrt", "pti")) + f"; {built.get('device', '?')}"),
+    ]
+    if verified:
+        diff = verified.get("max_abs_diff_vs_torch_fp32", verified.get("pooled_diff"))
+        rows.append(("checked", f"{verified.get('runtime')}: {diff:.2g} from PyTorch (tolerance {c['sample']['tolerance']})"))
+    return {"kind": "export", "path": str(path), **c, "bytes": size}, rows
 
 
 def _millions(n: int) -> str:
