@@ -65,15 +65,16 @@ def backends(G, dev, threads, batch_max, tmp: Path):
     out = [("torch", TorchBackend(G, dev, batch=batch_max), 0.0)]
     if dev.type == "cuda":
         out.append(("torch+cudagraph", CudaGraphTorch(G), 0.0))
-    from pti.export.onnx import OnnxBackend, export_onnx
+    from pti.export import export
+    from pti.export.onnx import OnnxBackend
 
     t0 = time.perf_counter()
-    export_onnx(src, tmp / "onnx", batch=(1, batch_max, batch_max))
+    export("onnx", src, tmp / "onnx", batch=(1, batch_max, batch_max))
     out.append(("onnxruntime", OnnxBackend(tmp / "onnx", threads=threads if dev.type == "cpu" else None), time.perf_counter() - t0))
-    from pti.export.aoti import AotiBackend, export_aoti
+    from pti.export.aoti import AotiBackend
 
     t0 = time.perf_counter()
-    export_aoti(src, tmp / "aoti", batch=(1, batch_max, batch_max), device=dev)
+    export("aoti", src, tmp / "aoti", batch=(1, batch_max, batch_max), device=dev)
     out.append(("aoti", AotiBackend(tmp / "aoti", device=dev), time.perf_counter() - t0))
     if dev.type == "cuda":
         try:
@@ -81,10 +82,10 @@ def backends(G, dev, threads, batch_max, tmp: Path):
         except ImportError:
             print("tensorrt is not installed: no TensorRT row")
         else:
-            from pti.export.tensorrt import TensorRTBackend, export_tensorrt
+            from pti.export.tensorrt import TensorRTBackend
 
             t0 = time.perf_counter()
-            export_tensorrt(src, tmp / "trt", batch=(1, batch_max, batch_max), fp16=True)
+            export("tensorrt", src, tmp / "trt", batch=(1, batch_max, batch_max), precision="fp16")
             out.append(("tensorrt-fp16", TensorRTBackend(tmp / "trt"), time.perf_counter() - t0))
             out.append(("tensorrt-fp16+cudagraph", TensorRTBackend(tmp / "trt", cuda_graph=True), 0.0))
     return out

@@ -13,7 +13,6 @@ thread count. Writes benchmarks/results/render_<device>.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -22,19 +21,9 @@ from pathlib import Path
 
 import torch
 
+from pti.benchmark import build
 from pti.engine.device import apply_cpu_threads, resolve_device, synthesis_macs
-from pti.engine.generator import Generator, tiny_generator
 from pti.rendering import TorchBackend
-
-PAPER256 = dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=256, img_channels=3, mapping_kwargs=dict(num_layers=8),
-                synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=0, conv_clamp=256))
-
-
-def build(name: str) -> Generator:
-    if name == "tiny":
-        return tiny_generator()
-    torch.manual_seed(0)
-    return Generator(**copy.deepcopy(PAPER256)).eval().requires_grad_(False)
 
 
 def render_args(doc: str) -> argparse.Namespace:

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-from pti.engine.generator import TINY_CONFIG, Generator, tiny_generator
+from pti.benchmark import CONFIGS as BENCH_CONFIGS
+from pti.benchmark import build
+from pti.engine.generator import TINY_CONFIG, Generator
 
 # The perceptual stand-ins (random-weight LPIPS, the VGG16 TorchScript stand-in) are test helpers:
 # they live in tests/helpers.py, not in the library, so the benchmark puts tests/ on the path.
@@ -43,20 +45,9 @@ import helpers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "tune_cpu.json"
 
-PAPER256 = dict(
-    z_dim=512, c_dim=0, w_dim=512, img_resolution=256, img_channels=3,
-    mapping_kwargs=dict(num_layers=8),
-    synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=0, conv_clamp=256),
-)
+PAPER256 = BENCH_CONFIGS["paper256"]
 CONFIGS = {"tiny": TINY_CONFIG, "paper256": PAPER256}
 PHASES = ("invert step", "tune step", "tune step + locality")
-
-
-def build(name: str) -> Generator:
-    if name == "tiny":
-        return tiny_generator()
-    torch.manual_seed(0)
-    return Generator(**copy.deepcopy(CONFIGS[name])).eval().requires_grad_(False)
 
 
 def losses(kind: str, tmp: Path):

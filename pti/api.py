@@ -98,7 +98,7 @@ def tune(
             settings = Settings(network=str(network) if network is not None else None, device=device, align=align, face=face,
                                 invert_cfg=invert_cfg, tune_cfg=tune_cfg, exact=exact, allow_fallback=allow_fallback,
                                 threads=threads)
-            return tune_many(run, paths, unique_stems(paths), settings, workers=workers, ray=ray, force=force, start=start)
+            return tune_many(run, paths, unique_stems(paths), settings, workers=workers, ray=ray, force=force)
         # Joint: align every photo first: bad input (no face, unreadable file) fails before any long work.
         results = [run.align(path, name, align, face) for path, name in zip(paths, unique_stems(paths))]
         # then all pivots, then one shared tuning (the paper's multi-ID PTI).

@@ -170,14 +170,14 @@ def record(job: Job, res, fingerprint: dict, worker: str) -> dict:
 # ----------------------------------------------------------------------------- one photo, anywhere
 
 
-def tune_one(run, job: Job):
+def tune_one(run, job: Job, settings: Settings):
     """Run one photo through `run` (a `pti.api._Run`); a PTIError becomes a `failed` result, not an exception."""
     from pti.api import PhotoResult
     from pti.errors import first_line
 
     t0 = time.perf_counter()
     try:
-        res = run.one(job.photo, job.name, run.batch_settings.align, run.batch_settings.face)
+        res = run.one(job.photo, job.name, settings.align, settings.face)
     except PTIError as e:
         res = PhotoResult(photo=job.photo, name=job.name, status="failed", error=str(e))
     except (MemoryError, RuntimeError) as e:  # out of memory and kin: this photo fails, the run goes on
@@ -187,8 +187,8 @@ def tune_one(run, job: Job):
     return res
 
 
-def _build_run(settings: Settings, out: Path, G=None, losses=None, device=None, workers: int = 1):
-    """A `_Run` for a worker: the generator and losses given (Ray) or loaded from the settings (processes)."""
+def _build_run(settings: Settings, out: Path, G=None, losses=None, device=None, workers: int = 1, base_hash: str | None = None):
+    """A `_Run` for a worker: the generator, losses and hash given (Ray) or loaded from the settings (processes)."""
     from pti.api import _Run
     from pti.engine.checkpoint import generator_hash, load_generator
     from pti.engine.device import apply_cpu_threads, resolve_device
@@ -202,21 +202,18 @@ def _build_run(settings: Settings, out: Path, G=None, losses=None, device=None, 
 
         torch.set_num_threads(max(1, min(n, (os.cpu_count() or 1) // workers)))  # split the cores
     losses = load_losses(dev, allow_fallback=settings.allow_fallback) if losses is None else losses.to(dev)
-    run = _Run(G, losses, out, dev, generator_hash(G), settings.network or "builtin:tiny",
-               settings.invert_cfg, settings.tune_cfg, settings.exact, None)
-    run.batch_settings = settings
-    return run
+    return _Run(G, losses, out, dev, base_hash or generator_hash(G), settings.network or "builtin:tiny",
+                settings.invert_cfg, settings.tune_cfg, settings.exact, None)
 
 
 # ----------------------------------------------------------------------------- the driver
 
 
 def tune_many(run, paths: list[Path], names: list[str], settings: Settings, *, workers: int = 1, ray: str | None = None,
-              force: bool = False, start: int = 0):
+              force: bool = False):
     """Single-ID PTI for every photo, resumable; one result per photo (failures included), in the given order."""
     from pti.engine.weights import sha256_file
 
-    run.batch_settings = settings
     fingerprint = settings.fingerprint(run.base_hash, run.losses.names)
     manifest = Manifest(run.out)
     jobs = [Job(p, n, sha256_file(p)) for p, n in zip(paths, names)]
@@ -226,14 +223,15 @@ def tune_many(run, paths: list[Path], names: list[str], settings: Settings, *, w
     done_before = {_key(Path(r["photo"])): r for r in skipped}
     for rec in skipped:
         manifest.append(rec)
-    total, finished = len(todo), [0]
+    counts = {"finished": 0, "failed": 0}
 
     def on_result(job: Job, res, worker: str) -> None:
         job.result = res
         manifest.append(record(job, res, fingerprint, worker))
-        finished[0] += 1
+        counts["finished"] += 1
+        counts["failed"] += res.status == "failed"
         if run.progress is not None and (workers > 1 or ray):
-            run.progress("photos", finished[0], total, {"failed": sum(1 for j in todo if j.result is not None and j.result.status == "failed")})
+            run.progress("photos", counts["finished"], len(todo), {"failed": counts["failed"]})
 
     began = time.time()
     try:
@@ -243,7 +241,7 @@ def tune_many(run, paths: list[Path], names: list[str], settings: Settings, *, w
             _run_processes(todo, settings, run.out, workers, on_result)
         else:
             for job in todo:
-                on_result(job, tune_one(run, job), "main")
+                on_result(job, tune_one(run, job, settings), "main")
     finally:
         _sweep_temporaries(run.out, [j.name for j in todo])
         if ray or workers > 1:  # other processes wrote these: put them in this process's ledger of kept files
@@ -321,10 +319,11 @@ def _worker_init(settings: Settings, out: Path, workers: int) -> None:
     signal.signal(signal.SIGTERM, stop)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _WORKER["run"] = _build_run(settings, out, workers=workers)
+    _WORKER["settings"] = settings
 
 
 def _worker_task(job: Job):
-    return tune_one(_WORKER["run"], job)
+    return tune_one(_WORKER["run"], job, _WORKER["settings"])
 
 
 def _run_processes(todo: list[Job], settings: Settings, out: Path, workers: int, on_result) -> None:
@@ -392,8 +391,8 @@ def _ray_task(shared, settings: Settings, out: str, job: Job):
     from pti.engine.device import resolve_device
 
     dev = resolve_device("cuda" if torch.cuda.is_available() and settings.device != "cpu" else "cpu")
-    run = _build_run(settings, Path(out), G=shared["G"], losses=shared["losses"], device=dev)
-    return tune_one(run, job)
+    run = _build_run(settings, Path(out), G=shared["G"], losses=shared["losses"], device=dev, base_hash=shared["base_hash"])
+    return tune_one(run, job, settings)
 
 
 def _run_ray(todo: list[Job], settings: Settings, run, address: str, on_result) -> None:
@@ -409,7 +408,7 @@ def _run_ray(todo: list[Job], settings: Settings, run, address: str, on_result) 
         _ray_connect(ray, address)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        shared = ray.put({"G": run.G.to("cpu"), "losses": run.losses})  # once, not per task
+        shared = ray.put({"G": run.G.to("cpu"), "losses": run.losses, "base_hash": run.base_hash})  # once, not per task
         task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)(_ray_task)
         refs = {task.remote(shared, settings, str(run.out), job): job for job in todo}
         while refs:

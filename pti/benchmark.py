@@ -46,7 +46,7 @@ PEAK_TFLOPS = {
 RECIPE = {"invert": 450, "tune": 350}
 
 
-def build(config: str, device):
+def build(config: str, device="cpu"):
     from pti.engine.generator import Generator, tiny_generator
 
     if CONFIGS[config] is None:
@@ -154,16 +154,9 @@ def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=p
 
 def _export(kind, G, device, tmp, batch):
     from pti.engine.checkpoint import generator_hash
-    from pti.export import Source
+    from pti.export import Source, export
 
-    src = Source(G, generator_hash(G), "bench")
-    if kind == "onnx":
-        from pti.export.onnx import export_onnx
-
-        return export_onnx(src, tmp, batch=(1, batch, batch)).parent
-    from pti.export.aoti import export_aoti
-
-    return export_aoti(src, tmp, batch=(1, batch, batch), device=device).parent
+    return export(kind, Source(G, generator_hash(G), "bench"), tmp, batch=(1, batch, batch), device=device).parent
 
 
 def tune_rows(G, device, precisions, steps, progress=print) -> list[dict]:
@@ -206,10 +199,9 @@ def tune_rows(G, device, precisions, steps, progress=print) -> list[dict]:
 
 
 def environment(device: torch.device) -> dict:
-    from pti._version import __version__
+    from pti.engine.identity import versions
 
-    env = {"pti": __version__, "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "device": str(device), "date": time.strftime("%Y-%m-%d")}
+    env = {**versions(), "machine": platform.machine(), "device": str(device), "date": time.strftime("%Y-%m-%d")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

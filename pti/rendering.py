@@ -66,25 +66,13 @@ def make_backend(name: str, G, base, base_hash: str, device: torch.device, batch
         return TorchBackend(G, device, batch)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
-    from pti.export import CONTRACT, Source, default_export_dir
+    from pti.export import CONTRACT, Source, default_export_dir, export
 
     folder = Path(engine) if engine is not None else default_export_dir(base_hash, name, precision)
     if engine is None and not (folder / CONTRACT).is_file():
         if progress is not None:
             progress(f"export {name} (once per base generator)", 0, 1, {})
-        src = Source(base, base_hash, base_hint)
-        if name == "onnx":
-            from pti.export.onnx import export_onnx
-
-            export_onnx(src, folder, precision=precision)
-        elif name == "aoti":
-            from pti.export.aoti import export_aoti
-
-            export_aoti(src, folder, precision=precision, device=device)
-        else:
-            from pti.export.tensorrt import export_tensorrt
-
-            export_tensorrt(src, folder, fp16=precision == "fp16")
+        export(name, Source(base, base_hash, base_hint), folder, precision=precision, device=device)
         if progress is not None:
             progress(f"export {name} (once per base generator)", 1, 1, {})
     if name == "onnx":

@@ -57,22 +57,15 @@ def export(
     what = "the tuned person" if src.identity is not None else "the generator"
     console.print(f"exporting {what} from {source} as {format.value} ({precision.value}) ...", markup=False)
     t0 = time.perf_counter()
-    if format is Format.onnx:
-        from pti.export.onnx import export_onnx
-
-        contract_path = export_onnx(src, folder, precision=precision.value, batch=batch, external_data=external_data or None)
-    elif format is Format.aoti:
-        from pti.export.aoti import export_aoti
-
-        contract_path = export_aoti(src, folder, precision=precision.value, batch=batch, device=dev)
-    elif refit is not None:
+    if refit is not None:
         from pti.export.tensorrt import refit as refit_engine
 
         contract_path = refit_engine(refit, src, folder)
     else:
-        from pti.export.tensorrt import export_tensorrt
+        from pti.export import export as export_to
 
-        contract_path = export_tensorrt(src, folder, batch=batch, fp16=precision is Precision.fp16)
+        contract_path = export_to(format.value, src, folder, precision=precision.value, batch=batch, device=dev,
+                                  external_data=external_data or None)
     _summary(contract_path, time.perf_counter() - t0)
 
 

@@ -88,7 +88,7 @@ def run_tune(photos, **kwargs):
             bar.update(phase, step, total, values)
 
         results = pti.api.tune(photos, progress=progress, **kwargs)
-    _summary(results, kwargs.get("out"))
+    _summary(results, None if kwargs.get("joint") else kwargs.get("out"))  # joint runs keep no manifest
     failed = [r for r in results if r.status == "failed"]
     if failed:
         from pti.errors import PTIError
@@ -153,12 +153,8 @@ def _summary(results, out=None) -> None:
             console.print(f"[red]failed:[/] {r.photo}: {r.error}")
     if len(results) > 1 or any(r.status != "done" for r in results):
         counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
-        where = f"; {Path(out) / 'manifest.jsonl'} and {Path(out) / 'summary.csv'}" if out is not None and not _joint(results) else ""
+        where = f"; {Path(out) / 'manifest.jsonl'} and {Path(out) / 'summary.csv'}" if out is not None else ""
         console.print(f"{len(results)} photos: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{where}", markup=False)
-
-
-def _joint(results) -> bool:
-    return any(r.report.get("joint_with") for r in results if r.status == "done")
 
 
 def register(app: typer.Typer) -> None:

@@ -98,10 +98,12 @@ class Direction:
             d = d.expand_as(pivot) if d.shape[0] == 1 else d
             out[first:last + 1] = value * d[first:last + 1]
         else:
-            c = self.vector.to(pivot)
-            coord = torch.dot(pivot[0] - self.mean.to(pivot), c) / self.std
-            out[first:last + 1] = (value - coord) * self.std * c
+            out[first:last + 1] = (value - self.coordinate(pivot)) * self.std * self.vector.to(pivot)
         return out
+
+    def coordinate(self, pivot: torch.Tensor) -> torch.Tensor:
+        """GANSpace: where `pivot` [L, C] sits along this component, in standard deviations (from its first w)."""
+        return torch.dot(pivot[0] - self.mean.to(pivot), self.vector.to(pivot)) / self.std
 
 
 def load_direction_file(path: str | Path, component: int | None = None, name: str | None = None) -> Direction:

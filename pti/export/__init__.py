@@ -77,11 +77,6 @@ class ExportSynthesis(nn.Module):
         return self.synthesis(ws, noise_mode="const", force_fp32=self.precision == "fp32", fused_modconv=False, impl="ref")
 
 
-def tuned_names(G) -> list[str]:
-    """The tuned tensors (every synthesis parameter), by the names identity files and exports share."""
-    return [f"synthesis.{n}" for n, _ in G.synthesis.named_parameters()]
-
-
 def graph_weights(G, contract: dict) -> dict[str, torch.Tensor]:
     """`G`'s tuned weights under the contract's graph names, in the graph's dtype; ExportError when they do not fit."""
     params = {f"synthesis.{n}": p for n, p in G.synthesis.named_parameters()}
@@ -121,10 +116,9 @@ def decode_array(d: dict) -> torch.Tensor:
 
 def environment(device: torch.device | None = None) -> dict[str, Any]:
     """Versions and the device an export was built with; engines and packages are bound to them."""
-    from pti._version import __version__
+    from pti.engine.identity import versions
 
-    env: dict[str, Any] = {"pti": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                           "machine": platform.machine()}
+    env: dict[str, Any] = {**versions(), "machine": platform.machine()}
     for mod in ("onnx", "onnxruntime", "tensorrt"):
         try:
             env[mod] = __import__(mod).__version__
@@ -199,9 +193,7 @@ def make_contract(kind: str, precision: str, src: Source, files: dict[str, str],
 def load_contract(folder: str | Path, kind: str | None = None) -> tuple[Path, dict]:
     """(folder, contract) of an export folder, or its `contract.json`; ExportError when it is not one."""
     folder = Path(folder)
-    if folder.is_file() and folder.name == CONTRACT:
-        folder = folder.parent
-    elif folder.is_file():  # model.onnx, model.pt2, model.engine: the contract sits beside it
+    if folder.is_file():  # contract.json, model.onnx, model.pt2, model.engine: the contract sits beside it
         folder = folder.parent
     path = folder / CONTRACT
     if not path.is_file():
@@ -280,6 +272,24 @@ def quiet(logger: str = "torch"):
             yield
     finally:
         log.setLevel(level)
+
+
+def export(kind: str, src: Source, out: str | Path, *, precision: str = "fp32", batch: tuple[int, int, int] = DEFAULT_BATCH,
+           device: str | torch.device = "cpu", external_data: bool | None = None) -> Path:
+    """Export `src` as `kind` (one of FORMATS) into the folder `out`; return the contract's path."""
+    if kind == "onnx":
+        from pti.export.onnx import export_onnx
+
+        return export_onnx(src, out, precision=precision, batch=batch, external_data=external_data)
+    if kind == "aoti":
+        from pti.export.aoti import export_aoti
+
+        return export_aoti(src, out, precision=precision, batch=batch, device=device)
+    if kind == "tensorrt":
+        from pti.export.tensorrt import export_tensorrt
+
+        return export_tensorrt(src, out, batch=batch, fp16=precision == "fp16")
+    raise ExportError(f"unknown export format {kind!r}; choose from {', '.join(FORMATS)}")
 
 
 def default_export_dir(base_hash: str, kind: str, precision: str) -> Path:

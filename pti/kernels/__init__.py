@@ -16,6 +16,7 @@ benchmark can state what it measured.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -141,7 +142,8 @@ activation_gain = ref.activation_gain
 # them). Not in "auto" until measured faster on a GPU: ask for them with impl="triton".
 
 
-def _triton_available() -> bool:
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:  # asked per layer under impl="prefer:triton": look once
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None

@@ -70,9 +70,10 @@ class Slider:
     layers: tuple[int, int]
     default_layers: tuple[int, int] | None   # preset's own layers (None: all)
 
-    def edit(self, value: float, layers: tuple[int, int]) -> str:
-        """The `--edit` string for this slider at `value` over `layers`."""
-        text = f"{self.target}" + (f":{self.component}" if self.component is not None else "") + f"={value:+.2f}"
+    def edit(self, value: float | str, layers: tuple[int, int]) -> str:
+        """The `--edit` string for this slider at `value` (a number, or a sweep's START:STOP:N) over `layers`."""
+        value = f"{value:+.2f}" if isinstance(value, (int, float)) else value
+        text = f"{self.target}" + (f":{self.component}" if self.component is not None else "") + f"={value}"
         if self.kind == "ganspace" or layers != (self.default_layers or self.layers):
             text += f"@{layers[0]}-{layers[1]}"
         return text
@@ -147,7 +148,7 @@ class Studio:
                 layers = tuple(preset.layers) if preset.layers else all_layers
                 if preset.kind == "ganspace":
                     d = E.resolve(E.parse_edit(f"{name}=0"), num_ws, w_dim, registry)
-                    neutral = float((ident.pivot[0] - d.mean) @ d.vector / d.std)
+                    neutral = float(d.coordinate(ident.pivot))
                     sliders.append(Slider(name, name, "preset", name, None, round(neutral, 2), -10, 10, layers, layers))
                 else:
                     sliders.append(Slider(name, name, "preset", name, None, 0.0, -5, 5, layers, None))
@@ -159,7 +160,7 @@ class Studio:
                 d = E.load_direction_file(pca_path, k)
             except PTIError:
                 break
-            neutral = float((ident.pivot[0] - d.mean) @ d.vector / d.std)
+            neutral = float(d.coordinate(ident.pivot))
             sliders.append(Slider(f"pc{k}", f"GANSpace {k}", "ganspace", str(pca_path), k, round(neutral, 2),
                                   round(neutral - 5, 2), round(neutral + 5, 2), all_layers, None))
         return sliders
@@ -195,21 +196,28 @@ class Studio:
             out.append(s.edit(value, (a, b)))
         return out
 
-    def render(self, index: int, moves: list[dict]) -> dict:
-        """The edited image for the page, the edit strings, the command that reproduces it, ms and ID similarity."""
+    def _images(self, person: Person, texts: list[str]):
+        """(specs, uint8 images, ms): `texts` parsed with the CLI's grammar and rendered as `pti render` renders
+        them (the same batch: the reconstruction first when there are edits) on the person's backend."""
         from pti.engine import edits as E
         from pti.engine.images import to_uint8
-        from pti.rendering import _id_similarity, edit_batch
+        from pti.rendering import edit_batch
 
-        person = self.person(index)
-        texts = self.edits(person, moves)
         specs = E.parse_edits(texts)
         _, ws = edit_batch(person.ident, specs, self.registry)
         with person.lock:
             t0 = time.perf_counter()
             images = person.backend.render(ws)
             ms = 1000 * (time.perf_counter() - t0)
-        rendered = list(to_uint8(images))
+        return specs, list(to_uint8(images)), ms
+
+    def render(self, index: int, moves: list[dict]) -> dict:
+        """The edited image for the page, the edit strings, the command that reproduces it, ms and ID similarity."""
+        from pti.rendering import _id_similarity
+
+        person = self.person(index)
+        texts = self.edits(person, moves)
+        _, rendered, ms = self._images(person, texts)
         recon, img = rendered[0], rendered[-1]
         return {"image": _png_data_url(img), "edits": texts, "command": self.command(person, texts), "ms": round(ms, 1),
                 "identity_similarity": _id_similarity(recon, img) if texts else 1.0, "backend": person.backend.name}
@@ -227,32 +235,30 @@ class Studio:
             if photo is None:
                 raise PTIError("no input photo beside this identity")
             return _png_bytes(photo)
-        r = self.render(index, [])
-        return base64.b64decode(r["image"].split(",", 1)[1])
+        return _png_bytes(self._images(person, [])[1][0])
 
     def save(self, index: int, moves: list[dict]) -> dict:
         """Write the current image and its edit strings into `<identity folder>/<name>/studio/`."""
-        from pti.engine import edits as E
+        from pti.engine.images import save_png
         from pti.fsutil import atomic_path
 
         person = self.person(index)
-        r = self.render(index, moves)
-        specs = E.parse_edits(r["edits"])
+        texts = self.edits(person, moves)
+        specs, rendered, _ = self._images(person, texts)
         label = "_".join(s.label(s.values[0]) for s in specs) or "reconstruction"
         folder = person.path.parent / person.path.stem / "studio"
-        png = folder / f"{label}.png"
-        with atomic_path(png) as tmp:
-            tmp.write_bytes(base64.b64decode(r["image"].split(",", 1)[1]))
+        png = save_png(rendered[-1], folder / f"{label}.png")
         txt = folder / f"{label}.txt"
+        command = self.command(person, texts)
         with atomic_path(txt) as tmp:
-            tmp.write_text(" ".join(r["edits"]) + "\n" + r["command"] + "\n")
-        return {"image": str(png), "edits": str(txt), "command": r["command"]}
+            tmp.write_text(" ".join(texts) + "\n" + command + "\n")
+        return {"image": str(png), "edits": str(txt), "command": command}
 
     def sweep(self, index: int, moves: list[dict], slider: str, frames: int = 9) -> bytes:
         """A GIF of one slider from its low to its high end, the other sliders as they are."""
-        from pti.engine import edits as E
-        from pti.engine.images import save_gif, to_uint8
-        from pti.rendering import edit_batch
+        import tempfile
+
+        from pti.engine.images import save_gif
 
         person = self.person(index)
         s = next((x for x in person.sliders if x.id == slider), None)
@@ -260,16 +266,10 @@ class Studio:
             raise PTIError(f"no direction {slider!r} for {person.path.stem}")
         others = [m for m in moves if m.get("id") != slider]
         layers = next((tuple(m.get("layers", s.layers)) for m in moves if m.get("id") == slider), s.layers)
-        sweep = s.edit(s.low, tuple(layers)).replace(f"={s.low:+.2f}", f"={s.low:+.2f}:{s.high:+.2f}:{frames}")
-        specs = E.parse_edits(self.edits(person, others) + [sweep])
-        _, ws = edit_batch(person.ident, specs, self.registry)
-        with person.lock:
-            images = person.backend.render(ws)
-        import tempfile
-
+        sweep = s.edit(f"{s.low:+.2f}:{s.high:+.2f}:{frames}", tuple(layers))
+        _, rendered, _ = self._images(person, self.edits(person, others) + [sweep])
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_gif(list(to_uint8(images[1:])), Path(tmp) / "sweep.gif", fps=8)
-            return path.read_bytes()
+            return save_gif(rendered[1:], Path(tmp) / "sweep.gif", fps=8).read_bytes()
 
     @staticmethod
     def _input_photo(person: Person):
@@ -325,9 +325,18 @@ def create_app(studio: Studio):
 
     not_json = JSONResponse({"error": "send a JSON object: {\"identity\": N, \"moves\": [...]}"}, status_code=400)
 
+    async def posted(request: Request, action):
+        """A POST {"identity": N, "moves": [...], ...}: `action(index, moves, data)` in the thread pool, guarded."""
+        data = await body(request)
+        if data is None:
+            return not_json
+        return await run_in_threadpool(guarded, lambda: action(int(data.get("identity", 0)), list(data.get("moves", [])), data))
+
+    html = PAGE.read_text()
+
     @app.get("/", response_class=HTMLResponse)
     def page():
-        return PAGE.read_text()
+        return html
 
     @app.get("/api/identities")
     def identities():
@@ -346,24 +355,15 @@ def create_app(studio: Studio):
 
     @app.post("/api/render")
     async def render(request: Request):
-        data = await body(request)
-        if data is None:
-            return not_json
-        return await run_in_threadpool(guarded, lambda: studio.render(int(data.get("identity", 0)), list(data.get("moves", []))))
+        return await posted(request, lambda i, moves, _: studio.render(i, moves))
 
     @app.post("/api/save")
     async def save(request: Request):
-        data = await body(request)
-        if data is None:
-            return not_json
-        return await run_in_threadpool(guarded, lambda: studio.save(int(data.get("identity", 0)), list(data.get("moves", []))))
+        return await posted(request, lambda i, moves, _: studio.save(i, moves))
 
     @app.post("/api/sweep")
     async def sweep(request: Request):
-        data = await body(request)
-        if data is None:
-            return not_json
-        out = await run_in_threadpool(guarded, lambda: studio.sweep(int(data.get("identity", 0)), list(data.get("moves", [])), str(data.get("slider", ""))))
+        out = await posted(request, lambda i, moves, data: studio.sweep(i, moves, str(data.get("slider", ""))))
         if isinstance(out, JSONResponse):
             return out
         return Response(out, media_type="image/gif", headers={"Content-Disposition": 'attachment; filename="sweep.gif"'})
