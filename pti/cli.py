@@ -95,8 +95,9 @@ def _show_usage_error(e) -> None:
 def _interrupted(start: int) -> int:
     from pti.__main__ import how_interrupted
     from pti.errors import Interrupted
-    from pti.fsutil import written_since
+    from pti.fsutil import discard_pending, written_since
 
+    discard_pending()  # a temporary file the interrupt caught before its own cleanup could run
     typer.secho(str(Interrupted(written_since(start), how_interrupted())), fg=typer.colors.YELLOW, err=True)
     return 130
 

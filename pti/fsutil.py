@@ -14,9 +14,11 @@ disk is full) become one-line `OutputError`s naming the path.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,6 +26,11 @@ from typing import Iterable, Iterator
 from pti.errors import OutputError
 
 _WRITTEN: list[Path] = []  # every file atomic_path completed in this process, in order
+# Temporary files and staging folders this process has reserved and not yet renamed or removed. A name
+# goes in *before* the file exists, so an interrupt at any bytecode (even inside the creating call, or
+# between it and the `try` that would clean up) leaves it findable: `discard_pending` removes what is
+# left, and the CLI calls it before it reports an interrupt (atexit covers worker processes).
+_PENDING: set[Path] = set()
 
 # errnos that mean "this storage cannot take the file", as opposed to errors of whatever the caller
 # reads while writing (a dropped connection, say), which pass through unchanged.
@@ -56,12 +63,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder")
     ensure_dir(path.parent)
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    except OSError as e:
-        raise output_error(path, e) from None
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _reserve(path, suffix, folder=False)
     try:
         try:
             yield tmp
@@ -76,6 +78,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         _WRITTEN.append(path)
     finally:
         tmp.unlink(missing_ok=True)
+        _PENDING.discard(tmp)
 
 
 @contextlib.contextmanager
@@ -87,10 +90,7 @@ def staged_folder(dest: str | os.PathLike, last: Iterable[str] = ()) -> Iterator
     import shutil
 
     dest = ensure_writable_dir(dest)
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest))
-    except OSError as e:
-        raise output_error(dest, e, folder=True) from None
+    stage = _reserve(dest, "", folder=True)
     try:
         yield stage
         names = sorted(p.name for p in stage.iterdir() if p.is_file())
@@ -109,6 +109,45 @@ def staged_folder(dest: str | os.PathLike, last: Iterable[str] = ()) -> Iterator
             _WRITTEN.append(target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        _PENDING.discard(stage)
+
+
+def _reserve(path: Path, suffix: str, folder: bool) -> Path:
+    """Create a private temporary file beside `path` (or, with `folder`, a staging folder inside it),
+    0600 / 0700 like mkstemp / mkdtemp, registered in `_PENDING` before it is created."""
+    where, prefix = (path, ".staging-") if folder else (path.parent, f".{path.name}.")
+    for _ in range(100):
+        tmp = where / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        _PENDING.add(tmp)
+        try:
+            if folder:
+                os.mkdir(tmp, 0o700)
+            else:
+                os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
+            return tmp
+        except FileExistsError:
+            _PENDING.discard(tmp)
+        except OSError as e:
+            _PENDING.discard(tmp)
+            raise output_error(path, e, folder=folder) from None
+    raise output_error(path, FileExistsError(errno.EEXIST, "no free temporary name"), folder=folder)
+
+
+def discard_pending() -> None:
+    """Remove the temporary files and staging folders an interrupted write left (see `_PENDING`).
+    Only for the end of a command, when no write of this process is still in progress."""
+    import shutil
+
+    for tmp in list(_PENDING):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        _PENDING.discard(tmp)
+
+
+atexit.register(discard_pending)
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
@@ -164,7 +203,7 @@ def output_error(path: Path, e: OSError, folder: bool = False) -> OutputError:
 
 
 def _chmod_like_open(path: Path) -> None:
-    """mkstemp creates files 0600; give the final file the permissions open() would (0666 minus umask)."""
+    """Temporary files are created 0600; give the final file the permissions open() would (0666 minus umask)."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
