@@ -311,12 +311,10 @@ _WORKER: dict[str, Any] = {}
 def _worker_init(settings: Settings, out: Path, workers: int) -> None:
     import signal
 
+    from pti.signals import install
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the driver decides
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt  # SIGTERM from the driver: atomic writes clean up on the way out
-
-    signal.signal(signal.SIGTERM, stop)
+    install([signal.SIGTERM])  # SIGTERM from the driver: atomic writes clean up on the way out
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _WORKER["run"] = _build_run(settings, out, workers=workers)
     _WORKER["settings"] = settings

@@ -93,7 +93,7 @@ def _show_usage_error(e) -> None:
 
 
 def _interrupted(start: int) -> int:
-    from pti.__main__ import how_interrupted
+    from pti.signals import how_interrupted
     from pti.errors import Interrupted
     from pti.fsutil import discard_pending, written_since
 

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from pti.errors import OutputError
+from pti.signals import deferred
 
 _WRITTEN: list[Path] = []  # every file atomic_path completed in this process, in order
 # Temporary files and staging folders this process has reserved and not yet renamed or removed. A name
 # goes in *before* the file exists, so an interrupt at any bytecode (even inside the creating call, or
 # between it and the `try` that would clean up) leaves it findable: `discard_pending` removes what is
-# left, and the CLI calls it before it reports an interrupt (atexit covers worker processes).
+# left, and the CLI calls it before it reports an interrupt (atexit covers worker processes). The short
+# steps that must not be cut in half run under `pti.signals.deferred`.
 _PENDING: set[Path] = set()
 
 # errnos that mean "this storage cannot take the file", as opposed to errors of whatever the caller
@@ -67,18 +69,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     try:
         try:
             yield tmp
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            _chmod_like_open(tmp)
-            os.replace(tmp, path)
+            with deferred():  # renamed and recorded, or neither
+                _commit(tmp, path)
         except OSError as e:
             if e.errno not in _STORAGE_ERRNOS:
                 raise
             raise output_error(path, e) from None
-        _WRITTEN.append(path)
     finally:
-        tmp.unlink(missing_ok=True)
-        _PENDING.discard(tmp)
+        with deferred():
+            tmp.unlink(missing_ok=True)
+            _PENDING.discard(tmp)
 
 
 @contextlib.contextmanager
@@ -100,16 +100,24 @@ def staged_folder(dest: str | os.PathLike, last: Iterable[str] = ()) -> Iterator
             if target.is_dir():
                 raise OutputError(f"cannot write {target}: it is a folder")
             try:
-                with open(stage / name, "rb+") as f:
-                    os.fsync(f.fileno())
-                _chmod_like_open(stage / name)
-                os.replace(stage / name, target)
+                with deferred():
+                    _commit(stage / name, target)
             except OSError as e:
                 raise output_error(target, e) from None
-            _WRITTEN.append(target)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        _PENDING.discard(stage)
+        with deferred():  # an interrupt inside rmtree's own cleanup would turn into an EBADF OSError
+            shutil.rmtree(stage, ignore_errors=True)
+            _PENDING.discard(stage)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Make a finished temporary file durable, give it normal permissions, rename it onto `path` and
+    record it in the ledger."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    _chmod_like_open(tmp)
+    os.replace(tmp, path)
+    _WRITTEN.append(path)
 
 
 def _reserve(path: Path, suffix: str, folder: bool) -> Path:
@@ -118,18 +126,19 @@ def _reserve(path: Path, suffix: str, folder: bool) -> Path:
     where, prefix = (path, ".staging-") if folder else (path.parent, f".{path.name}.")
     for _ in range(100):
         tmp = where / f"{prefix}{secrets.token_hex(4)}{suffix}"
-        _PENDING.add(tmp)
-        try:
-            if folder:
-                os.mkdir(tmp, 0o700)
-            else:
-                os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
-            return tmp
-        except FileExistsError:
-            _PENDING.discard(tmp)
-        except OSError as e:
-            _PENDING.discard(tmp)
-            raise output_error(path, e, folder=folder) from None
+        with deferred():
+            _PENDING.add(tmp)
+            try:
+                if folder:
+                    os.mkdir(tmp, 0o700)
+                else:
+                    os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
+                return tmp
+            except FileExistsError:
+                _PENDING.discard(tmp)
+            except OSError as e:
+                _PENDING.discard(tmp)
+                raise output_error(path, e, folder=folder) from None
     raise output_error(path, FileExistsError(errno.EEXIST, "no free temporary name"), folder=folder)
 
 
