@@ -149,20 +149,24 @@ def _triton_available() -> bool:  # asked per layer under impl="prefer:triton": 
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_modconv_supports(x, *args, **kwargs) -> bool:
-    import os
+def _triton(module: str, fn: str):
+    """The op `fn` of the kernel module `pti.kernels.<module>` and its `supports`, imported on first call."""
 
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or not _triton_available():
-        return False
-    from pti.kernels import triton_modconv
+    def supports(x, *args, **kwargs) -> bool:
+        import importlib
+        import os
 
-    return triton_modconv.supports(x, *args, **kwargs)
+        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or not _triton_available():
+            return False
+        return importlib.import_module(f"pti.kernels.{module}").supports(x, *args, **kwargs)
+
+    def run(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f"pti.kernels.{module}"), fn)(*args, **kwargs)
+
+    return run, supports
 
 
-def _triton_modconv(*args, **kwargs):
-    from pti.kernels import triton_modconv
-
-    return triton_modconv.modulated_conv2d(*args, **kwargs)
-
-
-register("modulated_conv2d", "triton", _triton_modconv, _triton_modconv_supports, auto=False)
+register("modulated_conv2d", "triton", *_triton("triton_modconv", "modulated_conv2d"), auto=False)
+register("bias_act", "triton", *_triton("triton_bias_act", "bias_act"), auto=False)

@@ -1,0 +1,135 @@
+"""The layer epilogue as one Triton pass each way: bias, activation, gain and clamp.
+
+    y = clamp(act(x + b) * gain, -clamp, clamp)
+
+for the activations StyleGAN2 uses (linear, relu, lrelu). Forward reads x once and writes y once, in
+float32 arithmetic with one rounding to x's dtype at the end (the reference rounds after each of its
+three or four ops in fp16/bf16). Backward recomputes v = x + b from the saved input and writes
+
+    dx = g * gain * act'(v) * [-clamp <= act(v) * gain <= clamp]
+
+with PyTorch's conventions at the kinks (relu' (0) = 0, lrelu' (0) = alpha, the clamp passes its
+bounds), and db = dx summed over every dimension but `dim`. Its own backward (second order) is the
+reference's autograd, re-run: the recipe never needs it, but nothing breaks if someone asks.
+
+Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 before this
+module is imported), which is how CI checks it. Registered as implementation "triton" of `bias_act`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pti.kernels import ref
+
+BLOCK = 1024
+ACTS = {"linear": 0, "relu": 1, "lrelu": 2}
+
+
+@triton.jit
+def _act_and_mask(v, alpha, gain, clamp, ACT: tl.constexpr, CLAMP: tl.constexpr):
+    """act(v) * gain clamped, and the derivative of that with respect to v (without the clamp mask)."""
+    if ACT == 1:
+        a = tl.where(v > 0, v, 0.0)
+        da = tl.where(v > 0, 1.0, 0.0)
+    elif ACT == 2:
+        a = tl.where(v > 0, v, v * alpha)
+        da = tl.where(v > 0, 1.0, alpha)
+    else:
+        a = v
+        da = tl.full(v.shape, 1.0, tl.float32)
+    a = a * gain
+    keep = tl.full(v.shape, 1, tl.int1)
+    if CLAMP:
+        keep = (a >= -clamp) & (a <= clamp)
+        a = tl.minimum(tl.maximum(a, -clamp), clamp)
+    return a, da, keep
+
+
+@triton.jit
+def _forward_kernel(x_ptr, b_ptr, y_ptr, numel, C, INNER, alpha, gain, clamp,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v = v + tl.load(b_ptr + (offs // INNER) % C, mask=ok, other=0.0).to(tl.float32)
+    y, _, _ = _act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _backward_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, numel, C, INNER, alpha, gain, clamp,
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v = v + tl.load(b_ptr + (offs // INNER) % C, mask=ok, other=0.0).to(tl.float32)
+    _, da, keep = _act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    dx = tl.where(keep, g * gain * da, 0.0)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _params(x, b, dim, act, alpha, gain, clamp):
+    _, def_alpha, def_gain = ref.ACTIVATIONS[act]
+    alpha = float(alpha if alpha is not None else def_alpha)
+    gain = float(gain if gain is not None else def_gain)
+    use_clamp = clamp is not None and clamp >= 0
+    inner = 1
+    for s in x.shape[dim + 1:]:
+        inner *= int(s)
+    return dict(C=int(x.shape[dim]), INNER=inner, alpha=alpha, gain=gain, clamp=float(clamp) if use_clamp else 0.0,
+                HAS_BIAS=b is not None, ACT=ACTS[act], CLAMP=use_clamp, BLOCK=BLOCK)
+
+
+def _launch(kernel, out, *tensors, params):
+    numel = out.numel()
+    if numel:
+        kernel[(triton.cdiv(numel, BLOCK),)](*tensors, out, numel, **params)
+    return out
+
+
+class BiasAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, b, dim, act, alpha, gain, clamp):
+        x = x.contiguous()
+        b = None if b is None else b.contiguous()
+        p = _params(x, b, dim, act, alpha, gain, clamp)
+        ctx.save_for_backward(x, b)
+        ctx.args = (dim, act, alpha, gain, clamp)
+        return _launch(_forward_kernel, torch.empty_like(x), x, x if b is None else b, params=p)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, b = ctx.saved_tensors
+        dim = ctx.args[0]
+        if torch.is_grad_enabled():  # double backward: the reference's autograd
+            leaves = [x.detach().requires_grad_(), None if b is None else b.detach().requires_grad_()]
+            with torch.enable_grad():
+                y = ref.bias_act(leaves[0], leaves[1], *ctx.args)
+            wrt = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad(y, wrt, g, create_graph=True))
+            dx, db = next(grads), (next(grads) if b is not None else None)
+        else:
+            p = _params(x, b, *ctx.args)
+            dx = _launch(_backward_kernel, torch.empty_like(x), g.contiguous(), x, x if b is None else b, params=p)
+            db = None
+            if b is not None and ctx.needs_input_grad[1]:
+                db = dx.float().sum(dim=[i for i in range(dx.ndim) if i != dim]).to(b.dtype)
+        return dx if ctx.needs_input_grad[0] else None, db, None, None, None, None, None
+
+
+def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
+    """Same signature and result as `ref.bias_act` (to one rounding), for the inputs `supports` accepts."""
+    if b is not None and (b.ndim != 1 or b.shape[0] != x.shape[dim]):
+        raise ValueError(f"bias of shape {tuple(b.shape)} does not match dim {dim} of {tuple(x.shape)}")
+    return BiasAct.apply(x, b, dim, act, alpha, gain, clamp)
+
+
+def supports(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None) -> bool:
+    return (act in ACTS and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and 0 <= dim < x.ndim
+            and (b is None or b.device == x.device))
