@@ -2,8 +2,9 @@
 
 Render: images per second at each batch for one generator config, per implementation:
 - `reference`: the PyTorch reference ops (what `pti render --backend torch` runs);
-- `triton`: the same network with `impl="prefer:triton"` (the Triton modulated convolution where it
-  applies; CUDA only);
+- `triton`: the same network with `impl="prefer:triton"` (each stride-1 layer as one Triton kernel:
+  modulated conv, noise, bias, activation, gain, clamp; the other epilogues on the Triton bias_act; the
+  up-sampling convolutions on the reference; CUDA only);
 - `compiled`: `torch.compile` of the synthesis network (with `--compile`; the compile time is reported);
 - `onnx`, `aoti`: the export backends (`pti export`), the base generator exported once into a temp folder.
 Tuning: seconds per inversion step, tuning step and locality-regularized tuning step, per precision, and

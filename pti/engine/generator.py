@@ -157,13 +157,12 @@ class SynthesisLayer(nn.Module):
             noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
         if self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
-        x = kernels.modulated_conv2d(
-            x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
-            resample_filter=self.resample_filter, flip_weight=(self.up == 1),
-            fused_modconv=fused_modconv, impl=impl,
-        )
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return kernels.bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain, clamp=act_clamp, impl=impl)
+        return kernels.modulated_conv2d_act(  # modulated conv, then bias_act (one kernel where one is registered)
+            x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
+            resample_filter=self.resample_filter, flip_weight=(self.up == 1), fused_modconv=fused_modconv,
+            bias=self.bias, act=self.activation, gain=self.act_gain * gain, clamp=act_clamp, impl=impl,
+        )
 
 
 class ToRGBLayer(nn.Module):
@@ -179,8 +178,8 @@ class ToRGBLayer(nn.Module):
 
     def forward(self, x, w, fused_modconv=True, impl="auto"):
         styles = self.affine(w, impl=impl) * self.weight_gain
-        x = kernels.modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv, impl=impl)
-        return kernels.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp, impl=impl)
+        return kernels.modulated_conv2d_act(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv,
+                                            bias=self.bias, clamp=self.conv_clamp, impl=impl)
 
 
 class SynthesisBlock(nn.Module):

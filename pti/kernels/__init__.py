@@ -31,7 +31,7 @@ class Impl:
     auto: bool = True            # False: only when asked for by name (not yet measured faster)
 
 
-OPS = ("bias_act", "upfirdn2d", "conv2d_resample", "modulated_conv2d")
+OPS = ("bias_act", "upfirdn2d", "conv2d_resample", "modulated_conv2d", "modulated_conv2d_act")
 _REGISTRY: dict[str, list[Impl]] = {op: [] for op in OPS}
 _LAST: dict[str, str] = {}
 
@@ -58,30 +58,27 @@ def chosen() -> dict[str, str]:
     return dict(_LAST)
 
 
-def _dispatch(op: str, impl: str, args, kwargs):
+def _pick(op: str, impl: str, args, kwargs) -> Impl | None:
+    """The registered implementation `impl` asks for with these inputs, or None for the reference."""
     if impl == "ref":
-        fn, name = getattr(ref, op), "ref"
-    elif impl == "auto":
-        fn, name = getattr(ref, op), "ref"
-        for cand in _REGISTRY[op]:
-            if cand.auto and cand.supports(*args, **kwargs):
-                fn, name = cand.fn, cand.name
-                break
-    elif impl.startswith("prefer:"):  # a whole network: NAME wherever it exists and takes the inputs, else the reference
-        fn, name = getattr(ref, op), "ref"
-        for cand in _REGISTRY[op]:
-            if cand.name == impl.removeprefix("prefer:") and cand.supports(*args, **kwargs):
-                fn, name = cand.fn, cand.name
-                break
-    else:
-        match = [i for i in _REGISTRY[op] if i.name == impl]
-        if not match:
-            raise ValueError(f"no implementation {impl!r} of {op}; available: {', '.join(available(op))}")
-        if not match[0].supports(*args, **kwargs):
-            raise ValueError(f"implementation {impl!r} of {op} cannot run these inputs")
-        fn, name = match[0].fn, impl
-    _LAST[op] = name
-    return fn(*args, **kwargs)
+        return None
+    if impl == "auto":
+        return next((c for c in _REGISTRY[op] if c.auto and c.supports(*args, **kwargs)), None)
+    if impl.startswith("prefer:"):  # a whole network: NAME wherever it exists and takes the inputs, else the reference
+        name = impl.removeprefix("prefer:")
+        return next((c for c in _REGISTRY[op] if c.name == name and c.supports(*args, **kwargs)), None)
+    match = [i for i in _REGISTRY[op] if i.name == impl]
+    if not match:
+        raise ValueError(f"no implementation {impl!r} of {op}; available: {', '.join(available(op))}")
+    if not match[0].supports(*args, **kwargs):
+        raise ValueError(f"implementation {impl!r} of {op} cannot run these inputs")
+    return match[0]
+
+
+def _dispatch(op: str, impl: str, args, kwargs):
+    cand = _pick(op, impl, args, kwargs)
+    _LAST[op] = cand.name if cand else "ref"
+    return (cand.fn if cand else getattr(ref, op))(*args, **kwargs)
 
 
 def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, impl="auto"):
@@ -126,6 +123,32 @@ def modulated_conv2d(
     return _dispatch("modulated_conv2d", impl, (x, weight, styles), kw)
 
 
+def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
+                         flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None,
+                         clamp=None, impl="auto"):
+    """A whole synthesis layer: `modulated_conv2d`, then `bias_act(bias, act, alpha, gain, clamp)`.
+
+    A registered fused implementation runs it as one kernel where it takes the inputs; otherwise it is
+    exactly the two ops, each dispatched with the same `impl` (so "ref" is the reference, bit for bit,
+    and "prefer:NAME" still uses NAME's separate kernels where the fused one does not apply).
+    `chosen()["modulated_conv2d_act"]` is the fused implementation's name, or "split"."""
+    args = (x, weight, styles)
+    kw = dict(noise=noise, up=up, padding=padding, resample_filter=resample_filter, demodulate=demodulate,
+              flip_weight=flip_weight, fused_modconv=fused_modconv, bias=bias, act=act, alpha=alpha, gain=gain, clamp=clamp)
+    # An implementation named outright that has no fused form (one registered for modulated_conv2d only)
+    # runs split; otherwise the usual rules, including "fails loudly" for a named one that cannot run these.
+    named = impl not in ("ref", "auto") and not impl.startswith("prefer:")
+    fused_names = {i.name for i in _REGISTRY["modulated_conv2d_act"]}
+    cand = None if named and impl not in fused_names else _pick("modulated_conv2d_act", impl, args, kw)
+    if cand is not None:
+        _LAST["modulated_conv2d_act"] = cand.name
+        return cand.fn(*args, **kw)
+    _LAST["modulated_conv2d_act"] = "split"
+    y = modulated_conv2d(x, weight, styles, noise=noise, up=up, padding=padding, resample_filter=resample_filter,
+                         demodulate=demodulate, flip_weight=flip_weight, fused_modconv=fused_modconv, impl=impl)
+    return bias_act(y, None if bias is None else bias.to(y.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp, impl=impl)
+
+
 def upsample2d(x, f, up=2, impl="auto"):
     """Upsample by `up` with FIR filter f to exactly up x the size (the skip path's op): upfirdn2d
     with the padding `ref.upsample_padding` (shared with conv2d_resample) and gain up^2."""
@@ -149,7 +172,7 @@ def _triton_available() -> bool:  # asked per layer under impl="prefer:triton": 
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton(module: str, fn: str):
+def _triton(module: str, fn: str, supports_fn: str = "supports"):
     """The op `fn` of the kernel module `pti.kernels.<module>` and its `supports`, imported on first call."""
 
     def supports(x, *args, **kwargs) -> bool:
@@ -158,7 +181,7 @@ def _triton(module: str, fn: str):
 
         if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or not _triton_available():
             return False
-        return importlib.import_module(f"pti.kernels.{module}").supports(x, *args, **kwargs)
+        return getattr(importlib.import_module(f"pti.kernels.{module}"), supports_fn)(x, *args, **kwargs)
 
     def run(*args, **kwargs):
         import importlib
@@ -170,3 +193,4 @@ def _triton(module: str, fn: str):
 
 register("modulated_conv2d", "triton", *_triton("triton_modconv", "modulated_conv2d"), auto=False)
 register("bias_act", "triton", *_triton("triton_bias_act", "bias_act"), auto=False)
+register("modulated_conv2d_act", "triton", *_triton("triton_modconv", "modulated_conv2d_act", "supports_act"), auto=False)

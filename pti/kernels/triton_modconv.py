@@ -10,9 +10,13 @@ the demodulation coefficients and the noise in its epilogue. The coefficients d 
 Wsq[o, i] = sum over taps of W[o, i, tap]^2, are an [N, O] matrix computed beside it (the same sum as the
 reference's, in another order).
 
-Backward: `ModulatedConv2d` pairs this forward with the reference's own autograd (it re-runs the
-reference forward under autograd and differentiates that), so gradients for the input, the weight, the
-styles and the noise are the reference's, by construction. The up-sampling layers keep the reference.
+Backward (`backward`): the input gradient is this kernel again (input scaled by d, the weight transposed
+and flipped, output scaled by s); the weight gradient's reduction over batch and pixels is
+`torch.nn.grad.conv2d_weight` (cuDNN on a GPU); the demodulation's own gradient (through d to the weight
+and the styles) is a few [N, O] x [O, I] products. No per-sample weights anywhere, and no second
+forward pass (the previous version re-ran the reference under autograd). Second-order gradients, which
+the recipe never takes, still go through the reference's autograd. The up-sampling layers keep the
+reference.
 
 It runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before
 this module is imported), which is how CI checks it. Registered as implementation "triton" of
@@ -26,21 +30,23 @@ import triton
 import triton.language as tl
 
 from pti.kernels import ref
+from pti.kernels.triton_bias_act import ACTS, _act_and_mask, _round_to
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 16
 
 
 @triton.jit
 def _modconv_kernel(
-    x_ptr, w_ptr, s_ptr, d_ptr, noise_ptr, y_ptr,
-    C_IN, C_OUT, H, W,
+    x_ptr, w_ptr, s_ptr, d_ptr, noise_ptr, b_ptr, y_ptr,
+    C_IN, C_OUT, H, W, alpha, gain, clamp,
     sxn, sxc, sxh, sxw,            # x strides
     swo, swi, swh, sww,            # weight strides
-    ssn, ssi,                      # styles strides
-    sdn, sdo,                      # dcoefs strides
+    ssn, ssi,                      # input scale (styles) strides
+    sdn, sdo,                      # output scale (demodulation) strides
     snn, snc, snh, snw,            # noise strides (0 where broadcast)
     syn, syc, syh, syw,            # y strides
-    KSIZE: tl.constexpr, PAD: tl.constexpr, DEMOD: tl.constexpr, HAS_NOISE: tl.constexpr,
+    KSIZE: tl.constexpr, PAD: tl.constexpr, OUT_SCALE: tl.constexpr, HAS_NOISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, EPILOGUE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)       # a tile of output pixels
@@ -69,15 +75,19 @@ def _modconv_kernel(
             b = tl.load(w_ptr + offs_n[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.dot(a, b, input_precision="ieee")
-    if DEMOD:
-        d = tl.load(d_ptr + n * sdn + offs_n * sdo, mask=n_ok, other=0.0)
+    if OUT_SCALE:
+        d = tl.load(d_ptr + n * sdn + offs_n * sdo, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * d[None, :]
     if HAS_NOISE:
         nz = tl.load(noise_ptr + n * snn + offs_n[None, :] * snc + oh[:, None] * snh + ow[:, None] * snw,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         acc = acc + nz
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE:  # the layer's activation, gain and clamp (pti.kernels.triton_bias_act)
+        acc, _, _ = _act_and_mask(acc, alpha, gain, clamp, ACT, CLAMP)
     tl.store(y_ptr + n * syn + offs_n[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
-             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+             _round_to(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def demod_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
@@ -86,48 +96,178 @@ def demod_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tens
     return (styles.float().square() @ wsq.t() + 1e-8).rsqrt()
 
 
-def forward(x, weight, styles, noise=None, demodulate=True):
-    """The kernel's forward (no autograd). x [N, I, H, W], weight [O, I, k, k], styles [N, I], noise broadcastable to [N, O, H, W]."""
+def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epilogue=None):
+    """y[n, o] = out_scale[n, o] * sum_{i, tap} weight[o, i, tap] * in_scale[n, i] * x[n, i, p + tap] (+ noise),
+    correlation with padding k // 2. Scales are [N, C] (any float dtype), noise [N, O, H, W] (expanded).
+    `epilogue` = (bias or None, act, alpha, gain, clamp) applies the layer's bias_act before the store."""
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
-    # The reference's fp16 overflow guard scales weight and styles by their max-norms; with demodulation the
-    # scale cancels, so float32 accumulation needs no guard. Without demodulation (toRGB) nothing is scaled.
-    d = demod_coefficients(weight, styles) if demodulate else x.new_empty([1, 1], dtype=torch.float32)
-    y = torch.empty([n, c_out, h, w], device=x.device, dtype=x.dtype)
-    if noise is not None:
-        noise = noise.to(x.dtype).expand(n, c_out, h, w)  # [H, W] (constant) or [N, 1, H, W] (random)
+    y = torch.empty([n, c_out, h, w], device=x.device, dtype=out_dtype or x.dtype)
+    d = out_scale if out_scale is not None else y.new_empty([1, 1])
     nz = noise if noise is not None else y
+    bias, act, alpha, gain, clamp = epilogue or (None, "linear", 0.0, 1.0, None)
     grid = (triton.cdiv(h * w, BLOCK_M), triton.cdiv(c_out, BLOCK_N), n)
     _modconv_kernel[grid](
-        x, weight, styles, d, nz, y,
-        c_in, c_out, h, w,
-        *x.stride(), *weight.stride(), *styles.stride(), *d.stride(), *nz.stride(), *y.stride(),
-        KSIZE=k, PAD=k // 2, DEMOD=demodulate, HAS_NOISE=noise is not None,
+        x, weight, in_scale, d, nz, y if bias is None else bias, y,
+        c_in, c_out, h, w, float(alpha), float(gain), float(clamp) if clamp is not None else 0.0,
+        *x.stride(), *weight.stride(), *in_scale.stride(), *d.stride(), *nz.stride(), *y.stride(),
+        KSIZE=k, PAD=k // 2, OUT_SCALE=out_scale is not None, HAS_NOISE=noise is not None,
+        HAS_BIAS=bias is not None, ACT=ACTS[act], CLAMP=clamp is not None, EPILOGUE=epilogue is not None,
         BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
     )
     return y
 
 
+def forward(x, weight, styles, noise=None, demodulate=True):
+    """The kernel's forward (no autograd). x [N, I, H, W], weight [O, I, k, k], styles [N, I], noise broadcastable to [N, O, H, W]."""
+    n, _, h, w = x.shape
+    # The reference's fp16 overflow guard scales weight and styles by their max-norms; with demodulation the
+    # scale cancels, so float32 accumulation needs no guard. Without demodulation (toRGB) nothing is scaled.
+    d = demod_coefficients(weight, styles) if demodulate else None
+    if noise is not None:
+        noise = noise.to(x.dtype).expand(n, weight.shape[0], h, w)  # [H, W] (constant) or [N, 1, H, W] (random)
+    return _launch(x, weight, styles, d, noise)
+
+
+def backward(grad, x, weight, styles, noise, y, demodulate, needs=(True, True, True, True)):
+    """Gradients of `forward` for x, weight, styles and noise (None where not needed), from its output y.
+
+    With z = conv(s * x, W) and y = d * z + noise, d = rsqrt(s^2 @ Wsq^T + 1e-8):
+      dz = d * g;  dx = s * conv^T(dz, W)  (this kernel again: in-scale d, the weight transposed and flipped);
+      ds = sum_p x * conv^T(dz, W) + 2 s * (dq @ Wsq);  dW = conv_weight(s * x, dz) + 2 W * (dq^T @ s^2);
+      dq = -d^3 / 2 * dd,  dd = sum_p g * z = sum_p g * (y - noise) / d;  dnoise = g summed to noise's shape.
+    Float32 throughout, each result rounded once to its input's dtype; the weight gradient's
+    reduction over batch and pixels is cuDNN's / oneDNN's (torch.nn.grad.conv2d_weight)."""
+    need_x, need_w, need_s, need_noise = needs
+    k = weight.shape[-1]
+    s32 = styles.float()
+    d = demod_coefficients(weight, styles) if demodulate else None
+    dx = dw = ds = dnoise = None
+    if need_x or need_s:
+        w_t = weight.transpose(0, 1).flip([2, 3]).contiguous()  # the adjoint of a stride-1 correlation
+        ones = torch.ones(1, 1, device=x.device, dtype=torch.float32).expand(x.shape[0], weight.shape[0])
+        dxs = _launch(grad, w_t, d if demodulate else ones, out_dtype=torch.float32)  # conv^T(d * g, W)
+        if need_x:
+            dx = (dxs * s32[:, :, None, None]).to(x.dtype)
+        if need_s:
+            ds = (dxs * x.float()).sum(dim=[2, 3])
+    if need_w:
+        dz = grad.float() * d[:, :, None, None] if demodulate else grad.float()
+        dw = torch.nn.grad.conv2d_weight(x.float() * s32[:, :, None, None], weight.shape, dz, padding=k // 2)
+    if demodulate and (need_w or need_s):
+        z_sum = grad.float() * (y.float() - (0 if noise is None else noise.float()))
+        dq = -0.5 * d.pow(3) * (z_sum.sum(dim=[2, 3]) / d)                  # [N, O]
+        if need_s:
+            ds = ds + 2 * s32 * (dq @ weight.float().square().sum(dim=[2, 3]))
+        if need_w:
+            dw = dw + 2 * weight.float() * (dq.t() @ s32.square())[:, :, None, None]
+    if need_noise and noise is not None:
+        dnoise = grad.float().sum_to_size(noise.shape).to(noise.dtype)
+    return (dx, None if dw is None else dw.to(weight.dtype), None if ds is None else ds.to(styles.dtype), dnoise)
+
+
 class ModulatedConv2d(torch.autograd.Function):
-    """Triton forward, the reference's backward (its autograd, re-run): gradients equal the reference's."""
+    """Triton forward and backward (the backward's input gradient is the same kernel; the weight gradient's
+    reduction is torch's). Second-order gradients re-run the reference's autograd."""
 
     @staticmethod
     def forward(ctx, x, weight, styles, noise, demodulate):
         ctx.demodulate = demodulate
-        ctx.save_for_backward(x, weight, styles, noise)
-        return forward(x, weight, styles, noise, demodulate)
+        y = forward(x, weight, styles, noise, demodulate)
+        ctx.save_for_backward(x, weight, styles, noise, y)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, styles, noise = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, weight, styles), ctx.needs_input_grad[:3])]
-        nz = None if noise is None else noise.detach().requires_grad_(ctx.needs_input_grad[3])
+        x, weight, styles, noise, y = ctx.saved_tensors
+        if not torch.is_grad_enabled():
+            return (*backward(grad, x, weight, styles, noise, y, ctx.demodulate, ctx.needs_input_grad[:4]), None)
+        # create_graph=True: differentiate the reference's own graph, built on the saved (graph-connected)
+        # inputs, so higher orders are right too.
         with torch.enable_grad():
-            y = ref.modulated_conv2d(*inputs, noise=nz, padding=weight.shape[-1] // 2, demodulate=ctx.demodulate, fused_modconv=False)
-        wrt = [t for t in (*inputs, nz) if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wrt, grad)) if wrt else iter(())
-        out = [next(grads) if t is not None and t.requires_grad else None for t in (*inputs, nz)]
-        return (*out, None)
+            y = ref.modulated_conv2d(x, weight, styles, noise=noise, padding=weight.shape[-1] // 2,
+                                     demodulate=ctx.demodulate, fused_modconv=False)
+        ins = (x, weight, styles, noise)
+        wrt = [t for t, need in zip(ins, ctx.needs_input_grad[:4]) if need]
+        grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True)) if wrt else iter(())
+        return (*[next(grads) if need else None for need in ctx.needs_input_grad[:4]], None)
+
+
+def _epilogue(act, alpha, gain, clamp):
+    _, def_alpha, def_gain = ref.ACTIVATIONS[act]
+    return (act, float(alpha if alpha is not None else def_alpha), float(gain if gain is not None else def_gain),
+            float(clamp) if clamp is not None and clamp >= 0 else None)
+
+
+def backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs):
+    """Gradients of the fused layer (x, weight, styles, noise, bias) from its output y alone.
+
+    The activation's input v is recovered from y (lrelu and linear are invertible where the gradient is
+    not zero; relu's negative side and clamped values have zero gradient), the same rule NVIDIA's bias_act
+    uses: dv = g * gain * act'(y) * [|y| < clamp as stored in y's dtype]. Then the modulated convolution's backward with the
+    pre-bias output v - b in place of its own output, and db = dv summed over batch and pixels."""
+    y32 = y.float()
+    pos = y32 > 0
+    if act == "linear":
+        da, v = 1.0, y32 / gain
+    elif act == "relu":
+        da, v = pos.float(), torch.where(pos, y32 / gain, 0.0)
+    else:
+        da = torch.where(pos, 1.0, alpha)
+        v = torch.where(pos, y32 / gain, y32 / (gain * alpha) if alpha != 0 else 0.0)
+    dv = grad.float() * gain * da
+    if clamp is not None:  # clamped values were stored as float32(clamp) rounded to y's dtype (0.3 -> 0.3008 in bf16)
+        dv = dv * (y32.abs() < float(torch.tensor(clamp, dtype=torch.float32).to(y.dtype)))
+    pre = v if bias is None else v - bias.float()[None, :, None, None]
+    grads = backward(dv, x, weight, styles, noise, pre, demodulate, needs[:4])
+    db = dv.sum(dim=[0, 2, 3]).to(bias.dtype) if bias is not None and needs[4] else None
+    return (*grads, db)
+
+
+class ModulatedConv2dAct(torch.autograd.Function):
+    """A whole synthesis layer in one kernel: modulated conv, noise, bias, activation, gain, clamp. Only y
+    is kept for the backward (not the convolution's output as well). Second order: the reference's graph."""
+
+    @staticmethod
+    def forward(ctx, x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp):
+        ctx.args = (demodulate, *_epilogue(act, alpha, gain, clamp))
+        _, act, alpha, gain, clamp = ctx.args
+        n, _, h, w = x.shape
+        d = demod_coefficients(weight, styles) if demodulate else None
+        nz = None if noise is None else noise.to(x.dtype).expand(n, weight.shape[0], h, w)
+        y = _launch(x, weight, styles, d, nz, epilogue=(None if bias is None else bias.to(x.dtype), act, alpha, gain, clamp))
+        ctx.save_for_backward(x, weight, styles, noise, bias, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, styles, noise, bias, y = ctx.saved_tensors
+        demodulate, act, alpha, gain, clamp = ctx.args
+        needs = ctx.needs_input_grad[:5]
+        if not torch.is_grad_enabled():
+            return (*backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs),
+                    None, None, None, None, None)
+        with torch.enable_grad():
+            z = ref.modulated_conv2d(x, weight, styles, noise=noise, padding=weight.shape[-1] // 2,
+                                     demodulate=demodulate, fused_modconv=False)
+            y = ref.bias_act(z, None if bias is None else bias.to(z.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp)
+        ins = (x, weight, styles, noise, bias)
+        wrt = [t for t, need in zip(ins, needs) if need]
+        grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True)) if wrt else iter(())
+        return (*[next(grads) if need else None for need in needs], None, None, None, None, None)
+
+
+def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
+                         flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None, clamp=None):
+    """Same signature and result as `pti.kernels.modulated_conv2d_act`'s reference, for the inputs `supports_act` accepts."""
+    return ModulatedConv2dAct.apply(x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp)
+
+
+def supports_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
+                 flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None, clamp=None) -> bool:
+    return (supports(x, weight, styles, noise, up, padding, resample_filter, demodulate, flip_weight, fused_modconv)
+            and act in ACTS and (gain is None or gain > 0) and (alpha is None or alpha >= 0)
+            and (bias is None or (bias.ndim == 1 and bias.shape[0] == weight.shape[0])))
 
 
 def modulated_conv2d(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
