@@ -36,6 +36,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 from pti import kernels  # noqa: E402
 from pti.kernels import ref  # noqa: E402
 from pti.kernels import triton_modconv as T  # noqa: E402
+from pti.kernels import triton_upfirdn  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 SHAPES = [  # (batch, in, out, size, kernel)
@@ -318,17 +319,21 @@ def test_the_layer_op_splits_where_no_fused_kernel_applies():
 
 
 @pytest.mark.slow
-def test_a_whole_generator_prefers_the_kernel_where_it_applies():
-    """G.impl = "prefer:triton": the stride-1 layers as one fused kernel each, every other epilogue on the
-    bias_act kernel, the up-sampling convolutions on the reference. Image and gradients (for ws and every weight, what inversion and
-    tuning use) within the float32 bound's order of magnitude of the reference's: about 20 layers of
-    ~1e-6 relative each forward, and the backward's longer reductions (pixels x batch)."""
+def test_a_whole_generator_prefers_the_kernel_where_it_applies(monkeypatch):
+    """G.impl = "prefer:triton": every synthesis layer as one fused kernel (the up-sampling ones: PyTorch's
+    transposed convolution, then the FIR filter and the epilogue in one kernel) and the skip image's
+    up-sampling on the FIR kernel. Image and gradients (for ws and every weight, what inversion and tuning
+    use) within the float32 bound's order of magnitude of the reference's: about 20 layers of ~1e-6
+    relative each forward, and the backward's longer reductions (pixels x batch)."""
     from pti.engine.generator import tiny_generator
 
     G = tiny_generator(DEVICE).requires_grad_(True)
     ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(0)).to(DEVICE), truncation_psi=0.7)
     c = None
     results = {}
+    up_layers = []
+    real_up = triton_upfirdn.modulated_conv2d_up_act
+    monkeypatch.setattr(triton_upfirdn, "modulated_conv2d_up_act", lambda *a, **k: up_layers.append(1) or real_up(*a, **k))
     for impl in ("ref", "prefer:triton"):
         leaf = ws.detach().clone().requires_grad_()
         img = G.synthesis(leaf, noise_mode="const", force_fp32=True, impl=impl)
@@ -338,8 +343,10 @@ def test_a_whole_generator_prefers_the_kernel_where_it_applies():
         grads = torch.autograd.grad((img * c).sum(), [leaf, *params], allow_unused=True, materialize_grads=True)
         results[impl] = (img.detach(), grads)
         used = kernels.chosen()
-    assert used["modulated_conv2d_act"] == "triton" and used["bias_act"] == "triton"
+    assert used["modulated_conv2d_act"] == "triton" and used["upfirdn2d"] == "triton"
+    assert up_layers  # the up-sampling layers ran fused
     (want, want_g), (got, got_g) = results["ref"], results["prefer:triton"]
     assert 0 < (got - want).abs().max() <= 1e-4
     rel = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got_g, want_g) if b.abs().max() > 0]
+    print(f"image max diff {(got - want).abs().max():.3g}, gradients max relative {max(rel):.3g}")
     assert 0 < max(rel) <= 1e-4, max(rel)

@@ -193,4 +193,5 @@ def _triton(module: str, fn: str, supports_fn: str = "supports"):
 
 register("modulated_conv2d", "triton", *_triton("triton_modconv", "modulated_conv2d"), auto=False)
 register("bias_act", "triton", *_triton("triton_bias_act", "bias_act"), auto=False)
+register("upfirdn2d", "triton", *_triton("triton_upfirdn", "upfirdn2d"), auto=False)
 register("modulated_conv2d_act", "triton", *_triton("triton_modconv", "modulated_conv2d_act", "supports_act"), auto=False)

@@ -156,6 +156,28 @@ def _conv(x, w, stride=1, padding=0, groups=1, transpose=False, flip_weight=True
     return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
 
 
+def transposed_conv_up(x, w, up, padding, groups=1, flip_weight=True):
+    """The first half of an up-sampling `conv2d_resample`: the stride-`up` transposed convolution, and the
+    padding [x0, x1, y0, y1] the FIR filter that follows it (gain up^2) must use. `padding` is the total,
+    the user's plus `upsample_padding`'s."""
+    out_channels, in_per_group, kh, kw = (int(s) for s in w.shape)
+    px0, px1, py0, py1 = padding
+    # Transposed conv wants [I, O/groups, k, k] per group.
+    if groups == 1:
+        w = w.transpose(0, 1)
+    else:
+        w = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
+        w = w.reshape(groups * in_per_group, out_channels // groups, kh, kw)
+    px0 -= kw - 1
+    px1 -= kw - up
+    py0 -= kh - 1
+    py1 -= kh - up
+    pxt = max(min(-px0, -px1), 0)
+    pyt = max(min(-py0, -py1), 0)
+    x = _conv(x, w, stride=up, padding=[pyt, pxt], groups=groups, transpose=True, flip_weight=not flip_weight)
+    return x, [px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt]
+
+
 def conv2d_resample(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -194,20 +216,8 @@ def conv2d_resample(
         x = upfirdn2d(x, f, padding=[px0, px1, py0, py1], flip_filter=flip_filter)
         return _conv(x, w, stride=down, groups=groups, flip_weight=flip_weight)
     if up > 1:
-        # Transposed conv wants [I, O/groups, k, k] per group.
-        if groups == 1:
-            w = w.transpose(0, 1)
-        else:
-            w = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
-            w = w.reshape(groups * in_per_group, out_channels // groups, kh, kw)
-        px0 -= kw - 1
-        px1 -= kw - up
-        py0 -= kh - 1
-        py1 -= kh - up
-        pxt = max(min(-px0, -px1), 0)
-        pyt = max(min(-py0, -py1), 0)
-        x = _conv(x, w, stride=up, padding=[pyt, pxt], groups=groups, transpose=True, flip_weight=not flip_weight)
-        x = upfirdn2d(x, f, padding=[px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt], gain=up**2, flip_filter=flip_filter)
+        x, fir_padding = transposed_conv_up(x, w, up, [px0, px1, py0, py1], groups, flip_weight)
+        x = upfirdn2d(x, f, padding=fir_padding, gain=up**2, flip_filter=flip_filter)
         if down > 1:
             x = upfirdn2d(x, f, down=down, flip_filter=flip_filter)
         return x

@@ -199,13 +199,13 @@ def _epilogue(act, alpha, gain, clamp):
             float(clamp) if clamp is not None and clamp >= 0 else None)
 
 
-def backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs):
-    """Gradients of the fused layer (x, weight, styles, noise, bias) from its output y alone.
+def act_backward(grad, y, bias, act, alpha, gain, clamp):
+    """From a fused layer's output y alone: dv, the gradient at the activation's input v, and v - b, the
+    output before bias and activation (both float32).
 
-    The activation's input v is recovered from y (lrelu and linear are invertible where the gradient is
-    not zero; relu's negative side and clamped values have zero gradient), the same rule NVIDIA's bias_act
-    uses: dv = g * gain * act'(y) * [|y| < clamp as stored in y's dtype]. Then the modulated convolution's backward with the
-    pre-bias output v - b in place of its own output, and db = dv summed over batch and pixels."""
+    v is recovered from y (lrelu and linear are invertible where the gradient is not zero; relu's negative
+    side and clamped values have zero gradient), the rule NVIDIA's bias_act uses:
+    dv = g * gain * act'(y) * [|y| < clamp as stored in y's dtype]."""
     y32 = y.float()
     pos = y32 > 0
     if act == "linear":
@@ -218,7 +218,14 @@ def backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha
     dv = grad.float() * gain * da
     if clamp is not None:  # clamped values were stored as float32(clamp) rounded to y's dtype (0.3 -> 0.3008 in bf16)
         dv = dv * (y32.abs() < float(torch.tensor(clamp, dtype=torch.float32).to(y.dtype)))
-    pre = v if bias is None else v - bias.float()[None, :, None, None]
+    return dv, (v if bias is None else v - bias.float()[None, :, None, None])
+
+
+def backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs):
+    """Gradients of the fused layer (x, weight, styles, noise, bias) from its output y alone: `act_backward`,
+    then the modulated convolution's backward with v - b in place of its own output, and db = dv summed
+    over batch and pixels."""
+    dv, pre = act_backward(grad, y, bias, act, alpha, gain, clamp)
     grads = backward(dv, x, weight, styles, noise, pre, demodulate, needs[:4])
     db = dv.sum(dim=[0, 2, 3]).to(bias.dtype) if bias is not None and needs[4] else None
     return (*grads, db)
@@ -259,12 +266,23 @@ class ModulatedConv2dAct(torch.autograd.Function):
 
 def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
                          flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None, clamp=None):
-    """Same signature and result as `pti.kernels.modulated_conv2d_act`'s reference, for the inputs `supports_act` accepts."""
+    """Same signature and result as `pti.kernels.modulated_conv2d_act`'s reference, for the inputs `supports_act`
+    accepts: the stride-1 layers here, the up-sampling ones in `triton_upfirdn`."""
+    if up > 1:
+        from pti.kernels import triton_upfirdn
+
+        return triton_upfirdn.modulated_conv2d_up_act(x, weight, styles, noise, up, padding, resample_filter, demodulate,
+                                                      flip_weight, fused_modconv, bias, act, alpha, gain, clamp)
     return ModulatedConv2dAct.apply(x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp)
 
 
 def supports_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
                  flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None, clamp=None) -> bool:
+    if up > 1:
+        from pti.kernels import triton_upfirdn
+
+        return triton_upfirdn.supports_up_act(x, weight, styles, noise, up, padding, resample_filter, demodulate,
+                                              flip_weight, fused_modconv, bias, act, alpha, gain, clamp)
     return (supports(x, weight, styles, noise, up, padding, resample_filter, demodulate, flip_weight, fused_modconv)
             and act in ACTS and (gain is None or gain > 0) and (alpha is None or alpha >= 0)
             and (bias is None or (bias.ndim == 1 and bias.shape[0] == weight.shape[0])))
