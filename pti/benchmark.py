@@ -5,9 +5,12 @@ Render: images per second at each batch for one generator config, per implementa
 - `triton`: the same network with `impl="prefer:triton"` (each stride-1 layer as one Triton kernel:
   modulated conv, noise, bias, activation, gain, clamp; the other epilogues on the Triton bias_act; the
   up-sampling convolutions on the reference; CUDA only);
+- `cudagraph`, `triton-cudagraph`: `reference` or `triton` recorded once per batch size into a CUDA graph
+  and replayed (no per-launch CPU overhead; CUDA only);
 - `compiled`: `torch.compile` of the synthesis network (with `--compile`; the compile time is reported);
 - `onnx`, `aoti`: the export backends (`pti export`), the base generator exported once into a temp folder.
-Tuning: seconds per inversion step, tuning step and locality-regularized tuning step, per precision, and
+Tuning: seconds per inversion step, tuning step and locality-regularized tuning step, per implementation
+(reference; triton too on CUDA when asked for) and precision, and
 the full recipe projected from them (450 inversion + 350 tuning steps; without and with locality), plus
 peak GPU memory. The weight-free losses are used (no weights needed); the paper's VGG16 + LPIPS add
 about one VGG forward per inversion step.
@@ -102,13 +105,15 @@ def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=p
 
     for impl in impls:
         t0 = time.perf_counter()
+        if impl in ("triton", "cudagraph", "triton-cudagraph") and device.type != "cuda":
+            progress(f"{impl}: needs a CUDA device; skipped")
+            continue
         if impl == "reference":
             runners[impl] = eager("ref")
         elif impl == "triton":
-            if device.type != "cuda":
-                progress("triton: needs a CUDA device; skipped")
-                continue
             runners[impl] = eager("prefer:triton")
+        elif impl in ("cudagraph", "triton-cudagraph"):
+            runners[impl] = cuda_graphed(eager("prefer:triton" if impl.startswith("triton") else "ref"), device)
         elif impl == "compiled":
             compiled = torch.compile(G.synthesis)
             runners[impl] = lambda ws, c=compiled: c(ws, noise_mode="const", force_fp32=True, impl="ref")
@@ -153,6 +158,34 @@ def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=p
     return rows
 
 
+def cuda_graphed(fn: Callable, device: torch.device) -> Callable:
+    """`fn(ws) -> images` replayed from a CUDA graph, one per input shape: the whole synthesis network's
+    launches recorded once (after warm-up calls on a side stream, which also compile Triton kernels), then
+    each call copies ws into the graph's static input and replays. Needs constant noise (no RNG inside)."""
+    graphs: dict[tuple, tuple] = {}
+
+    def run(ws):
+        key = (tuple(ws.shape), ws.dtype)
+        if key not in graphs:
+            static_in = ws.clone()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn(static_in)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = fn(static_in)
+            graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = graphs[key]
+        static_in.copy_(ws)
+        graph.replay()
+        return static_out
+
+    return run
+
+
 def _export(kind, G, device, tmp, batch):
     from pti.engine.checkpoint import generator_hash
     from pti.export import Source, export
@@ -160,42 +193,58 @@ def _export(kind, G, device, tmp, batch):
     return export(kind, Source(G, generator_hash(G), "bench"), tmp, batch=(1, batch, batch), device=device).parent
 
 
-def tune_rows(G, device, precisions, steps, progress=print) -> list[dict]:
-    """Seconds per step of each phase (median after one warm-up step) and the projected full recipe."""
+def tune_rows(G, device, precisions, steps, progress=print, impls=("reference",)) -> list[dict]:
+    """Seconds per step of each phase (median after one warm-up step) and the projected full recipe, per
+    implementation (always reference; triton too on CUDA when asked for: `G.impl = "prefer:triton"`) and
+    precision."""
+    rows = []
+    with torch.no_grad():
+        target = G.synthesis(G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)).to(device)), noise_mode="const")
+        pivot = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(2)).to(device), truncation_psi=0.7)
+    tuned = ["reference"] + (["triton"] if "triton" in impls and device.type == "cuda" else [])
+    runs = [(impl, precision) for impl in tuned for precision in precisions]
+    saved_impl = G.impl
+    try:
+        for impl, precision in runs:
+            G.impl = "prefer:triton" if impl == "triton" else "ref"
+            rows += _tune_rows_one(G, device, impl, precision, steps, target, pivot, progress)
+    finally:
+        G.impl = saved_impl
+    return rows
+
+
+def _tune_rows_one(G, device, impl, precision, steps, target, pivot, progress) -> list[dict]:
     from pti.engine.invert import InvertConfig, invert
     from pti.engine.losses import WeightFreePerceptual, WeightFreeProjectorMetric
     from pti.engine.tune import TuneConfig, tune
 
     rows = []
-    with torch.no_grad():
-        target = G.synthesis(G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)).to(device)), noise_mode="const")
-        pivot = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(2)).to(device), truncation_psi=0.7)
-    for precision in precisions:
-        per = {}
-        for phase in ("invert", "tune", "tune+locality"):
-            stamps = []
+    per = {}
+    for phase in ("invert", "tune", "tune+locality"):
+        stamps = []
 
-            def tick(*_):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                stamps.append(time.perf_counter())
-
+        def tick(*_):
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            if phase == "invert":
-                invert(G, target, WeightFreeProjectorMetric(), InvertConfig(steps=steps + 1, w_avg_samples=64, precision=precision), progress=tick)
-            else:
-                tune(G, target, pivot, WeightFreePerceptual(), TuneConfig(max_steps=steps + 1, lpips_threshold=0.0, precision=precision,
-                                                                          locality=phase == "tune+locality"), progress=tick)
-            per[phase] = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-            mem = round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
-            rows.append(dict(kind="tune", phase=phase, precision=precision, seconds_per_step=round(per[phase], 4), peak_memory_gb=mem))
-            progress(f"tune {phase:14s} {precision}: {per[phase] * 1000:9.1f} ms/step" + ("" if mem is None else f", peak {mem:.2f} GB"))
-        for locality in (False, True):
-            total = RECIPE["invert"] * per["invert"] + RECIPE["tune"] * per["tune+locality" if locality else "tune"]
-            rows.append(dict(kind="recipe", precision=precision, locality=locality, projected_seconds=round(total, 2),
-                             from_steps=steps))
-            progress(f"full recipe {precision} {'with' if locality else 'without'} locality: {total:.1f} s per image (projected)")
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if phase == "invert":
+            invert(G, target, WeightFreeProjectorMetric(), InvertConfig(steps=steps + 1, w_avg_samples=64, precision=precision), progress=tick)
+        else:
+            tune(G, target, pivot, WeightFreePerceptual(), TuneConfig(max_steps=steps + 1, lpips_threshold=0.0, precision=precision,
+                                                                      locality=phase == "tune+locality"), progress=tick)
+        per[phase] = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+        mem = round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
+        rows.append(dict(kind="tune", implementation=impl, phase=phase, precision=precision,
+                         seconds_per_step=round(per[phase], 4), peak_memory_gb=mem))
+        progress(f"tune {impl:9s} {phase:14s} {precision}: {per[phase] * 1000:9.1f} ms/step" + ("" if mem is None else f", peak {mem:.2f} GB"))
+    for locality in (False, True):
+        total = RECIPE["invert"] * per["invert"] + RECIPE["tune"] * per["tune+locality" if locality else "tune"]
+        rows.append(dict(kind="recipe", implementation=impl, precision=precision, locality=locality,
+                         projected_seconds=round(total, 2), from_steps=steps))
+        progress(f"full recipe {impl} {precision} {'with' if locality else 'without'} locality: {total:.1f} s per image (projected)")
     return rows
 
 
@@ -225,10 +274,10 @@ def run(config: str, device: torch.device, batches: list[int], impls: list[str],
     apply_cpu_threads(G, device, "auto")
     rows = []
     for precision in precisions:
-        rows += render_rows(G, device, batches, impls if precision == "fp32" else [i for i in impls if i in ("reference", "triton")],
+        rows += render_rows(G, device, batches, impls if precision == "fp32" else [i for i in impls if "onnx" != i != "aoti"],
                             repeats, precision, progress)
     if tune_steps:
-        rows += tune_rows(G, device, precisions, tune_steps, progress)
+        rows += tune_rows(G, device, precisions, tune_steps, progress, impls)
     return {"what": "pti bench: render throughput and tuning time per implementation and precision", "config": config,
             "resolution": G.img_resolution, "environment": environment(device), "repeats": repeats, "rows": rows}
 

@@ -9,7 +9,7 @@ import typer
 
 from pti.commands.common import DeviceOption, console
 
-IMPLS = ("reference", "triton", "compiled", "onnx", "aoti")
+IMPLS = ("reference", "triton", "cudagraph", "triton-cudagraph", "compiled", "onnx", "aoti")
 
 
 def _csv(allowed: tuple[str, ...]):
@@ -29,7 +29,7 @@ def _batches(value: str) -> str:
 
 def bench(
     config: Annotated[str, typer.Option("--config", callback=_csv(("tiny", "paper256", "ffhq1024")), help="Generator shape (random weights): tiny, paper256 or ffhq1024 (config-f, 1024 px).")] = "paper256",
-    impl: Annotated[str, typer.Option("--impl", callback=_csv(IMPLS), help="Comma-separated implementations: reference, triton (CUDA), compiled (torch.compile), onnx, aoti.")] = "reference,onnx",
+    impl: Annotated[str, typer.Option("--impl", callback=_csv(IMPLS), help="Comma-separated implementations: reference, triton (CUDA), cudagraph and triton-cudagraph (either replayed from a CUDA graph), compiled (torch.compile), onnx, aoti. Tuning is timed for reference, and for triton when asked on CUDA.")] = "reference,onnx",
     precision: Annotated[str, typer.Option("--precision", callback=_csv(("fp32", "bf16")), help="Comma-separated precisions.")] = "fp32",
     batches: Annotated[str, typer.Option("--batches", callback=_batches, help="Comma-separated render batch sizes.")] = "1,8",
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=1000, help="Timed calls per measurement (the median is reported).")] = 5,
