@@ -21,16 +21,11 @@ backwards (the demodulation gradient forgotten; the adjoint's taps not flipped) 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# On a GPU the kernel runs on CUDA tensors; elsewhere under Triton's interpreter on CPU tensors. The variable
-# must be set before the kernel module is imported: triton.jit reads it then.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from tritonenv import DEVICE, EPS32  # noqa: E402  (first: it sets TRITON_INTERPRET on CPU)
+
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' on Linux)")
 
 from pti import kernels  # noqa: E402
@@ -38,7 +33,6 @@ from pti.kernels import ref  # noqa: E402
 from pti.kernels import triton_modconv as T  # noqa: E402
 from pti.kernels import triton_upfirdn  # noqa: E402
 
-EPS32 = torch.finfo(torch.float32).eps
 SHAPES = [  # (batch, in, out, size, kernel)
     (1, 16, 24, 6, 3),
     (3, 33, 40, 5, 3),     # channel counts off the 16/32 tiles: masks
@@ -310,12 +304,16 @@ def test_the_layer_op_splits_where_no_fused_kernel_applies():
     want = ref.bias_act(ref.modulated_conv2d(x, w, s, padding=1), b, act="lrelu")
     got = kernels.modulated_conv2d_act(x, w, s, padding=1, bias=b, act="lrelu")  # auto: the reference, split
     assert kernels.chosen()["modulated_conv2d_act"] == "split" and torch.equal(got, want)
+    # tanh has no fused kernel: under prefer:triton the conv still takes the Triton kernel, the epilogue the reference
+    kernels.modulated_conv2d_act(x, w, s, padding=1, bias=b, act="tanh", impl="prefer:triton")
+    used = kernels.chosen()
+    assert (used["modulated_conv2d_act"], used["modulated_conv2d"], used["bias_act"]) == ("split", "triton", "ref")
+    with pytest.raises(ValueError, match="cannot run these inputs"):  # named outright: no silent fallback
+        kernels.modulated_conv2d_act(x, w, s, padding=1, bias=b, act="tanh", impl="triton")
     f = kernels.setup_filter([1, 3, 3, 1]).to(DEVICE)
     kernels.modulated_conv2d_act(x, w, s, up=2, padding=1, resample_filter=f, flip_weight=False, bias=b, act="lrelu",
                                  impl="prefer:triton")
-    assert kernels.chosen()["modulated_conv2d_act"] == "split" and kernels.chosen()["bias_act"] == "triton"
-    with pytest.raises(ValueError, match="cannot run these inputs"):
-        kernels.modulated_conv2d_act(x, w, s, up=2, padding=1, resample_filter=f, flip_weight=False, impl="triton")
+    assert kernels.chosen()["modulated_conv2d_act"] == "triton"  # the up-sampling layer has its fused kernel
 
 
 @pytest.mark.slow

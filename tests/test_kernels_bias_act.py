@@ -18,21 +18,17 @@ comparison, counted and capped.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
+from tritonenv import DEVICE, EPS32  # noqa: E402  (first: it sets TRITON_INTERPRET on CPU)
+
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' on Linux)")
 
 from pti import kernels  # noqa: E402
 from pti.kernels import ref  # noqa: E402
 from pti.kernels import triton_bias_act as T  # noqa: E402
 
-EPS32 = torch.finfo(torch.float32).eps
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CASES = [  # (shape, act, gain, clamp): the generator's uses and the odd ones
     ((2, 24, 5, 7), "lrelu", 2 ** 0.5, 256.0 * 0.01),     # a synthesis layer, conv_clamp scaled so it bites

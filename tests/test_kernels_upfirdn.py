@@ -19,21 +19,17 @@ in test_kernels.py): either side is right there, and the backward reads the kink
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported: triton.jit reads it then
+from tritonenv import DEVICE, EPS32  # noqa: E402  (first: it sets TRITON_INTERPRET on CPU)
+
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' on Linux)")
 
 from pti import kernels  # noqa: E402
 from pti.kernels import ref  # noqa: E402
 from pti.kernels import triton_upfirdn as T  # noqa: E402
 
-EPS32 = torch.finfo(torch.float32).eps
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FIR = [  # (up, down, padding, filter taps, flip_filter): the generator's uses, crops, odd factors
     (2, 1, [2, 1, 2, 1], [1, 3, 3, 1], False),     # upsample2d of the skip image

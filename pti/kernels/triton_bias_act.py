@@ -61,13 +61,20 @@ def _act_and_mask(v, alpha, gain, clamp, ACT: tl.constexpr, CLAMP: tl.constexpr)
 
 
 @triton.jit
+def _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS: tl.constexpr):
+    """x + b in float32 at flat offsets of a contiguous x, the bias indexed by the channel (offs // INNER) % C."""
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v = v + tl.load(b_ptr + (offs // INNER) % C, mask=ok, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _forward_kernel(x_ptr, b_ptr, y_ptr, numel, C, INNER, alpha, gain, clamp,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
-    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        v = v + tl.load(b_ptr + (offs // INNER) % C, mask=ok, other=0.0).to(tl.float32)
+    v = _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS)
     y, _, _ = _act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
     tl.store(y_ptr + offs, _round_to(y, y_ptr.dtype.element_ty), mask=ok)
 
@@ -77,9 +84,7 @@ def _backward_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, numel, C, INNER, alpha, gain, 
                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
-    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        v = v + tl.load(b_ptr + (offs // INNER) % C, mask=ok, other=0.0).to(tl.float32)
+    v = _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS)
     _, da, keep = _act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     dx = tl.where(keep, g * gain * da, 0.0)
