@@ -4,20 +4,26 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BASE_STAMP := $(VENV)/.installed-base
 
 .PHONY: setup demo test bench bench-threads clean
 
 setup: $(STAMP)
 
-# torch==2.13.0 first: an unpinned torch would pull the newest CUDA build (GBs).
-$(STAMP): pyproject.toml
+# torch==2.13.0 first: an unpinned torch would pull the newest CUDA build (GBs). The demo needs only pti
+# itself; the tests add the extras (ONNX Runtime, Ray, the studio, Triton: about 1.5 GB more).
+$(BASE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e .
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: setup
+demo: $(BASE_STAMP)
 	$(BIN)/pti demo --out demo-out
 
 test: setup
