@@ -92,15 +92,38 @@ def _backward_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, numel, C, INNER, alpha, gain, 
 
 
 def _params(x, b, dim, act, alpha, gain, clamp):
-    _, def_alpha, def_gain = ref.ACTIVATIONS[act]
-    alpha = float(alpha if alpha is not None else def_alpha)
-    gain = float(gain if gain is not None else def_gain)
-    use_clamp = clamp is not None and clamp >= 0
+    act, alpha, gain, clamp = resolve(act, alpha, gain, clamp)
     inner = 1
     for s in x.shape[dim + 1:]:
         inner *= int(s)
-    return dict(C=int(x.shape[dim]), INNER=inner, alpha=alpha, gain=gain, clamp=float(clamp) if use_clamp else 0.0,
-                HAS_BIAS=b is not None, ACT=ACTS[act], CLAMP=use_clamp, BLOCK=BLOCK)
+    return dict(C=int(x.shape[dim]), INNER=inner, alpha=alpha, gain=gain, clamp=0.0 if clamp is None else clamp,
+                HAS_BIAS=b is not None, ACT=ACTS[act], CLAMP=clamp is not None, BLOCK=BLOCK)
+
+
+def resolve(act, alpha, gain, clamp):
+    """(act, alpha, gain, clamp) with the activation's defaults filled in as floats; clamp None when off
+    (None or negative, as in the reference)."""
+    _, def_alpha, def_gain = ref.ACTIVATIONS[act]
+    return (act, float(alpha if alpha is not None else def_alpha), float(gain if gain is not None else def_gain),
+            float(clamp) if clamp is not None and clamp >= 0 else None)
+
+
+def epilogue_supported(bias, channels, act, alpha, gain) -> bool:
+    """Whether a fused layer kernel can apply this bias_act: a known activation, a positive gain (the
+    backward recovers the activation's input from the output), a per-channel bias."""
+    return (act in ACTS and (gain is None or gain > 0) and (alpha is None or alpha >= 0)
+            and (bias is None or (bias.ndim == 1 and bias.shape[0] == channels)))
+
+
+def reference_grads(fn, inputs, needs, grad):
+    """Gradients of fn(*inputs) for the inputs that need one (None for the others), with create_graph=True:
+    how the custom functions here take second-order gradients, through the reference's own graph built on
+    their saved (graph-connected) inputs."""
+    with torch.enable_grad():
+        y = fn(*inputs)
+    wrt = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True)) if wrt else iter(())
+    return [next(grads) if need else None for need in needs]
 
 
 def _launch(kernel, out, *tensors, params):
@@ -124,19 +147,14 @@ class BiasAct(torch.autograd.Function):
     def backward(ctx, g):
         x, b = ctx.saved_tensors
         dim = ctx.args[0]
-        if torch.is_grad_enabled():  # create_graph=True: the reference's autograd on the saved inputs
-            with torch.enable_grad():
-                y = ref.bias_act(x, b, *ctx.args)
-            wrt = [t for t, need in zip((x, b), ctx.needs_input_grad[:2]) if need]
-            grads = iter(torch.autograd.grad(y, wrt, g, create_graph=True))
-            dx, db = (next(grads) if need else None for need in ctx.needs_input_grad[:2])
+        if torch.is_grad_enabled():  # create_graph=True
+            dx, db = reference_grads(lambda x_, b_: ref.bias_act(x_, b_, *ctx.args), (x, b), ctx.needs_input_grad[:2], g)
             return dx, db, None, None, None, None, None
-        else:
-            p = _params(x, b, *ctx.args)
-            dx = _launch(_backward_kernel, torch.empty_like(x), g.contiguous(), x, x if b is None else b, params=p)
-            db = None
-            if b is not None and ctx.needs_input_grad[1]:
-                db = dx.float().sum(dim=[i for i in range(dx.ndim) if i != dim]).to(b.dtype)
+        p = _params(x, b, *ctx.args)
+        dx = _launch(_backward_kernel, torch.empty_like(x), g.contiguous(), x, x if b is None else b, params=p)
+        db = None
+        if b is not None and ctx.needs_input_grad[1]:
+            db = dx.float().sum(dim=[i for i in range(dx.ndim) if i != dim]).to(b.dtype)
         return dx if ctx.needs_input_grad[0] else None, db, None, None, None, None, None
 
 

@@ -6,7 +6,9 @@ for the stride-1 layers of StyleGAN2 (3x3 with padding 1, and the 1x1 toRGB), co
 `F.conv2d` (flip_weight=True). The GEMM runs over M = output pixels, N = output channels and
 K = input channels x taps: each program loads a tile of the modulated input (scaled by the styles as it
 is loaded, zero outside the image) and a tile of the shared weight, accumulates in float32, and applies
-the demodulation coefficients and the noise in its epilogue. The coefficients d = rsqrt(s^2 @ Wsq^T + 1e-8),
+the demodulation coefficients, the noise and the layer's bias_act (bias, activation, gain, clamp) in its
+epilogue (`ModulatedConv2dAct`; the plain modulated conv is the same with a linear, unit-gain one). The
+coefficients d = rsqrt(s^2 @ Wsq^T + 1e-8),
 Wsq[o, i] = sum over taps of W[o, i, tap]^2, are an [N, O] matrix computed beside it (the same sum as the
 reference's, in another order).
 
@@ -14,13 +16,13 @@ Backward (`backward`): the input gradient is this kernel again (input scaled by 
 and flipped, output scaled by s); the weight gradient's reduction over batch and pixels is
 `torch.nn.grad.conv2d_weight` (cuDNN on a GPU); the demodulation's own gradient (through d to the weight
 and the styles) is a few [N, O] x [O, I] products. No per-sample weights anywhere, and no second
-forward pass (the previous version re-ran the reference under autograd). Second-order gradients, which
-the recipe never takes, still go through the reference's autograd. The up-sampling layers keep the
-reference.
+forward pass. The layer's backward starts from its output alone (`act_backward`). Second-order
+gradients, which the recipe never takes, go through the reference's autograd. The up-sampling layers are
+in `triton_upfirdn`.
 
 It runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before
 this module is imported), which is how CI checks it. Registered as implementation "triton" of
-`modulated_conv2d` for CUDA inputs it supports (`pti.kernels.register`).
+`modulated_conv2d` and `modulated_conv2d_act` (`pti.kernels.register`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from pti.kernels import ref
-from pti.kernels.triton_bias_act import ACTS, _act_and_mask, _round_to
+from pti.kernels.triton_bias_act import ACTS, _act_and_mask, _round_to, epilogue_supported, reference_grads, resolve
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 16
 
@@ -98,13 +100,13 @@ def demod_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tens
 
 def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epilogue=None):
     """y[n, o] = out_scale[n, o] * sum_{i, tap} weight[o, i, tap] * in_scale[n, i] * x[n, i, p + tap] (+ noise),
-    correlation with padding k // 2. Scales are [N, C] (any float dtype), noise [N, O, H, W] (expanded).
+    correlation with padding k // 2. Scales are [N, C] (any float dtype), noise broadcastable to the output.
     `epilogue` = (bias or None, act, alpha, gain, clamp) applies the layer's bias_act before the store."""
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
     y = torch.empty([n, c_out, h, w], device=x.device, dtype=out_dtype or x.dtype)
     d = out_scale if out_scale is not None else y.new_empty([1, 1])
-    nz = noise if noise is not None else y
+    nz = y if noise is None else noise.to(y.dtype).expand(y.shape)  # [H, W] (constant) or [N, 1, H, W] (random)
     bias, act, alpha, gain, clamp = epilogue or (None, "linear", 0.0, 1.0, None)
     grid = (triton.cdiv(h * w, BLOCK_M), triton.cdiv(c_out, BLOCK_N), n)
     _modconv_kernel[grid](
@@ -118,15 +120,13 @@ def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epi
     return y
 
 
-def forward(x, weight, styles, noise=None, demodulate=True):
-    """The kernel's forward (no autograd). x [N, I, H, W], weight [O, I, k, k], styles [N, I], noise broadcastable to [N, O, H, W]."""
-    n, _, h, w = x.shape
+def forward(x, weight, styles, noise=None, demodulate=True, epilogue=None):
+    """The kernel's forward (no autograd). x [N, I, H, W], weight [O, I, k, k], styles [N, I], noise broadcastable
+    to [N, O, H, W]; `epilogue` as in `_launch`."""
     # The reference's fp16 overflow guard scales weight and styles by their max-norms; with demodulation the
     # scale cancels, so float32 accumulation needs no guard. Without demodulation (toRGB) nothing is scaled.
     d = demod_coefficients(weight, styles) if demodulate else None
-    if noise is not None:
-        noise = noise.to(x.dtype).expand(n, weight.shape[0], h, w)  # [H, W] (constant) or [N, 1, H, W] (random)
-    return _launch(x, weight, styles, d, noise)
+    return _launch(x, weight, styles, d, noise, epilogue=epilogue)
 
 
 def backward(grad, x, weight, styles, noise, y, demodulate, needs=(True, True, True, True)):
@@ -164,39 +164,6 @@ def backward(grad, x, weight, styles, noise, y, demodulate, needs=(True, True, T
     if need_noise and noise is not None:
         dnoise = grad.float().sum_to_size(noise.shape).to(noise.dtype)
     return (dx, None if dw is None else dw.to(weight.dtype), None if ds is None else ds.to(styles.dtype), dnoise)
-
-
-class ModulatedConv2d(torch.autograd.Function):
-    """Triton forward and backward (the backward's input gradient is the same kernel; the weight gradient's
-    reduction is torch's). Second-order gradients re-run the reference's autograd."""
-
-    @staticmethod
-    def forward(ctx, x, weight, styles, noise, demodulate):
-        ctx.demodulate = demodulate
-        y = forward(x, weight, styles, noise, demodulate)
-        ctx.save_for_backward(x, weight, styles, noise, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, styles, noise, y = ctx.saved_tensors
-        if not torch.is_grad_enabled():
-            return (*backward(grad, x, weight, styles, noise, y, ctx.demodulate, ctx.needs_input_grad[:4]), None)
-        # create_graph=True: differentiate the reference's own graph, built on the saved (graph-connected)
-        # inputs, so higher orders are right too.
-        with torch.enable_grad():
-            y = ref.modulated_conv2d(x, weight, styles, noise=noise, padding=weight.shape[-1] // 2,
-                                     demodulate=ctx.demodulate, fused_modconv=False)
-        ins = (x, weight, styles, noise)
-        wrt = [t for t, need in zip(ins, ctx.needs_input_grad[:4]) if need]
-        grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True)) if wrt else iter(())
-        return (*[next(grads) if need else None for need in ctx.needs_input_grad[:4]], None)
-
-
-def _epilogue(act, alpha, gain, clamp):
-    _, def_alpha, def_gain = ref.ACTIVATIONS[act]
-    return (act, float(alpha if alpha is not None else def_alpha), float(gain if gain is not None else def_gain),
-            float(clamp) if clamp is not None and clamp >= 0 else None)
 
 
 def act_backward(grad, y, bias, act, alpha, gain, clamp):
@@ -237,12 +204,8 @@ class ModulatedConv2dAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp):
-        ctx.args = (demodulate, *_epilogue(act, alpha, gain, clamp))
-        _, act, alpha, gain, clamp = ctx.args
-        n, _, h, w = x.shape
-        d = demod_coefficients(weight, styles) if demodulate else None
-        nz = None if noise is None else noise.to(x.dtype).expand(n, weight.shape[0], h, w)
-        y = _launch(x, weight, styles, d, nz, epilogue=(None if bias is None else bias.to(x.dtype), act, alpha, gain, clamp))
+        ctx.args = (demodulate, *resolve(act, alpha, gain, clamp))
+        y = forward(x, weight, styles, noise, demodulate, epilogue=(None if bias is None else bias.to(x.dtype), *ctx.args[1:]))
         ctx.save_for_backward(x, weight, styles, noise, bias, y)
         return y
 
@@ -254,14 +217,13 @@ class ModulatedConv2dAct(torch.autograd.Function):
         if not torch.is_grad_enabled():
             return (*backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs),
                     None, None, None, None, None)
-        with torch.enable_grad():
+
+        def layer(x, weight, styles, noise, bias):  # create_graph=True: the reference's graph
             z = ref.modulated_conv2d(x, weight, styles, noise=noise, padding=weight.shape[-1] // 2,
                                      demodulate=demodulate, fused_modconv=False)
-            y = ref.bias_act(z, None if bias is None else bias.to(z.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp)
-        ins = (x, weight, styles, noise, bias)
-        wrt = [t for t, need in zip(ins, needs) if need]
-        grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True)) if wrt else iter(())
-        return (*[next(grads) if need else None for need in needs], None, None, None, None, None)
+            return ref.bias_act(z, None if bias is None else bias.to(z.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp)
+
+        return (*reference_grads(layer, (x, weight, styles, noise, bias), needs, grad), None, None, None, None, None)
 
 
 def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
@@ -284,14 +246,14 @@ def supports_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter
         return triton_upfirdn.supports_up_act(x, weight, styles, noise, up, padding, resample_filter, demodulate,
                                               flip_weight, fused_modconv, bias, act, alpha, gain, clamp)
     return (supports(x, weight, styles, noise, up, padding, resample_filter, demodulate, flip_weight, fused_modconv)
-            and act in ACTS and (gain is None or gain > 0) and (alpha is None or alpha >= 0)
-            and (bias is None or (bias.ndim == 1 and bias.shape[0] == weight.shape[0])))
+            and epilogue_supported(bias, weight.shape[0], act, alpha, gain))
 
 
 def modulated_conv2d(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
                      flip_weight=True, fused_modconv=True):
-    """Same signature and result as `ref.modulated_conv2d`, for the inputs `supports` accepts."""
-    return ModulatedConv2d.apply(x, weight, styles, noise, demodulate)
+    """Same signature and result as `ref.modulated_conv2d`, for the inputs `supports` accepts: the fused layer
+    with no bias and a linear, unit-gain epilogue (the same bits as no epilogue)."""
+    return ModulatedConv2dAct.apply(x, weight, styles, noise, None, demodulate, "linear", None, 1.0, None)
 
 
 def supports(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,

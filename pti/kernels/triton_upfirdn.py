@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from pti.kernels import ref
-from pti.kernels.triton_bias_act import ACTS, _act_and_mask, _round_to
+from pti.kernels.triton_bias_act import ACTS, _act_and_mask, _round_to, epilogue_supported, resolve
 
 BLOCK = 256
 
@@ -86,7 +86,7 @@ def _launch(x, f, up, down, padding, flip_filter, gain, out_dtype=None, d=None, 
         return y
     bias, act, alpha, act_gain, clamp = epilogue or (None, "linear", 0.0, 1.0, None)
     dd = d if d is not None else y.new_empty([1, 1])
-    nz = noise if noise is not None else y
+    nz = y if noise is None else noise.to(y.dtype).expand(y.shape)
     _fir_kernel[(n * c, triton.cdiv(oh * ow, BLOCK))](
         x, f.float().contiguous(), dd, nz, y if bias is None else bias, y,
         c, h, w, oh, ow, float(gain), float(alpha), float(act_gain), float(clamp) if clamp is not None else 0.0,
@@ -148,9 +148,7 @@ class FirAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, f, d, noise, bias, up, padding, flip_filter, epilogue, out_dtype):
-        n, c = t.shape[:2]
-        y = _launch(t, f, 1, 1, padding, flip_filter, up * up, out_dtype=out_dtype, d=d,
-                    noise=None if noise is None else noise.to(out_dtype).expand(n, c, *_fir_shape(t, f, padding)),
+        y = _launch(t, f, 1, 1, padding, flip_filter, up * up, out_dtype=out_dtype, d=d, noise=noise,
                     epilogue=(None if bias is None else bias.to(out_dtype), *epilogue))
         ctx.save_for_backward(f, d, noise, bias, y)
         ctx.args = (up, padding, flip_filter, epilogue, t.shape, t.dtype)
@@ -178,16 +176,11 @@ class FirAct(torch.autograd.Function):
         return dt, None, dd, dnoise, db, None, None, None, None, None
 
 
-def _fir_shape(t, f, padding):
-    px0, px1, py0, py1 = padding
-    return _out_size(t.shape[2], 1, 1, py0, py1, f.shape[0]), _out_size(t.shape[3], 1, 1, px0, px1, f.shape[1])
-
-
 def modulated_conv2d_up_act(x, weight, styles, noise=None, up=2, padding=0, resample_filter=None, demodulate=True,
                             flip_weight=False, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None,
                             clamp=None):
     """The up-sampling synthesis layer; the same result as the reference's modulated conv + bias_act."""
-    from pti.kernels.triton_modconv import _epilogue, demod_coefficients
+    from pti.kernels.triton_modconv import demod_coefficients
 
     # The reference's fp16 overflow guard (weight and styles rescaled by their max-norms) is not needed: the
     # convolution runs in float32, and with demodulation the scale would cancel anyway.
@@ -196,7 +189,7 @@ def modulated_conv2d_up_act(x, weight, styles, noise=None, up=2, padding=0, resa
     xs = x.float() * styles.float()[:, :, None, None]
     t, fir_padding = ref.transposed_conv_up(xs, weight.float(), up, pads, 1, flip_weight)
     d = demod_coefficients(weight, styles) if demodulate else None
-    return FirAct.apply(t, f, d, noise, bias, up, fir_padding, False, _epilogue(act, alpha, gain, clamp)[:4], x.dtype)
+    return FirAct.apply(t, f, d, noise, bias, up, fir_padding, False, resolve(act, alpha, gain, clamp), x.dtype)
 
 
 def supports_up_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
@@ -204,6 +197,5 @@ def supports_up_act(x, weight, styles, noise=None, up=1, padding=0, resample_fil
                     clamp=None) -> bool:
     return (up == 2 and x.ndim == 4 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and resample_filter is not None and resample_filter.ndim == 2 and not resample_filter.requires_grad
-            and weight.shape[-1] == weight.shape[-2] and act in ACTS and (gain is None or gain > 0)
-            and (alpha is None or alpha >= 0) and (noise is None or noise.ndim <= 4)
-            and (bias is None or (bias.ndim == 1 and bias.shape[0] == weight.shape[0])))
+            and weight.shape[-1] == weight.shape[-2] and (noise is None or noise.ndim <= 4)
+            and epilogue_supported(bias, weight.shape[0], act, alpha, gain))
