@@ -33,6 +33,7 @@ class PhotoResult:
     warnings: list[str] = field(default_factory=list)
     target: Any = field(default=None, repr=False)   # [1, 3, R, R] in [-1, 1], the aligned photo
     pivot: Any = field(default=None, repr=False)    # [1, num_ws, w_dim]
+    aligned: Any = field(default=None, repr=False)  # the aligned photo (PIL), until it is written
     status: str = "done"                            # done | skipped (resumed: done before) | failed
     error: str | None = None                        # the one-line reason, when failed
     seconds: float = 0.0                            # wall time for this photo in this run
@@ -77,6 +78,8 @@ def tune(
 
     out = Path(out)
     dev = resolve_device(device)
+    if network is not None and Path(network).is_file():
+        network = str(Path(network).resolve())  # the identity records it: `pti render` works from any folder
     paths = expand_photo_paths(list(photos))
     if not paths:
         raise PTIError("no photos given")
@@ -92,17 +95,24 @@ def tune(
         ensure_writable_dir(out)  # inputs first, then the output: a mistyped network creates no folder
         run = _Run(G, losses, out, dev, generator_hash(G), str(network) if network else "builtin:tiny",
                    invert_cfg, tune_cfg, exact, progress)
+        names = unique_stems(paths)
         if not joint:
             from pti.batch import Settings, tune_many
 
             settings = Settings(network=str(network) if network is not None else None, device=device, align=align, face=face,
                                 invert_cfg=invert_cfg, tune_cfg=tune_cfg, exact=exact, allow_fallback=allow_fallback,
                                 threads=threads)
-            return tune_many(run, paths, unique_stems(paths), settings, workers=workers, ray=ray, force=force)
-        # Joint: align every photo first: bad input (no face, unreadable file) fails before any long work.
-        results = [run.align(path, name, align, face) for path, name in zip(paths, unique_stems(paths))]
+            return tune_many(run, paths, names, settings, workers=workers, ray=ray, force=force)
+        from pti.batch import Manifest, check_identity_slots
+        from pti.engine.weights import sha256_file
+
+        if not force:
+            check_identity_slots(out, [(p, n, sha256_file(p)) for p, n in zip(paths, names)], Manifest(out))
+        # Joint: align every photo first: bad input (no face, unreadable file) fails before anything is written.
+        results = [run.align(path, name, align, face, save=False) for path, name in zip(paths, names)]
         # then all pivots, then one shared tuning (the paper's multi-ID PTI).
         for res in results:
+            run.save_aligned(res)
             run.invert(res)
         tuned = tune_generator(G, [r.target for r in results], [r.pivot for r in results], losses.perceptual, tune_cfg, progress)
         for res in results:
@@ -138,17 +148,25 @@ class _Run:
         self.finish(res, tuned, [])
         return res
 
-    def align(self, path: Path, name: str, align: bool, face: int | None) -> PhotoResult:
+    def align(self, path: Path, name: str, align: bool, face: int | None, save: bool = True) -> PhotoResult:
+        from pti.engine.weights import sha256_file
+
         res = PhotoResult(photo=path, name=name)
         t0 = time.perf_counter()
         _log(self.progress, "align", 0, 1, photo=str(path))
         aligned, warning, faces = _aligned(path, self.G.img_resolution, align, face)
         res.warnings += [warning] if warning else []
-        res.files["aligned"] = _save(aligned, self.out / name / "aligned.png")
+        res.aligned = aligned
+        if save:
+            self.save_aligned(res)
         res.target = _to_tensor(aligned, self.device)
-        res.report = {"photo": str(path), "faces_found": faces, "seconds": {"align": time.perf_counter() - t0}}
+        res.report = {"photo": str(path), "photo_path": str(path.resolve()), "photo_sha256": sha256_file(path),
+                      "faces_found": faces, "seconds": {"align": time.perf_counter() - t0}}
         _log(self.progress, "align", 1, 1, photo=str(path), faces=faces)
         return res
+
+    def save_aligned(self, res: PhotoResult) -> None:
+        res.files["aligned"] = _save(res.aligned, self.out / res.name / "aligned.png")
 
     def invert(self, res: PhotoResult) -> None:
         import torch
@@ -189,7 +207,8 @@ class _Run:
         )
         rep["identity_similarity"] = _id_similarity(res.files["aligned"], recon)
         meta = {k: rep[k] for k in ("seconds", "steps", "early_stopped", "curves", "invert_config", "tune_config",
-                                     "versions", "losses", "official_losses", "photo", "joint_with", "device",
+                                     "versions", "losses", "official_losses", "photo", "photo_path", "photo_sha256",
+                                     "joint_with", "device",
                                      "precision", "before_tuning", "after_tuning", "identity_similarity")}
         ident = Identity.from_tuning(self.G, tuned.G, res.pivot, self.base_hash, self.base_hint, exact=self.exact, meta=meta)
         res.identity = ident.save(self.out / f"{res.name}.pti")

@@ -147,6 +147,30 @@ def plan(jobs: list[Job], manifest: Manifest, fingerprint: dict, out: Path, forc
     return todo, skipped
 
 
+def check_identity_slots(out: Path, jobs: list[tuple[Path, str, str]], manifest: Manifest) -> None:
+    """Refuse, before any work, to replace an identity in `out` that was made from a different photo.
+
+    `jobs` are (photo, output name, photo sha256). `<out>/<name>.pti` may be replaced only by its own
+    photo: the same content (sha256), or the same file (a photo edited since is redone, as on resume).
+    Who made an identity comes from the manifest, else from the identity's own metadata; an identity
+    whose photo cannot be told is not replaced either. `--force` (the caller skips this) replaces."""
+    from pti.engine.identity import source_photo
+
+    by_identity = {rec.get("identity"): rec for rec in manifest.latest.values()
+                   if rec.get("status") in ("done", "skipped") and rec.get("identity")}
+    for photo, name, sha in jobs:
+        ident = out / f"{name}.pti"
+        if not ident.is_file():
+            continue
+        rec = by_identity.get(str(ident.resolve()))
+        owner, owner_sha = (rec["photo"], rec.get("photo_sha256")) if rec else source_photo(ident)
+        if owner_sha == sha or (owner is not None and Path(owner) == photo.resolve()):
+            continue
+        made = f"from {owner}" if owner else "from a photo it does not record"
+        raise PTIError(f"{ident} was tuned {made}, a different photo than {photo}; pass --force to replace it, "
+                       "or choose another --out (or rename the photo)")
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -183,7 +207,7 @@ def tune_one(run, job: Job, settings: Settings):
     except (MemoryError, RuntimeError) as e:  # out of memory and kin: this photo fails, the run goes on
         res = PhotoResult(photo=job.photo, name=job.name, status="failed", error=first_line(e))
     res.seconds = time.perf_counter() - t0
-    res.target = res.pivot = None  # tensors stay where they were made
+    res.target = res.pivot = res.aligned = None  # tensors and images stay where they were made
     return res
 
 
@@ -217,6 +241,8 @@ def tune_many(run, paths: list[Path], names: list[str], settings: Settings, *, w
     fingerprint = settings.fingerprint(run.base_hash, run.losses.names)
     manifest = Manifest(run.out)
     jobs = [Job(p, n, sha256_file(p)) for p, n in zip(paths, names)]
+    if not force:
+        check_identity_slots(run.out, [(j.photo, j.name, j.sha256) for j in jobs], manifest)
     todo, skipped = plan(jobs, manifest, fingerprint, run.out, force)
     from pti.api import PhotoResult
 
@@ -238,7 +264,7 @@ def tune_many(run, paths: list[Path], names: list[str], settings: Settings, *, w
         if ray:
             _run_ray(todo, settings, run, ray, on_result)
         elif workers > 1 and len(todo) > 1:
-            _run_processes(todo, settings, run.out, workers, on_result)
+            _run_processes(todo, settings, run.out, workers, on_result, run.progress)
         else:
             for job in todo:
                 on_result(job, tune_one(run, job, settings), "main")
@@ -308,7 +334,7 @@ def write_summary(path: Path, records: list[dict]) -> Path:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(settings: Settings, out: Path, workers: int) -> None:
+def _worker_init(settings: Settings, out: Path, workers: int, events=None) -> None:
     import signal
 
     from pti.signals import install
@@ -318,29 +344,58 @@ def _worker_init(settings: Settings, out: Path, workers: int) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _WORKER["run"] = _build_run(settings, out, workers=workers)
     _WORKER["settings"] = settings
+    if events is not None:
+        events.cancel_join_thread()  # a worker never waits at exit for progress the driver no longer reads
+        _WORKER["run"].progress = lambda phase, step, total, values: _send_progress(events, phase, step, total, values)
+
+
+def _send_progress(events, phase: str, step: int, total: int, values: dict) -> None:
+    """A worker's progress, to the driver: every tenth of a phase, its first and last step, and alignment."""
+    if phase == "align" or step <= 1 or step == total or step % max(1, total // 10) == 0:
+        try:
+            events.put_nowait((_WORKER.get("photo", ""), phase, step, total, values))
+        except Exception:  # noqa: BLE001  progress must never sink a photo
+            pass
 
 
 def _worker_task(job: Job):
+    _WORKER["photo"] = job.name
     return tune_one(_WORKER["run"], job, _WORKER["settings"])
 
 
-def _run_processes(todo: list[Job], settings: Settings, out: Path, workers: int, on_result) -> None:
+def _relay(events, progress) -> None:
+    """Pass the workers' progress events on to the driver's callback, each phase named after its photo."""
+    import queue
+
+    while True:
+        try:
+            name, phase, step, total, values = events.get_nowait()
+        except (queue.Empty, OSError, EOFError, ValueError):
+            return
+        progress(phase if phase == "align" else f"{name} {phase}", step, total, values)
+
+
+def _run_processes(todo: list[Job], settings: Settings, out: Path, workers: int, on_result, progress=None) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     from pti.api import PhotoResult
 
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue() if progress is not None else None  # the workers' progress, shown as it happens
     pending = list(todo)
     restarts = 0
     while pending:
-        pool = ProcessPoolExecutor(min(workers, len(pending)), mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(settings, out, workers))
+        pool = ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
+                                   initializer=_worker_init, initargs=(settings, out, workers, events))
         futures = {pool.submit(_worker_task, job): job for job in pending}
         broken = False
         try:
             while futures:
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                done, _ = wait(futures, timeout=0.2 if events is not None else None, return_when=FIRST_COMPLETED)
+                if events is not None:
+                    _relay(events, progress)
                 for f in done:
                     job = futures.pop(f)
                     try:
@@ -458,13 +513,76 @@ def _ray_init(ray, address: str, kwargs: dict) -> None:
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on an address nothing listens at: Ray itself retries for minutes, logging as it goes."""
+    """Fail fast on an address where no Ray cluster answers: Ray itself retries for about 20 s, logging
+    a line a second. A Ray head's GCS is a gRPC server, so one gRPC call (GetClusterId, an empty request)
+    over HTTP/2 must come back with HTTP status 200; nothing listening, silence, or another server (a
+    proxy that answers 404) is one line within `timeout` seconds."""
     import socket
+    import struct
 
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
     if not host or not port.isdigit():
         raise PTIError(f"--ray {address!r}: give 'auto' or an address HOST:PORT (or ray://HOST:PORT)")
+    if address.startswith("ray://"):  # Ray Client's own protocol: a TCP connection is all this can check
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError as e:
+            raise PTIError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); is `ray start --head` running there?") from None
+        return
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+        return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+    def literal(name: str, value: str) -> bytes:  # HPACK literal without indexing, no Huffman (short strings)
+        return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+    headers = b"".join(literal(k, v) for k, v in ((":method", "POST"), (":scheme", "http"),
+                                                     (":path", "/ray.rpc.NodeInfoGcsService/GetClusterId"),
+                                                     (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
+                                                     ("te", "trailers")))
+    request = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 4, 1, headers)
+               + frame(0, 1, 1, b"\x00\x00\x00\x00\x00"))
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise PTIError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); is `ray start --head` running there?") from None
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(request)
+            status = _http2_status(sock)
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or ("no answer" if isinstance(e, socket.timeout) else str(e) or type(e).__name__)
+        raise PTIError(f"cannot reach a Ray cluster at {address} ({why}); is `ray start --head` running there?") from None
+    if status != 200:
+        raise PTIError(f"{address} answers, but not as a Ray cluster (HTTP/2 status {status or 'unknown'}); "
+                       "give the address `ray start --head` printed (its GCS port, 6379 by default)")
+
+
+def _http2_status(sock) -> int | None:
+    """The HTTP status of the first response HEADERS frame on stream 1 (from HPACK's static table, which
+    servers use for 200 and the other common codes); None when it is not one of those."""
+    import struct
+
+    static = {0x88: 200, 0x89: 204, 0x8a: 206, 0x8b: 304, 0x8c: 400, 0x8d: 404, 0x8e: 500}
+    buf = b""
+    for _ in range(64):  # frames before the response: SETTINGS, WINDOW_UPDATE, PING, ...
+        while len(buf) < 9:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ValueError("the connection was closed")
+            buf += chunk
+        length = int.from_bytes(buf[:3], "big")
+        kind, flags, stream = buf[3], buf[4], struct.unpack(">I", buf[5:9])[0] & 0x7FFFFFFF
+        while len(buf) < 9 + length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ValueError("the connection was closed")
+            buf += chunk
+        payload, buf = buf[9:9 + length], buf[9 + length:]
+        if kind == 7:  # GOAWAY: the server refused the connection
+            return None
+        if kind == 1 and stream == 1:
+            if flags & 0x8:  # PADDED
+                payload = payload[1:]
+            if flags & 0x20:  # PRIORITY
+                payload = payload[5:]
+            return static.get(payload[0]) if payload else None
+    return None

@@ -16,9 +16,11 @@ peak GPU memory. The weight-free losses are used (no weights needed); the paper'
 about one VGG forward per inversion step.
 
 Each measurement: one warm-up call, then `repeats` timed calls, the median reported; every implementation
-runs in the same process on the same inputs. The hardware's floor: 2 x the synthesis multiply-adds per
-image (about 150 GFLOP at 1024 px config-f) at the device's dense peak, for the GPUs in `PEAK_TFLOPS`
-(unknown devices, and CPUs, report achieved GFLOP/s only).
+runs in the same process on the same inputs. `speedup_vs_reference` is the reference's time over this
+one's at the same batch and precision (above 1: faster), printed as "1.50x faster than reference" or
+"1.33x slower than reference". The hardware's floor: 2 x the synthesis multiply-adds per image (about
+150 GFLOP at 1024 px config-f) at the device's dense peak, for the GPUs in `PEAK_TFLOPS` (unknown
+devices, and CPUs, report achieved GFLOP/s only).
 """
 
 from __future__ import annotations
@@ -147,15 +149,23 @@ def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=p
                        images_per_second=round(batch / med, 2), ms_per_image=round(1000 * med / batch, 3),
                        gflops_achieved=round(achieved, 1), gflop_per_image=round(flop / 1e9, 2),
                        percent_of_peak=None if top is None else round(100 * achieved / (1000 * top), 2),
-                       ratio_to_reference=None if base is None else round(med / base, 3),
+                       speedup_vs_reference=None if base is None else round(base / med, 3),
                        setup_seconds=round(setup.get(impl, 0.0), 1),
                        peak_memory_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None)
             rows.append(row)
             progress(f"render {impl:10s} {precision} batch {batch:3d}: {row['images_per_second']:9.2f} img/s "
                      f"({row['ms_per_image']:.2f} ms/img, {row['gflops_achieved']:.0f} GFLOP/s"
                      + ("" if row["percent_of_peak"] is None else f", {row['percent_of_peak']:.1f} % of peak")
-                     + ("" if row["ratio_to_reference"] is None else f", x{row['ratio_to_reference']:.2f} of reference") + ")")
+                     + ("" if base is None or impl == "reference" else f", {compared(base / med)}") + ")")
     return rows
+
+
+def compared(speedup: float) -> str:
+    """`speedup` (reference time / this time) in words that say which way: "1.33x slower than reference"."""
+    factor = speedup if speedup >= 1 else 1 / speedup
+    if f"{factor:.2f}" == "1.00":
+        return "same speed as reference"
+    return f"{factor:.2f}x {'faster' if speedup > 1 else 'slower'} than reference"
 
 
 def cuda_graphed(fn: Callable, device: torch.device) -> Callable:

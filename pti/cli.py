@@ -103,7 +103,18 @@ def _interrupted(start: int) -> int:
 
 
 def run(argv: list[str]) -> int:
-    """Run the CLI on `argv` (without the program name) and return the exit code."""
+    """Run the CLI on `argv` (without the program name) and return the exit code. A command that
+    fails or is interrupted leaves none of the folders it created empty."""
+    from pti.fsutil import created_mark, remove_empty_created
+
+    position = created_mark()
+    code = _run(argv)
+    if code != 0:
+        remove_empty_created(position)
+    return code
+
+
+def _run(argv: list[str]) -> int:
     from pti.errors import Interrupted, PTIError
     from pti.fsutil import mark
 

@@ -169,14 +169,34 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     return path
 
 
+_CREATED: list[Path] = []  # folders this process created, outermost first (see `remove_empty_created`)
+
+
 def ensure_dir(path: str | os.PathLike) -> Path:
-    """Create the folder `path` (and its parents) if needed; OutputError when that is impossible."""
+    """Create the folder `path` (and its parents) if needed; OutputError when that is impossible.
+    Folders it creates are recorded, so a failed command can remove the ones it left empty."""
     path = Path(path)
+    missing = [p for p in [path, *path.parents] if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise output_error(path, e, folder=True) from None
+    _CREATED.extend(p.absolute() for p in missing if p.is_dir())
     return path
+
+
+def created_mark() -> int:
+    """A position in the record of created folders, for `remove_empty_created(mark)`."""
+    return len(_CREATED)
+
+
+def remove_empty_created(position: int = 0) -> None:
+    """Remove the folders created since `position` that are empty now, innermost first: a failed or
+    interrupted command leaves no empty output folders behind (folders that hold anything stay)."""
+    for folder in sorted(set(_CREATED[position:]), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when empty
+    del _CREATED[position:]
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:

@@ -136,12 +136,13 @@ def render(
     registry=None,                              # weights registry for presets (default: the user's cache)
     progress: ProgressFn | None = None,
     threads: str | int | None = None,           # CPU threads: None = as set, "auto" = pti's policy, N
+    force: bool = False,                        # replace renders of another identity (or files pti did not write) in `out`
 ) -> RenderResult:
     """Render `edits` of the person in `identity`; return the images and the files written."""
     from pti.engine import edits as E
     from pti.engine.device import apply_cpu_threads, resolve_device
     from pti.engine.identity import Identity
-    from pti.fsutil import ensure_writable_dir, write_json
+    from pti.fsutil import ensure_writable_dir
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -157,6 +158,11 @@ def render(
     apply_cpu_threads(G, dev, threads)
     frames, ws = edit_batch(ident, specs, registry)
     out = Path(out) if out is not None else path.parent / path.stem / "edits"
+    from pti.engine.weights import sha256_file
+
+    ident_sha = sha256_file(path)
+    if not force:
+        check_render_folder(out, path, ident_sha, planned_files(frames, specs, compare, mp4))
     ensure_writable_dir(out)
 
     runner = make_backend(backend, G, base, base_hash, dev, batch, engine=engine, base_hint=str(network or ident.base_hint),
@@ -171,18 +177,42 @@ def render(
     seconds = time.perf_counter() - t0
     from pti.engine.images import to_uint8
 
-    rendered = list(to_uint8(torch.cat(images)))
+    pixels = torch.cat(images)
+    _check_finite(pixels, ["reconstruction"] * recon_needed + [f.label for f in frames])
+    rendered = list(to_uint8(pixels))
     recon = rendered.pop(0) if recon_needed else rendered[0]
-    result = RenderResult(path, out, [f.label for f in frames], rendered)
+    result = RenderResult(path, out, [f.label for f in frames], rendered, warnings=list(ident.notes))
     _write(result, frames, specs, recon, compare, gif_fps, mp4, ident)
     result.report.update(
-        identity=str(path), base_generator=str(network or ident.base_hint), base_hash=ident.base_hash,
+        identity=str(path), identity_path=str(path.resolve()), identity_sha256=ident_sha,
+        base_generator=str(network or ident.base_hint), base_hash=ident.base_hash,
         edits=[s.text for s in specs], backend=runner.name,
         engine=str(getattr(runner, "folder", "")) or None, device=str(dev), batch=batch,
         frames=len(frames), ms_per_image=1000 * seconds / ws.shape[0], warnings=result.warnings,
     )
-    result.files["report"] = write_json(result.report, out / "render.json")
+    result.files["report"] = _write_report(result.report, out / "render.json")
     return result
+
+
+def _check_finite(pixels: torch.Tensor, labels: list[str]) -> None:
+    """Refuse images with NaN or infinite pixels (uint8 conversion would turn them into plausible black)."""
+    bad = (~torch.isfinite(pixels)).flatten(1).any(1)
+    if bool(bad.any()):
+        label = labels[int(bad.nonzero()[0])]
+        raise PTIError(f"{label}: the rendered image is not finite (NaN or infinite pixels): the edit moves w further than "
+                       "the generator's float32 arithmetic can go, or the identity is damaged; nothing was written")
+
+
+def _write_report(report: dict, path: Path) -> Path:
+    """render.json as standard JSON: a NaN or infinity is refused here instead of written as `NaN`/`Infinity`."""
+    import json
+
+    from pti.fsutil import atomic_path
+
+    text = json.dumps(report, indent=1, default=str, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
 
 
 def _write(result: RenderResult, frames, specs, recon: np.ndarray, compare: bool, fps: float, mp4: bool, ident) -> None:
@@ -217,6 +247,43 @@ def _write(result: RenderResult, frames, specs, recon: np.ndarray, compare: bool
             result.warnings.append("compare.png has no input photo: neither the aligned photo beside the identity nor the recorded photo was found")
         tiles = ([("input", photo)] if photo is not None else []) + [("reconstruction", recon)] + [(f.label, img) for f, img in outputs]
         files["compare"] = save_photo_atomic(labelled_sheet([tiles], size=max(recon.shape[0], 128)), out / "compare.png")
+
+
+def planned_files(frames, specs, compare: bool, mp4: bool) -> list[str]:
+    """The files `_write` and `render` will write into the output folder, relative to it."""
+    if any(s.sweep for s in specs):
+        name = _sweep_name(specs)
+        files = [f"frames/{f.label}.png" for f in frames] + [f"{name}_sweep.png", f"{name}_sweep.gif"]
+        files += [f"{name}_sweep.mp4"] if mp4 else []
+    else:
+        files = [f"{frames[0].label}.png"]
+    return files + (["compare.png"] if compare else []) + ["render.json"]
+
+
+def check_render_folder(out: Path, identity: Path, identity_sha: str, files: list[str]) -> None:
+    """Refuse to replace, in `out`, renders of another identity or files pti did not write (see `render`'s `force`).
+
+    A folder's `render.json` says whose renders it holds: the same identity file (by path or content) may
+    render into it again; another may not. Without a `render.json`, no file there is replaced."""
+    import json
+
+    report = out / "render.json"
+    if report.is_file():
+        try:
+            rec = json.loads(report.read_text())
+        except (OSError, ValueError):
+            rec = {}
+        owner = rec.get("identity_path") or rec.get("identity")
+        same = (rec.get("identity_sha256") == identity_sha
+                or (owner is not None and Path(owner).resolve() == identity.resolve()))
+        if not same:
+            raise PTIError(f"{out} holds renders of {owner or 'another identity'}, not of {identity}; pass --force to "
+                           "replace them, or choose another --out")
+        return
+    clash = next((f for f in files if (out / f).exists()), None)
+    if clash is not None:
+        raise PTIError(f"{out / clash} exists and was not written by pti render; pass --force to replace it, "
+                       "or choose another --out")
 
 
 def _sweep_name(specs) -> str:

@@ -137,7 +137,7 @@ def test_identity_on_a_different_base_is_refused(person, tmp_path):
 
 def test_cli_render_and_directions(person, tmp_path):
     dirs = tmp_path / "tiny_dirs.pt"
-    res = run_pti("directions", "ganspace", "-n", "6", "--samples", "3000", "--out", dirs, "--device", "cpu")
+    res = run_pti("directions", "ganspace", "-k", "6", "--samples", "3000", "--out", dirs, "--device", "cpu")
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and E.load_direction_file(dirs, 5).kind == "ganspace"
     out = tmp_path / "r"

@@ -500,29 +500,59 @@ def test_cli(cli: typer.Typer, tmp_path: Path) -> None:
     assert (tmp_path / "cache" / "gone.bin").read_bytes() == b"abd"
 
 
-def test_list_in_a_terminal_folds_and_keeps_every_value(tmp_path: Path) -> None:
-    """The Rich table (what a terminal gets) at widths from roomy to cramped: values wrap, none is cut."""
+def test_list_in_a_terminal_fits_the_width_and_breaks_no_value(tmp_path: Path) -> None:
+    """The table a terminal gets, roomy to cramped: no line wider than the terminal, every value shown whole (a
+    wrapping one breaks between words only), the digest a prefix where room is short, the rest named as left out."""
     from rich.console import Console
 
     from pti.commands import weights as cmd
 
     reg = W.Registry(cache_dir=tmp_path / "a-rather-long-cache-folder-name-that-does-not-fit-in-one-column")
-    heads = [head for _, _, head in cmd._COLUMNS if head is not None]
-    for width in (200, 100, 60):
+    rows = {r["name"]: r for r in cmd._rows(reg)}
+    atomic = {head for _, head, _, one_line in cmd._TERMINAL if one_line}
+    for width in (250, 140, 100, 80, 60, 40):
         out = io.StringIO()
-        cmd._print_table(cmd._rows(reg), reg.cache_dir, Console(file=out, width=width, color_system=None))
-        text = out.getvalue()
-        assert "\u2026" not in text and "..." not in text  # no ellipsis anywhere
-        assert f"weights cache: {reg.cache_dir}" in text.splitlines()
-        # Column by column, the folded pieces put back together give every value in full.
-        cells = [line.split("\u2502")[1:-1] for line in text.splitlines() if "\u2502" in line]
-        column = lambda head: "".join(c[heads.index(head)].strip() for c in cells)  # noqa: E731
-        assert column("source") == "".join(e.url for e in W.DEFAULT_ENTRIES)
-        assert column("file") == "".join(e.filename for e in W.DEFAULT_ENTRIES)
-        for e in W.DEFAULT_ENTRIES:
-            if e.sha256:
-                assert e.sha256 in column("sha256")
-        assert "note: vgg16-metric (vgg16.pt) is TorchScript, which is code" in text
+        cmd._print_table(list(rows.values()), reg.cache_dir, Console(file=out, width=width, color_system=None))
+        first, *lines = out.getvalue().splitlines()
+        assert first == f"weights cache: {reg.cache_dir}"  # a path is one word: the terminal wraps it if it must
+        if width == 40:  # too narrow for name, status, size and digest side by side: a line per value, each whole
+            for e in W.DEFAULT_ENTRIES:
+                assert f"  source: {e.url}" in lines and f"  file: {e.filename}" in lines
+                assert e.sha256 is None or f"  sha256: {e.sha256}" in lines
+            continue
+        assert max(map(len, lines)) <= width, (width, out.getvalue())
+        assert all(e.name in "\n".join(lines).split() for e in W.DEFAULT_ENTRIES)
+        header = next((line for line in lines if "\u2503" in line), None)
+        if header is None:  # no borders (cramped): nothing to take apart by column
+            assert "--json" in out.getvalue() and "\u2026" in out.getvalue(), width
+            continue
+        heads = [c.strip() for c in header.split("\u2503")[1:-1]]
+        groups: list[list[list[str]]] = []  # per entry, its lines' cells
+        for line in lines:
+            if line.startswith("\u2502"):
+                cells = [c.strip() for c in line.split("\u2502")[1:-1]]
+                if cells[0]:
+                    groups.append([])
+                groups[-1].append(cells)
+        assert [g[0][0] for g in groups] == [e.name for e in W.DEFAULT_ENTRIES]
+        full_digest = "source" in heads  # the whole digest only once every column fits
+        for e, group in zip(W.DEFAULT_ENTRIES, groups):
+            r = rows[e.name]
+            digest = "unknown" if r["digest"] is None else r["digest"] if full_digest else r["digest"][:12] + "\u2026"
+            want = {"name": e.name, "status": r["status"], "size": cmd._human(r["bytes"]), "sha256": digest,
+                    "format": r["format"], "used by": e.used_by, "file": e.filename, "source": e.url}
+            for i, head in enumerate(heads):
+                pieces = [cells[i] for cells in group if cells[i]]
+                if head in want:
+                    assert " ".join(pieces) == want[head], (width, head, pieces)
+                if head in atomic:
+                    assert len(pieces) == 1, (width, head, pieces)
+        left_out = [head for _, head, _, _ in cmd._TERMINAL if head not in heads]
+        if left_out:
+            assert f"not shown at this width: {', '.join(left_out)}" in " ".join(out.getvalue().split())
+        if not full_digest:
+            assert "--json" in out.getvalue()
+        assert "note: vgg16-metric (vgg16.pt) is TorchScript, which is code" in out.getvalue()
 
 
 def test_list_piped_through_the_console_script(tmp_path: Path) -> None:

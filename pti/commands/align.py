@@ -38,10 +38,10 @@ def align(
                 result = align_photo(img, size, face=face, name=str(path))
                 aligned = result.image
                 if len(result.faces) > 1:
-                    console.print(f"{path}: {len(result.faces)} faces found, aligned #{result.chosen_index} (--face N picks another):")
+                    console.print(f"{path}: {len(result.faces)} faces found, aligned #{result.chosen_index} (--face N picks another):", markup=False)
                     for i, f in enumerate(result.faces):
                         mark = "*" if i == result.chosen_index else " "
-                        console.print(f"  {mark} {i}: box {f.box}, {f.box[2] - f.box[0]}x{f.box[3] - f.box[1]} px")
+                        console.print(f"  {mark} {i}: box {f.box}, {f.box[2] - f.box[0]}x{f.box[3] - f.box[1]} px", markup=False)
             save_photo_atomic(aligned, target)
             console.print(f"{path} -> {target}", markup=False)
         except OutputError:  # the output cannot take files: the next photo would fail the same way

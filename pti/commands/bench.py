@@ -40,12 +40,17 @@ def bench(
     """Measure rendering (img/s per implementation) and tuning (s per step, projected recipe) on this machine."""
     from pti.benchmark import default_out, run
     from pti.engine.device import resolve_device
-    from pti.fsutil import write_json
+    from pti.errors import OutputError
+    from pti.fsutil import ensure_writable_dir, write_json
 
     dev = resolve_device(device)
+    path = out or default_out(dev)
+    if path.is_dir():  # checked before the benchmark, which takes minutes, not after it
+        raise OutputError(f"cannot write {path}: it is a folder (give a file name, e.g. {path / 'bench.json'})")
+    ensure_writable_dir(path.parent)
     result = run(config, dev, [int(b) for b in batches.split(",")], impl.split(","), precision.split(","), repeats, tune_steps,
                  progress=lambda line: console.print(line, markup=False))
-    path = write_json(result, out or default_out(dev))
+    path = write_json(result, path)
     console.print(f"wrote {path}", markup=False)
 
 

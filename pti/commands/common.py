@@ -55,6 +55,20 @@ def thread_setting() -> str:
     return "torch" if "OMP_NUM_THREADS" in os.environ else "auto"
 
 
+def help_text(text: str) -> str:
+    """`text` for a help string: Typer renders help as Rich markup, where the `[ray]` of `pip install 'pti[ray]'`
+    is a style tag and vanishes; escaped, it prints as written (plain Click help, without Rich, needs no escape)."""
+    import typer.core
+    from rich.markup import escape
+
+    return escape(text) if getattr(typer.core, "HAS_RICH", True) else text
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """'1 photo', '2 photos' ('1 identity', '3 identities' with `nouns`)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds up to 2^32 - 1
 
 

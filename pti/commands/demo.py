@@ -30,17 +30,20 @@ def demo(
         import skimage.data
     except ImportError:
         raise PTIError("the demo photo comes from scikit-image: pip install scikit-image") from None
+    from pti.engine.device import resolve_device
+
+    resolve_device(device)  # a device that is not there fails before anything is written
     photo = out / "astronaut.png"
     with atomic_path(photo) as tmp:
         Image.fromarray(skimage.data.astronaut()).save(tmp, format="PNG")
-    console.print(f"demo photo: {photo} (NASA, public domain, from scikit-image)")
+    console.print(f"demo photo: {photo} (NASA, public domain, from scikit-image)", markup=False)
     console.print("The built-in generator is tiny and untrained: the pivot will not look like her; "
                   "tuning is what makes the reconstruction match the photo.")
     run_tune([photo], network=None, out=out, device=device, align=True, face=None, joint=False,
              invert_cfg=InvertConfig(), tune_cfg=TuneConfig(), exact=False, allow_fallback=True)
     result = _edit(out, device)
     render_summary(result)
-    console.print(f"open {out / 'astronaut' / 'contact.png'} to see input, aligned, pivot, reconstruction and an edit sweep")
+    console.print(f"open {out / 'astronaut' / 'contact.png'} to see input, aligned, pivot, reconstruction and an edit sweep", markup=False)
 
 
 def _edit(out: Path, device: str):
@@ -56,7 +59,7 @@ def _edit(out: Path, device: str):
     from pti.engine.photo import load_photo, save_photo_atomic
 
     dirs = out / "tiny_ganspace.pt"
-    console.print(f"computing GANSpace directions for the tiny generator -> {dirs}")
+    console.print(f"computing GANSpace directions for the tiny generator -> {dirs}", markup=False)
     save_ganspace(ganspace(load_generator(None, resolve_device(device)), components=16, samples=20_000), dirs)
     result = pti.rendering.render(out / "astronaut.pti", [f"{dirs}:{SWEEP}"], out / "astronaut" / "edits", device=device)
     folder = out / "astronaut"

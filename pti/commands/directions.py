@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from pti.commands.common import SEED_MAX, DeviceOption, PhaseProgress, console, network_label
+from pti.commands.common import SEED_MAX, DeviceOption, NetworkOption, PhaseProgress, console, network_label
+
+DEFAULT_COMPONENTS = 80  # as many as the authors' ffhq_pca.pt holds
 
 directions_app = typer.Typer(
     name="directions",
@@ -19,8 +21,8 @@ directions_app = typer.Typer(
 @directions_app.command("ganspace")
 def ganspace_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="File to write (the ffhq_pca.pt layout: mean, comp, std).")],
-    network: Annotated[Optional[str], typer.Option("--network", help="Generator checkpoint; default: the built-in tiny generator.")] = None,
-    components: Annotated[int, typer.Option("-n", "--components", min=1, max=4096, help="Principal components to keep (at most w_dim).")] = 80,
+    network: NetworkOption = None,
+    components: Annotated[Optional[int], typer.Option("--components", "-k", min=1, max=4096, show_default=False, help="Principal components to keep, at most w_dim. Default: 80 (the authors' FFHQ file), or w_dim when that is smaller.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=2, max=100_000_000, help="Mapped z's the PCA is computed from.")] = 100_000,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the z's (numpy RandomState: the same on every machine).")] = 0,
     batch: Annotated[int, typer.Option("--batch", min=1, max=1_000_000, help="z's mapped per forward pass.")] = 10_000,
@@ -40,12 +42,19 @@ def ganspace_cmd(
         raise OutputError(f"{out} already exists; pass --force to overwrite it")
     dev = resolve_device(device)
     G = load_generator(network, dev)
+    note = None
+    if components is None:
+        components = min(DEFAULT_COMPONENTS, G.w_dim)
+        if components < DEFAULT_COMPONENTS:
+            note = f"{components} components: all of this generator's w_dim (the default {DEFAULT_COMPONENTS} is more than that)"
     if components > G.w_dim:
-        raise typer.BadParameter(f"{components} components, but this generator's w_dim is {G.w_dim}", param_hint="'-n'")
+        raise typer.BadParameter(f"{components} components, but this generator's w_dim is {G.w_dim}", param_hint="'--components'")
     if samples <= components:
         raise typer.BadParameter(f"need more samples than components ({components})", param_hint="'--samples'")
     ensure_writable_dir(out.parent)
-    console.print(f"generator: {network_label(network)}")
+    console.print(f"generator: {network_label(network)}", markup=False)
+    if note:
+        console.print(f"note: {note}", markup=False)
     with PhaseProgress() as bar:
         pca = ganspace(G, components, samples, seed, batch, progress=bar.update)
     save_ganspace(pca, out)

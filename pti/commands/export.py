@@ -51,6 +51,9 @@ def export(
         raise OutputError(f"cannot write the folder {folder}: it is a file")
     if (folder / CONTRACT).exists() and not force:
         raise OutputError(f"{folder} already holds an export; pass --force to replace it, or choose another --out")
+    if folder.is_dir() and not (folder / CONTRACT).exists() and any(folder.iterdir()) and not force:
+        raise OutputError(f"{folder} holds files that are not a pti export; choose a new or empty --out, or pass --force "
+                          "(files with an export's names are then replaced)")
     dev = resolve_device(device)
     batch = (1, opt_batch, max_batch)
     src = load_source(source, network, dev if format is not Format.onnx else "cpu")

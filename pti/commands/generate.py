@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from pti.commands.common import (DeviceOption, NetworkOption, console, network_label, parse_seeds, seeds_callback,
-                                 thread_setting)
+from pti.commands.common import (DeviceOption, NetworkOption, console, network_label, parse_seeds, plural,
+                                 seeds_callback, thread_setting)
 
 
 GRID_MAX = 64  # seeds shown in grid.png: a grid of thousands of faces helps nobody and fills memory
@@ -43,7 +43,7 @@ def generate(
     G = load_generator(network, dev)
     apply_cpu_threads(G, dev, thread_setting())
     ensure_writable_dir(outdir)
-    console.print(f"generator: {network_label(network)}")
+    console.print(f"generator: {network_label(network)}", markup=False)
     written, tiles = [], []
     with console.status("rendering") as status:
         for i, seed in enumerate(seed_list):
@@ -58,7 +58,7 @@ def generate(
             written.append(save_png(arr, outdir / f"seed{seed:04d}.png"))
     written.append(save_png(grid(tiles), outdir / "grid.png"))
     shown = "" if len(seed_list) <= GRID_MAX else f" of the first {GRID_MAX}"
-    console.print(f"wrote {len(written)} files to {outdir}/: {len(seed_list)} seeds + grid.png{shown}")
+    console.print(f"wrote {len(written)} files to {outdir}/: {plural(len(seed_list), 'seed')} + grid.png{shown}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,26 +12,30 @@ def info(
         Optional[str],
         typer.Argument(
             metavar="[FILE]",
-            help="A .pti identity file, an export folder (pti export), or a generator: stylegan2-ada .pkl, "
-            "rosinality .pt or pti .safetensors; none (or builtin:tiny) = the built-in tiny generator.",
+            help="A .pti identity file, an export folder (pti export) or a file in one, a direction file (pti directions, "
+            ".npy/.npz/.pt), or a generator: stylegan2-ada .pkl, rosinality .pt or pti .safetensors; none (or builtin:tiny) "
+            "= the built-in tiny generator.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Show what a checkpoint, identity file or export holds: sizes, settings, hashes, and for identities the tuning results."""
+    """Show what a checkpoint, identity file, direction file or export holds: sizes, settings, hashes, and for identities the tuning results."""
     import json
     from pathlib import Path
 
+    from pti.engine.edits import is_direction_file
     from pti.engine.identity import is_identity_file
 
     if checkpoint and Path(checkpoint).is_dir() and not (Path(checkpoint) / "contract.json").is_file():
         from pti.errors import PTIError
 
         raise PTIError(f"{checkpoint} is a folder: give a checkpoint or identity file, or an export folder (with contract.json)")
-    if checkpoint and (Path(checkpoint).is_dir() or Path(checkpoint).name == "contract.json"):
+    if checkpoint and (Path(checkpoint).is_dir() or _in_export(Path(checkpoint))):
         record, rows = _export(checkpoint)
     elif checkpoint and is_identity_file(checkpoint):
         record, rows = _identity(checkpoint)
+    elif checkpoint and is_direction_file(checkpoint):
+        record, rows = _direction(checkpoint)
     else:
         record, rows = _generator(checkpoint)
     if as_json:
@@ -42,13 +46,30 @@ def info(
         typer.echo(f"{key:<{width}}  {value}")
 
 
+def _in_export(path) -> bool:
+    """True for contract.json and the files its contract lists (model.onnx, model.pt2, ...)."""
+    import json
+
+    contract = path.parent / "contract.json"
+    if path.name == "contract.json":
+        return True
+    if not (path.is_file() and contract.is_file()):
+        return False
+    try:
+        return path.name in json.loads(contract.read_text()).get("files", {}).values()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _export(folder: str) -> tuple[dict, list[tuple[str, str]]]:
-    """An export folder, from its contract.json (nothing is loaded into a runtime)."""
+    """An export folder, from its contract.json (nothing is loaded into a runtime); the files it lists are
+    checked against the sizes and sha256 it records."""
     import math
 
-    from pti.export import load_contract
+    from pti.export import load_contract, verify_files
 
-    path, c = load_contract(folder)
+    path, c = load_contract(folder)  # sizes
+    hashed = verify_files(path, c)
     b, built, verified = c["batch"], c.get("built_with", {}), c.get("verified", {})
     size = sum((path / n).stat().st_size for n in c["files"].values())
     rows = [
@@ -65,11 +86,38 @@ def _export(folder: str) -> tuple[dict, list[tuple[str, str]]]:
     if verified:
         diff = verified.get("max_abs_diff_vs_torch_fp32", verified.get("pooled_diff"))
         rows.append(("checked", f"{verified.get('runtime')}: {diff:.2g} from PyTorch (tolerance {c['sample']['tolerance']})"))
-    return {"kind": "export", "path": str(path), **c, "bytes": size}, rows
+    rows.append(("file check", "sizes and sha256 match the contract" if hashed
+                 else "not checked (this contract, from an older pti, records no sizes or hashes)"))
+    return {"kind": "export", "path": str(path), **c, "bytes": size, "files_verified": hashed}, rows
 
 
 def _millions(n: int) -> str:
     return f"{n / 1e6:.2f} M ({n:,})"
+
+
+def _direction(path: str) -> tuple[dict, list[tuple[str, str]]]:
+    from pti.engine.edits import describe_direction_file
+
+    d = describe_direction_file(path)
+    record = {"kind": "direction", **d}
+    if d["type"] == "ganspace":
+        sds = ", ".join(f"{s:.3g}" for s in d["std"][:5]) + (" ..." if d["components"] > 5 else "")
+        rows = [
+            ("direction file", d["path"]),
+            ("kind", f"GANSpace ({d['layout']} layout): {d['components']} components of w_dim {d['w_dim']}"),
+            ("sd", f"{sds} (of the first components, in w units)"),
+            ("edit with", f"--edit {d['path']}:K=VALUE (K = 0..{d['components'] - 1}; VALUE in sd), on every layer unless @A-B"),
+        ]
+    else:
+        layers = f"one per layer, {d['layers']} layers" if d["layers"] else "the same on every layer"
+        rows = [
+            ("direction file", d["path"]),
+            ("kind", f"InterFaceGAN direction of w_dim {d['w_dim']}, shaped {d['shape']} ({layers})"),
+            ("norm", f"{d['norm']:.4g}"),
+            ("edit with", f"--edit {d['path']}=VALUE (a step of VALUE times the direction)"),
+        ]
+    rows.append(("size", f"{d['bytes']:,} bytes"))
+    return record, rows
 
 
 def _generator(checkpoint: str | None) -> tuple[dict, list[tuple[str, str]]]:
@@ -118,8 +166,11 @@ def _identity(path: str) -> tuple[dict, list[tuple[str, str]]]:
         ("pivot", f"{d['pivot_shape']} {d['pivot_dtype']}"),
         ("storage", f"{encoding}: {d['tensors']} tensors, {_millions(d['parameters'])} values"),
         ("size", f"{d['bytes'] / 1e6:.2f} MB ({d['bytes']:,} bytes)"),
+        ("checksum", "sha256 verified (weights and metadata are as pti wrote them)" if d["checksum"]
+         else "none (see the note)"),
     ]
     rows += _tuning_rows(d)
+    rows += [("note", note) for note in d["notes"]]
     versions = d.get("versions") or {}
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
     return record, rows

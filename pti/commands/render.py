@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from pti.commands.common import DeviceOption, PhaseProgress, console, thread_setting
+from pti.commands.common import DeviceOption, PhaseProgress, console, help_text, plural, thread_setting
 from pti.commands.export import Precision
 
 EDIT_HELP = ("An edit, repeatable (edits sum): NAME=VALUE (age=+3, smile=-1.5), a sweep NAME=START:STOP:N "
@@ -41,10 +42,11 @@ def render(
     compare: Annotated[bool, typer.Option("--compare", help="Also write compare.png: input | reconstruction | edits.")] = False,
     batch: Annotated[int, typer.Option("--batch", min=1, max=256, help="Frames per forward pass.")] = 8,
     fps: Annotated[float, typer.Option("--fps", min=0.5, max=60.0, help="Frames per second of sweep animations.")] = 8.0,
-    mp4: Annotated[bool, typer.Option("--mp4", help="Also write sweeps as .mp4 (needs pip install 'pti[video]').")] = False,
+    mp4: Annotated[bool, typer.Option("--mp4", help=help_text("Also write sweeps as .mp4 (needs pip install 'pti[video]')."))] = False,
     backend: Annotated[BackendName, typer.Option("--backend", help="torch; or an exported graph with this person's weights swapped in: onnx (ONNX Runtime), aoti (AOTInductor), tensorrt.")] = BackendName.torch,
     engine: Annotated[Optional[Path], typer.Option("--engine", help="An export folder (pti export) for --backend; default: the base generator's, exported once into the cache.")] = None,
     precision: Annotated[Precision, typer.Option("--precision", help="Precision of the cached export (fp32 | fp16).")] = Precision.fp32,
+    force: Annotated[bool, typer.Option("--force", help="Replace renders of another identity (or files pti did not write) in the output folder.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Render edits of a tuned person: one PNG per edit set, or a grid and a GIF for a sweep."""
@@ -57,20 +59,20 @@ def render(
         result = pti.rendering.render(identity, edit or [], out, network=network, device=device, batch=batch,
                                    compare=compare, gif_fps=fps, mp4=mp4, backend=backend.value, engine=engine,
                                    precision=precision.value, progress=bar.update,
-                                   threads=thread_setting())
+                                   threads=thread_setting(), force=force)
     _summary(result)
 
 
 def _summary(result) -> None:
     rep = result.report
-    console.print(f"{result.identity}: {rep['frames']} frame(s) on {rep['backend']} ({rep['device']}), "
-                  f"{rep['ms_per_image']:.1f} ms per image at batch {rep['batch']}")
+    console.print(f"{result.identity}: {plural(rep['frames'], 'frame')} on {rep['backend']} ({rep['device']}), "
+                  f"{rep['ms_per_image']:.1f} ms per image at batch {rep['batch']}", markup=False)
     for o in rep["outputs"]:
         sim = o["identity_similarity_to_reconstruction"]
         console.print(f"  {o['label']}: ID similarity to the reconstruction "
                       + ("- (no face found)" if sim is None else f"{sim:.3f}"), markup=False)
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     names = ", ".join(str(p.relative_to(result.out)) for k, p in result.files.items() if not k.startswith("frame "))
     frames = sum(k.startswith("frame ") for k in result.files)
     console.print(f"wrote {result.out}/: {names}" + (f", and {frames} frames in frames/" if frames else ""), markup=False)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from pti.commands.common import (SEED_MAX, DeviceOption, NetworkOption, PhaseProgress, console, network_label,
-                                 thread_setting)
+from pti.commands.common import (SEED_MAX, DeviceOption, NetworkOption, PhaseProgress, console, help_text, network_label,
+                                 plural, thread_setting)
 
 
 def _check_ray(value: str | None) -> str | None:
@@ -18,6 +19,14 @@ def _check_ray(value: str | None) -> str | None:
     if value is None or value == "auto" or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", value):
         return value
     raise typer.BadParameter(f"{value!r}: give 'auto' or a cluster address HOST:PORT (or ray://HOST:PORT)")
+
+
+def _check_finite(value: float) -> float:
+    import math
+
+    if not math.isfinite(value):  # click's range check lets NaN and (with no max) infinity through
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 class Precision(str, Enum):  # pti.engine.config.PRECISIONS
@@ -42,15 +51,15 @@ def tune(
     space: Annotated[Space, typer.Option("--space", help="Inversion space: w (the paper) or w+ (one w per layer).")] = Space.w,
     invert_steps: Annotated[int, typer.Option("--invert-steps", min=1, help="Inversion steps.")] = 450,
     tune_steps: Annotated[int, typer.Option("--tune-steps", min=1, help="Maximum tuning steps (passes over all photos with --joint).")] = 350,
-    lpips_threshold: Annotated[float, typer.Option("--lpips-threshold", min=0.0, help="Stop tuning once the perceptual loss reaches this (0 = never stop early).")] = 0.06,
+    lpips_threshold: Annotated[float, typer.Option("--lpips-threshold", min=0.0, callback=_check_finite, help="Stop tuning once the perceptual loss reaches this (0 = never stop early).")] = 0.06,
     locality_samples: Annotated[int, typer.Option("--locality-samples", min=1, max=64, help="Sampled latents per locality-regularized step.")] = 1,
     locality_interval: Annotated[int, typer.Option("--locality-interval", min=1, help="Regularize every N-th step.")] = 1,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for inversion noise and locality samples (same seed, same result).")] = 0,
     strict_losses: Annotated[bool, typer.Option("--strict-losses", help="Fail instead of falling back to weight-free losses when the VGG16/LPIPS weights are not cached.")] = False,
     precision: Annotated[Precision, typer.Option("--precision", help="Forward passes in fp32 (the paper) or bf16 autocast (fp32 master weights; faster on GPUs with bf16 units).")] = Precision.fp32,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, max=256, help="Photos tuned in parallel processes (the CPU's cores are split between them).")] = 1,
-    ray: Annotated[Optional[str], typer.Option("--ray", callback=_check_ray, help="Tune on a Ray cluster, one task per photo: 'auto' (the running one, else a local one) or its address. Needs pip install 'pti[ray]'.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo photos that out/manifest.jsonl says are done, even with other settings.")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", callback=_check_ray, help=help_text("Tune on a Ray cluster, one task per photo: 'auto' (the running one, else a local one) or its address. Needs pip install 'pti[ray]'."))] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo photos that out/manifest.jsonl says are done, even with other settings, and replace identities in --out tuned from other photos of the same name.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Tune a generator to each photo (PTI) and write its identity file, renders and report.
@@ -78,12 +87,12 @@ def run_tune(photos, **kwargs):
     import pti.api
 
     kwargs.setdefault("threads", thread_setting())
-    console.print(f"generator: {network_label(kwargs.get('network'))}")
+    console.print(f"generator: {network_label(kwargs.get('network'))}", markup=False)
     with PhaseProgress() as bar:
         def progress(phase: str, step: int, total: int, values: dict) -> None:
             if phase == "align":
                 if step == 0:
-                    console.print(f"aligning {values.get('photo')}")
+                    console.print(f"aligning {values.get('photo')}", markup=False)
                 return
             bar.update(phase, step, total, values)
 
@@ -125,36 +134,47 @@ def _summary(results, out=None) -> None:
     """A table in a terminal; in a log, one line per photo with every value whole; then skips and failures."""
     done = [r for r in results if r.status == "done"]
     if done and done[0].report.get("notice"):
-        console.print(f"[yellow]note:[/] {done[0].report['notice']}")
+        console.print(f"[yellow]note:[/] {escape(done[0].report['notice'])}")
     rows = _rows(results)
-    if not rows:
-        pass
-    elif console.is_terminal:
-        from rich.table import Table
-
-        table = Table(title="pti tune", show_lines=False)
-        for col in rows[0]:
-            table.add_column(col, overflow="fold")
-        for r, row in zip(done, rows):
-            table.add_row(r.photo.name, r.identity.name, *list(row.values())[2:])
-        console.print(table)
-    else:
+    if not (rows and console.is_terminal and _print_table(done, rows, out)):
         for row in rows:
             console.print("  ".join(f"{k}: {v}" for k, v in row.items()), markup=False)
     for r in done:
         for w in r.warnings:
-            console.print(f"[yellow]warning:[/] {w}")
+            console.print(f"[yellow]warning:[/] {escape(w)}")
         files = ", ".join(p.name for p in r.files.values())
         console.print(f"{r.name}: wrote {r.identity} and {r.files['report'].parent}/ ({files})", markup=False)
     for r in results:
         if r.status == "skipped":
             console.print(f"{r.name}: done before, skipped ({r.identity}; --force redoes it)", markup=False)
         elif r.status == "failed":
-            console.print(f"[red]failed:[/] {r.photo}: {r.error}")
+            console.print(f"[red]failed:[/] {escape(f'{r.photo}: {r.error}')}")
     if len(results) > 1 or any(r.status != "done" for r in results):
         counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
         where = f"; {Path(out) / 'manifest.jsonl'} and {Path(out) / 'summary.csv'}" if out is not None else ""
-        console.print(f"{len(results)} photos: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{where}", markup=False)
+        console.print(f"{plural(len(results), 'photo')}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{where}", markup=False)
+
+
+def _print_table(done, rows, out) -> bool:
+    """The summary laid out for the terminal: photo and losses always, then ID similarity, steps, size and identity
+    while they fit (no value is broken; what is left out is named, with where to find it). False: too narrow."""
+    from rich.text import Text
+
+    from pti.commands.tables import ALWAYS, Column, fit_table, print_wrapped
+
+    keys = list(rows[0])
+    keep = {"photo": ALWAYS, "ID sim": 4, "steps inv/tune": 3, "size": 2, "identity": 1}  # the rest: the losses
+    columns = [Column(k, k, keep.get(k, ALWAYS)) for k in keys]
+    cells = [{**row, "photo": Text(r.photo.name), "identity": Text(r.identity.name)} for r, row in zip(done, rows)]
+    table, left_out = fit_table(console, columns, cells, title="pti tune")
+    if table is None:
+        return False
+    console.print(table)
+    if left_out:
+        where = Path(out) / "summary.csv" if out is not None else "each photo's report.json"
+        print_wrapped(console, f"not shown at this width: {', '.join(c.head for c in left_out)} (every value: {where})",
+                      style="dim")
+    return True
 
 
 def register(app: typer.Typer) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.ndimage
 from PIL import Image
 
-from pti.errors import FaceNotFoundError, PTIError
+from pti.errors import FaceNotFoundError, ImageError, PTIError
 
 TRANSFORM_SIZE = 4096  # FFHQ renders the quad at 4096 px before the final Lanczos downsample.
 UPSAMPLE = 1  # dlib detector upsampling: finds faces down to ~40 px (FFHQ used 1 as well).
@@ -193,6 +193,9 @@ def resize_prealigned(img: Image.Image, output_size: int = 1024) -> tuple[Image.
     """Resize an already aligned crop; a non-square one is centre-cropped to square, with a warning."""
     img = img.convert("RGB")
     w, h = img.size
+    if min(w, h) < output_size:
+        raise ImageError(f"image is {w}x{h}, smaller than the generator's {output_size}x{output_size} input: "
+                         "an aligned crop must be at least that large (without --no-align, pti aligns and resizes the photo)")
     warning = None
     if w != h:
         side = min(w, h)

@@ -18,8 +18,13 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise PTIError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu or auto")
-        return torch.device(name)
+            raise PTIError(f"--device {name} was asked for, but no CUDA GPU is available; use --device cpu or auto")
+        device = torch.device(name)
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise PTIError(f"--device {name} was asked for, but this machine has {count} CUDA GPU"
+                           f"{'' if count == 1 else 's'} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+        return device
     if name == "cpu":
         return torch.device("cpu")
     raise PTIError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")

@@ -114,6 +114,7 @@ def load_direction_file(path: str | Path, component: int | None = None, name: st
     if not path.is_file():
         raise DirectionError(f"direction file not found: {path}")
     data = _read(path)
+    _check_finite_values(data, path)
     if isinstance(data, dict):
         mean, comp, std = _pca_fields(data, path)
         if component is None:
@@ -121,6 +122,8 @@ def load_direction_file(path: str | Path, component: int | None = None, name: st
         if not 0 <= component < comp.shape[0]:
             raise EditSyntaxError(f"{path} has components 0..{comp.shape[0] - 1}; there is no component {component}")
         c = comp[component].reshape(-1)
+        if not (c.norm() > 0 and std[component] > 0):
+            raise DirectionError(f"{path}: component {component} has zero length or zero sd; it cannot serve as a direction")
         return Direction(label, "ganspace", c / c.norm(), mean.reshape(-1), float(std[component]), source=str(path))
     if component is not None:
         raise DirectionError(f"{path} is a single direction, not a GANSpace file; drop the ':{component}'")
@@ -134,16 +137,70 @@ def load_direction_file(path: str | Path, component: int | None = None, name: st
     return Direction(label, "interfacegan", t, source=str(path))
 
 
+def is_direction_file(path: str | Path) -> bool:
+    """True for .npy / .npz files and torch files holding a tensor or a GANSpace dict (`pti info` asks this;
+    a torch file is opened memory-mapped, so a large generator checkpoint costs little)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix in (".npy", ".npz"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch.save's zip; the legacy format cannot be memory-mapped
+                return False
+        from pti.engine.safe_pickle import load_weights_only
+
+        obj = load_weights_only(path, mmap=True)
+    except Exception:  # noqa: BLE001  unreadable or refused: not a direction file (the caller's next reader says why)
+        return False
+    keys = set(obj) if isinstance(obj, dict) else set()
+    return isinstance(obj, torch.Tensor) or {"mean", "comp", "std"} <= keys or {"lat_mean", "lat_comp", "lat_stdev"} <= keys
+
+
+def describe_direction_file(path: str | Path) -> dict:
+    """What a direction file holds, for `pti info`: GANSpace components or an InterFaceGAN direction, with shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise DirectionError(f"direction file not found: {path}")
+    data = _read(path)
+    _check_finite_values(data, path)
+    out = {"path": str(path), "bytes": path.stat().st_size}
+    if isinstance(data, dict):
+        mean, comp, std = _pca_fields(data, path)
+        layout = "ffhq_pca.pt" if "comp" in data else "GANSpace .npz"
+        return {**out, "type": "ganspace", "layout": layout, "components": comp.shape[0], "w_dim": comp.shape[1],
+                "std": std.tolist()}
+    t = data[None] if data.ndim == 1 else data[0] if data.ndim == 3 and data.shape[0] == 1 else data
+    if t.ndim != 2:
+        raise DirectionError(f"{path}: a direction must be shaped [C], [1, C], [L, C] or [1, L, C], not {list(data.shape)}")
+    return {**out, "type": "interfacegan", "shape": list(data.shape), "w_dim": t.shape[1],
+            "layers": t.shape[0] if t.shape[0] > 1 else None, "norm": float(t.norm())}
+
+
+def _check_finite_values(data, path: Path) -> None:
+    """DirectionError when a direction file holds NaN or infinity: every render it touched would be garbage."""
+    for key, t in (data.items() if isinstance(data, dict) else [("", data)]):
+        if not bool(torch.isfinite(t).all()):
+            where = f" ({key})" if key else ""
+            raise DirectionError(f"{path}: its values{where} are not finite (NaN or infinity); it cannot serve as a direction")
+
+
 def _read(path: Path):
     """Tensors or a dict of tensors from .npy / .npz / torch files, never running code from them."""
+    from pti.engine.safe_pickle import load_weights_only, pickle_refusal
+
     try:
         if path.suffix == ".npy":
             return torch.from_numpy(np.load(path, allow_pickle=False)).float()
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 return {k: torch.from_numpy(z[k]).float() for k in z.files}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_weights_only(path)
     except Exception as e:  # noqa: BLE001  any failure to read means a bad file
+        refusal = pickle_refusal(e)
+        if refusal is not None:
+            raise DirectionError(f"{path}: refused: {refusal}; it is not a direction file pti can read") from None
         raise DirectionError(f"cannot read direction file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if isinstance(obj, torch.Tensor):
         return obj.float()
@@ -208,7 +265,10 @@ _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 def _number(text: str, edit: str) -> float:
     if not re.fullmatch(_NUMBER, text.strip()):
         raise EditSyntaxError(f"--edit {edit}: {text!r} is not a number")
-    return float(text)
+    value = float(text)
+    if not math.isfinite(value):  # 1e309 parses as infinity
+        raise EditSyntaxError(f"--edit {edit}: {text.strip()} is too large to be a finite number")
+    return value
 
 
 def parse_edit(text: str) -> EditSpec:
@@ -232,6 +292,8 @@ def parse_edit(text: str) -> EditSpec:
     if not re.fullmatch(r"\d+", parts[2].strip()) or not 2 <= int(parts[2]) <= MAX_SWEEP_FRAMES:
         raise EditSyntaxError(f"--edit {text}: a sweep needs a whole number of frames from 2 to {MAX_SWEEP_FRAMES}, not {parts[2]!r}")
     n = int(parts[2])
+    if not math.isfinite(stop - start):  # the frames would be NaN or infinite
+        raise EditSyntaxError(f"--edit {text}: the sweep from {start:g} to {stop:g} spans more than a finite number")
     values = tuple(float(v) for v in np.linspace(start, stop, n))
     return EditSpec(text, target, component, values, layers, sweep=True)
 

@@ -82,6 +82,7 @@ class WeightFreePerceptual:
     """Fallback for LPIPS: 1 - MS-SSIM on [-1, 1] images mapped to [0, 1], one value per image."""
 
     name = "weight-free (1 - MS-SSIM)"
+    label = "1-ms_ssim"  # what progress calls its value
 
     def __call__(self, a, b):
         return (1 - ms_ssim(a, b)).reshape(a.shape[0])

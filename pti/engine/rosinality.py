@@ -73,14 +73,15 @@ def load_rosinality(path: Path) -> LoadedGenerator:
 
 
 def _torch_load(path: Path) -> Any:
+    from pti.engine.safe_pickle import load_weights_only, pickle_refusal
+
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path, (argparse.Namespace,))
     except Exception as e:  # truncated zip, foreign pickled classes, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(f"{path} is a torch file that holds more than weights and tensors "
-                                  f"({msg[:160]}); refusing to unpickle it") from None
+        refusal = pickle_refusal(e)
+        if refusal is not None:
+            raise CheckpointError(f"{path}: refused: a torch file holding more than weights and tensors; {refusal}") from None
         raise CheckpointError(f"{path} is a truncated or corrupt torch file ({type(e).__name__}: {msg[:160]})") from None
 
 

@@ -233,6 +233,32 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise CheckpointError(f"{self.source} uses pickle persistent ids, which NVIDIA network pickles do not")
 
 
+def load_weights_only(path, safe_globals: tuple = (), mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` (tensors and plain containers, never code) on CPU. Torch's warnings are
+    silenced: they point into its own sources, and its advice for a refused file (load it with
+    weights_only=False) would run the file's code."""
+    import warnings
+
+    with warnings.catch_warnings(), torch.serialization.safe_globals(list(safe_globals)):
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def pickle_refusal(e: BaseException) -> str | None:
+    """Why a weights-only load refused a file (it needs pickled code or classes), in pti's words; None when
+    `e` is another failure (truncated, not a torch file, ...)."""
+    import re
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and ("weights_only" in text or "GLOBAL" in text):
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({m.group(1)})" if m else ""
+        return f"the file needs pickled code or classes{what} to load, which pti never runs"
+    if isinstance(e, ValueError) and "allow_pickle" in text:  # numpy's refusal of an object array
+        return "the file holds pickled Python objects, which pti never loads"
+    return None
+
+
 def safe_load_pickle(f: BinaryIO, source: str = "checkpoint") -> Any:
     """Unpickle `f` with the restricted unpickler; every failure becomes a one-line CheckpointError."""
     import warnings

@@ -169,8 +169,10 @@ def tune(
             curves["loss"].append(float(loss.detach()))
             for key, value in terms.items():
                 curves[key].append(value)
-            if progress is not None:
-                progress("tune", step, total, {"loss": curves["loss"][-1], **terms})
+            if progress is not None:  # the perceptual term under the name of the loss that ran (lpips, 1-ms_ssim)
+                label = getattr(perceptual, "label", "lpips")
+                progress("tune", step, total, {"loss": curves["loss"][-1],
+                                               **{k.replace("lpips", label): v for k, v in terms.items()}})
         if result.early_stopped:
             break
     result.steps = step

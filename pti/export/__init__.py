@@ -12,7 +12,9 @@ deployment; `contract.json` beside the graph says how to feed it:
 - the base generator's content hash (an identity tuned on another base is refused), the versions and
   device it was built with (a package or engine built for another torch, TensorRT or GPU is refused);
 - a sample input and a checksum of its expected output (a pooled image), and what the export measured
-  against PyTorch right after it was written.
+  against PyTorch right after it was written;
+- `checksums`: the size and sha256 of every file it describes, so a truncated or changed file is refused
+  (sizes on every load, hashes by `pti info`) instead of being described as checked.
 
 The exported forward is the generator's own reference arithmetic in the export-friendly form: constant
 noise, non-fused modulated convolution (x * s, shared-weight conv, * d), so the batch is dynamic and every
@@ -211,7 +213,41 @@ def load_contract(folder: str | Path, kind: str | None = None) -> tuple[Path, di
     for name in contract.get("files", {}).values():
         if not (folder / name).is_file():
             raise ExportError(f"{folder}: the export is incomplete ({name} is missing)")
+    sums = contract.get("checksums") or {}
+    if not (isinstance(sums, dict) and all(isinstance(w, dict) and isinstance(w.get("bytes"), int) and (folder / n).is_file()
+                                           for n, w in sums.items())):
+        raise ExportError(f"{path}: unreadable contract (its file checksums are malformed); export again")
+    for name, want in sums.items():  # cheap: sizes only; the hashes are verify_files'
+        size = (folder / name).stat().st_size
+        if size != want["bytes"]:
+            raise ExportError(f"{folder / name} is {size:,} bytes, but the export's contract says {want['bytes']:,}: "
+                              "the file is truncated or was replaced; export again")
     return folder, contract
+
+
+def write_contract(contract: dict, folder: Path) -> Path:
+    """Record the size and sha256 of every file the contract describes (`checksums`), then write it into `folder`."""
+    from pti.engine.weights import sha256_file
+    from pti.fsutil import write_json
+
+    contract["checksums"] = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+                             for name in contract["files"].values()}
+    return write_json(contract, folder / CONTRACT)
+
+
+def verify_files(folder: Path, contract: dict) -> bool:
+    """Hash every file the contract describes against its `checksums`; ExportError on a mismatch. False when the
+    contract predates checksums (nothing could be checked)."""
+    from pti.engine.weights import sha256_file
+
+    sums = contract.get("checksums")
+    if not sums:
+        return False
+    for name, want in sums.items():
+        if sha256_file(folder / name) != want.get("sha256"):
+            raise ExportError(f"{folder / name} does not match the sha256 its export's contract records: the file changed "
+                              "after the export was written; export again")
+    return True
 
 
 def check_base(contract: dict, base_hash: str, what: str = "this identity") -> None:

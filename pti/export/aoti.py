@@ -22,7 +22,7 @@ import torch
 from pti.errors import ExportError
 from pti.export import (
     CONTRACT, DEFAULT_BATCH, ExportSynthesis, Source, check_base, check_batch, describe_device,
-    first_line, graph_weights, load_contract, make_contract, quiet, sample_input, verify_export,
+    first_line, graph_weights, load_contract, make_contract, quiet, sample_input, verify_export, write_contract,
 )
 
 MODEL = "model.pt2"
@@ -35,7 +35,7 @@ def export_aoti(src: Source, out: str | Path, *, precision: str = "fp32", batch:
     """Compile `src`'s synthesis network into an AOTInductor package in the folder `out`; return the contract's path."""
     from safetensors.torch import save_file
 
-    from pti.fsutil import staged_folder, write_json
+    from pti.fsutil import staged_folder
 
     device = torch.device(device)
     module = ExportSynthesis(src.generator, precision).to(device)
@@ -48,7 +48,7 @@ def export_aoti(src: Source, out: str | Path, *, precision: str = "fp32", batch:
         contract = make_contract("aoti", precision, src, {"package": MODEL, "weights": WEIGHTS}, batch, device)
         verify_export(contract, src.generator, AotiBackend(stage, contract=contract, device=device).render,
                       f"AOTInductor (torch {torch.__version__}, {describe_device(device)})", "compiled package")
-        write_json(contract, stage / CONTRACT)
+        write_contract(contract, stage)
     return out / CONTRACT
 
 

@@ -21,7 +21,7 @@ import torch
 from pti.errors import ExportError
 from pti.export import (
     CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, ExportSynthesis, Source, check_base, check_batch,
-    first_line, graph_weights, load_contract, make_contract, quiet, sample_input, verify_export,
+    first_line, graph_weights, load_contract, make_contract, quiet, sample_input, verify_export, write_contract,
 )
 
 MODEL = "model.onnx"
@@ -57,9 +57,7 @@ def export_onnx(src: Source, out: str | Path, *, precision: str = "fp32", batch:
         contract = make_contract("onnx", precision, src, files, batch, opset=opset, external_data=external)
         verify_export(contract, src.generator, OnnxBackend(stage, contract=contract).render,
                       f"onnxruntime {_need('onnxruntime').__version__} CPU", "exported graph")
-        from pti.fsutil import write_json
-
-        write_json(contract, stage / CONTRACT)
+        write_contract(contract, stage)
     return out / CONTRACT
 
 

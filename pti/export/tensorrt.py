@@ -24,7 +24,7 @@ import torch
 from pti.errors import ExportError
 from pti.export import (
     CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, Source, check_base, check_batch, check_sample, checksum,
-    describe_device, graph_weights, load_contract, make_contract, torch_reference,
+    describe_device, graph_weights, load_contract, make_contract, torch_reference, write_contract,
 )
 
 ENGINE = "model.engine"
@@ -57,7 +57,7 @@ def export_tensorrt(src: Source, out: str | Path, *, batch: tuple[int, int, int]
     import tempfile
 
     from pti.export.onnx import export_onnx
-    from pti.fsutil import atomic_path, staged_folder, write_json
+    from pti.fsutil import atomic_path, staged_folder
 
     trt = _trt()
     out = Path(out)
@@ -76,7 +76,7 @@ def export_tensorrt(src: Source, out: str | Path, *, batch: tuple[int, int, int]
         backend = TensorRTBackend(stage, contract=contract)
         contract["verified"] = {"runtime": f"TensorRT {trt.__version__}",
                                 "pooled_diff": check_sample(contract, backend.render(backend.sample()), "the engine")}
-        write_json(contract, stage / CONTRACT)
+        write_contract(contract, stage)
     return out / CONTRACT
 
 
@@ -109,7 +109,7 @@ def build_engine(trt, onnx_path: Path, batch: tuple[int, int, int], fp16: bool) 
 
 def refit(base: str | Path, src: Source, out: str | Path) -> Path:
     """A copy of the engine in `base` holding `src`'s weights (same base generator), without a rebuild."""
-    from pti.fsutil import staged_folder, write_json
+    from pti.fsutil import staged_folder
 
     folder, contract = load_contract(base, "tensorrt")
     check_base(contract, src.base_hash, "this identity")
@@ -122,7 +122,7 @@ def refit(base: str | Path, src: Source, out: str | Path) -> Path:
         new["sample"] = dict(contract["sample"], pooled_output=checksum(reference))
         (stage / ENGINE).write_bytes(bytes(backend.engine.serialize()))
         new["verified"] = {"runtime": "TensorRT refit", "pooled_diff": check_sample(new, backend.render(backend.sample()), "the refit engine")}
-        write_json(new, stage / CONTRACT)
+        write_contract(new, stage)
     return out / CONTRACT
 
 
