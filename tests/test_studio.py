@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import shutil
-import socket
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from clirun import env_with, run_pti, start_pti, wait_until
+from clirun import env_with, run_pti
 from helpers import tuned_tiny
 from pti.engine.checkpoint import generator_hash
 from pti.engine.identity import Identity
+from studiorun import start_studio
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -45,12 +43,6 @@ needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER and HAVE_SELEN
                                    reason="no Chromium + chromedriver + selenium (apt-get install chromium chromium-driver)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
@@ -67,53 +59,34 @@ def studio(tmp_path_factory):
     with torch.no_grad():
         photo = base.synthesis(pivot, noise_mode="const", force_fp32=True)[0]
     Image.fromarray(((photo.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).save(tmp / "person" / "aligned.png")
-    port = _free_port()
-    env = env_with(PTI_HOME=str(tmp / "home"))
-    proc = start_pti("studio", ident, "--port", port, "--backend", "torch", "--components", "4", "--device", "cpu", env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    wait_until(up, proc, timeout=120, what="the studio to listen")
-    yield dict(url=url, ident=ident, tmp=tmp, env=env, proc=proc)
-    proc.terminate()
-    proc.communicate(timeout=60)
-
-
-def _post(url: str, payload) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    server = start_studio(ident, "--backend", "torch", "--components", "4", "--device", "cpu", cwd=tmp)
+    # the address it printed, token and all: what a person opens
+    url = f"http://127.0.0.1:{server.port}/" + (f"?token={server.token}" if server.token else "")
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        yield dict(url=url, ident=ident, tmp=tmp, server=server, proc=server.proc)
+    finally:
+        server.stop()
 
 
 @needs_server
 def test_bad_requests_get_one_line_and_the_server_keeps_running(studio):
-    url = studio["url"] + "/api/render"
-    for payload, message in (({"identity": 7}, "no identity number 7"),
+    server = studio["server"]
+    for payload, message in (({"identity": 7, "moves": []}, "no identity number 7"),
                              ({"identity": 0, "moves": [{"id": "../../etc/passwd", "value": 1}]}, "no direction"),
                              ({"identity": 0, "moves": [{"id": "pc0", "value": 1, "layers": [0, 99]}]}, "outside 0-9"),
                              ("not a dict", "")):
-        status, data = _post(url, payload)
-        assert status >= 400 and message in data["error"] and "\n" not in data["error"]
-    status, data = _post(url, {"identity": 0, "moves": [{"id": "pc1", "value": 1.5}]})
-    assert status == 200 and data["edits"][0].endswith("ganspace.pt:1=+1.50@0-9")
+        r = server.post("/api/render", payload)
+        assert r.status == 400 and message in r.message()
+    r = server.post("/api/render", {"identity": 0, "moves": [{"id": "pc1", "value": 1.5}]})
+    assert r.status == 200 and r.json()["edits"][0] == "person/ganspace.pt:1=+1.50@0-9"
     assert studio["proc"].poll() is None
 
 
 @needs_server
 def test_studio_only_serves_what_it_was_given(studio):
-    with urllib.request.urlopen(studio["url"] + "/api/identities", timeout=30) as r:
-        assert [i["name"] for i in json.loads(r.read())["identities"]] == ["person"]
-    with pytest.raises(urllib.error.HTTPError):
-        urllib.request.urlopen(studio["url"] + "/api/identity/0/..%2F..%2Fperson.pti.png", timeout=30)
+    server = studio["server"]
+    assert [i["name"] for i in server.get("/api/identities").json()["identities"]] == ["person"]
+    assert server.get("/api/identity/0/..%2F..%2Fperson.pti.png").status == 404
 
 
 @needs_server
@@ -136,6 +109,7 @@ def test_moving_a_slider_renders_what_pti_render_renders(studio, tmp_path):
         edited = driver.find_element(By.ID, "edited")
         wait.until(lambda d: int(edited.get_attribute("data-version")) >= 1)
         first = edited.get_attribute("src")
+        assert "token" not in driver.current_url  # the cookie holds it now; the address bar does not
         assert driver.find_element(By.ID, "input").get_attribute("src").endswith("/api/identity/0/input.png")
         slider = driver.find_element(By.ID, "slider-pc0")
         slider.click()
@@ -150,12 +124,13 @@ def test_moving_a_slider_renders_what_pti_render_renders(studio, tmp_path):
         assert "ganspace.pt:0=" in edit and driver.find_element(By.ID, "command").text.endswith(edit)
         driver.save_screenshot(str(tmp_path / "studio.png"))
         # the page's edit string through the command line: the same pixels
-        p = run_pti("render", studio["ident"], "--edit", edit, "-o", tmp_path / "render", "--device", "cpu", env=studio["env"])
+        p = run_pti("render", studio["ident"].name, "--edit", edit, "-o", tmp_path / "render", "--device", "cpu",
+                    cwd=studio["tmp"], env=env_with(PTI_HOME=str(studio["tmp"] / "home")))
         assert p.returncode == 0, p.stderr
         (png,) = [f for f in (tmp_path / "render").glob("*.png")]
         assert np.array_equal(_png(shown), np.asarray(Image.open(png).convert("RGB")))
-        with urllib.request.urlopen(studio["url"] + "/api/identity/0/reconstruction.png", timeout=30) as r:
-            assert np.abs(_png(shown).astype(int) - _png(r.read()).astype(int)).max() > 10  # the edit changed it
+        recon = studio["server"].get("/api/identity/0/reconstruction.png").body
+        assert np.abs(_png(shown).astype(int) - _png(recon).astype(int)).max() > 10  # the edit changed it
         # a bad layer range: a message on the page, and the page keeps working
         last = driver.find_elements(By.CSS_SELECTOR, "#sliders input[type=number]")[1]
         last.clear()
@@ -173,6 +148,12 @@ def test_moving_a_slider_renders_what_pti_render_renders(studio, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "download").get_attribute("href"))
         assert driver.find_element(By.ID, "sweep-figure").is_displayed()
         driver.save_screenshot(str(tmp_path / "studio.png"))
+        # a reload works on the cookie alone; a browser without it is told where the token is
+        driver.refresh()
+        wait.until(lambda d: int(d.find_element(By.ID, "edited").get_attribute("data-version")) >= 1)
+        driver.delete_all_cookies()
+        driver.refresh()
+        wait.until(lambda d: "token" in d.find_element(By.ID, "message").text)
     finally:
         driver.quit()
     assert studio["proc"].poll() is None

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from pti.commands.common import DeviceOption, console
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class StudioBackend(str, Enum):
@@ -24,36 +23,56 @@ def studio(
     identities: Annotated[Optional[list[Path]], typer.Argument(metavar="[IDENTITY.pti]...", help="Identity files or folders of them (default: the .pti files here).", show_default=False)] = None,
     network: Annotated[Optional[str], typer.Option("--network", "-n", help="The base generator (default: the one each identity records).")] = None,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 7860,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but 127.0.0.1 exposes the studio, which has no authentication, to the network.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback lets whoever can reach this machine and has the printed token use the studio.")] = "127.0.0.1",
+    no_token: Annotated[bool, typer.Option("--no-token", help="Serve without the per-run token (loopback --host only; Host and Origin are still checked).")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.01, max=3600, help="Seconds a request may wait for its render, queue included; longer ones get 503.")] = 30.0,
     backend: Annotated[StudioBackend, typer.Option("--backend", help="Render backend (auto: ONNX Runtime when installed, else torch).")] = StudioBackend.auto,
     components: Annotated[int, typer.Option("--components", min=0, max=20, help="GANSpace sliders per person.")] = 10,
     device: DeviceOption = "auto",
 ) -> None:
-    """Edit tuned people in the browser: sliders per direction, live render, save and sweep."""
-    from pti.studio import Studio, create_app, find_identities, need_server
+    """Edit tuned people in the browser: sliders per direction, live render, save and sweep.
+
+    It prints an address with a per-run token (?token=...): open it; the first visit sets a cookie, and nobody without the token gets an answer. Requests naming another Host, POSTs that are not JSON or come from another site, and oversized or malformed ones are refused with one line."""
+    import secrets
+    import signal
+
+    from pti.studio.guard import is_loopback, url_host
+
+    if no_token and not is_loopback(host):
+        raise typer.BadParameter(f"--no-token is for a loopback --host only (127.0.0.1, localhost, ::1); on {host} "
+                                 "anyone who can reach this machine could use the studio", param_hint="'--no-token'")
+    from pti.studio import Studio, find_identities, need_server
 
     need_server()
+    from pti.studio.web import create_app, serve
+
     paths = find_identities(list(identities or []))
-    app = create_app(Studio(paths, network=network, backend=backend.value, device=device, components=components))
-    import uvicorn
+    studio = Studio(paths, network=network, backend=backend.value, device=device, components=components, timeout=timeout)
+    token = None if no_token else secrets.token_urlsafe(32)
+    app = create_app(studio, host=host, port=port, token=token)
+    query = f"?token={token}" if token else ""
 
-    url_host = f"[{host}]" if ":" in host else host
-    console.print(f"pti studio: {len(paths)} identit{'y' if len(paths) == 1 else 'ies'} ({', '.join(p.stem for p in paths[:5])}"
-                  f"{' ...' if len(paths) > 5 else ''}); open http://{url_host}:{port}/  (Ctrl-C stops it)", markup=False)
-    if host not in LOOPBACK:
-        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this machine can use the studio; it has no authentication")
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    def ready() -> None:  # printed once it listens: the address works when it appears
+        console.print(f"pti studio: {len(paths)} identit{'y' if len(paths) == 1 else 'ies'} ({', '.join(s.name for s in studio.slots[:5])}"
+                      f"{' ...' if len(paths) > 5 else ''}); open this address (Ctrl-C stops it):", markup=False)
+        console.print(f"  http://{url_host(host)}:{port}/{query}", markup=False)
+        if not is_loopback(host):
+            console.print(f"[yellow]warning:[/] listening on {escape(host)}: anyone who can reach this machine and has the "
+                          "token can use the studio (see your people, write beside them); the token travels as plain "
+                          "HTTP, so use this on a network you trust")
+
     try:
-        server.run()
-    except SystemExit as e:  # uvicorn exits when it cannot bind
+        listened = serve(app, studio, host, port, on_ready=ready)
+    except KeyboardInterrupt:
+        # Stopped: only the "interrupted" line and the exit are left. Python puts the default handlers back
+        # while it finalizes, so a late Ctrl-C there would kill it mid-way; an ignored signal stays ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise
+    if not listened:
         from pti.errors import PTIError
 
-        raise PTIError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); choose another --port or --host") from e
-    if server.should_exit and not server.started:
-        from pti.errors import PTIError
-
-        raise PTIError(f"cannot listen on {host}:{port}; choose another --port or --host")
+        raise PTIError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); choose another --port or --host")
 
 
 def register(app: typer.Typer) -> None:

@@ -4,30 +4,41 @@ Everything the page can name comes from the server's own lists: the identities i
 the `.pti` files in the folder it was started in) and, per identity, its directions: the presets whose
 files are cached and fit the generator, and the GANSpace components of the identity's base generator
 (computed once and kept beside the identity as `<name>/ganspace.pt`). The page sends indexes and
-numbers, never paths, so it can read nothing else.
+numbers, never paths, so it can read nothing else, and the answers name files relative to the
+identity's folder (`person/studio/x.png`), never by absolute path.
 
 A render turns the sliders into `--edit` strings first and renders those through the same code as
 `pti render` (`pti.rendering.edit_batch` and a render backend), so the edit string the page shows,
-pasted into `pti render`, gives the same pixels. Errors come back as one-line messages for the page;
-the server keeps running.
+pasted into `pti render` in the identity's folder, gives the same pixels. Renders run in one worker
+thread per person (`pti.studio.worker`), apart from the requests; what reaches them at all is decided
+by `pti.studio.guard` (Host, Origin, token, body size) and `pti.studio.checks` (the body's fields).
+Errors come back as one-line messages for the page; the server keeps running.
 """
 
+from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import os
+import re
 import shlex
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pti.errors import PTIError
+from pti.studio.checks import Move, RequestError
+from pti.studio.worker import QUEUE, Worker
 
 GANSPACE_FILE = "ganspace.pt"
 GANSPACE_COMPONENTS = 20          # computed and cached; the page shows `components` of them
 GANSPACE_SAMPLES = 20_000
 PAGE = Path(__file__).with_name("page.html")
+TIMEOUT = 30.0                    # seconds a request may wait for its render (queue included)
+SAVE_NAME_BYTES = 100             # longer readable names give way to a short hash
+VALUE_SLACK = 1e-6                # a slider's value may pass its end by this much (the page's float steps)
 
 
 def need_server():
@@ -54,7 +65,7 @@ def find_identities(paths: list[Path]) -> list[Path]:
             found.append(p)
     if not found:
         raise PTIError("no identity files: give some (pti studio photo.pti) or start it in a folder with .pti files")
-    return [p.resolve() for p in found]
+    return list(dict.fromkeys(p.resolve() for p in found))
 
 
 @dataclass
@@ -62,7 +73,8 @@ class Slider:
     id: str
     label: str
     kind: str                       # preset | ganspace
-    target: str                     # preset name or the GANSpace file path
+    target: str                     # preset name or the GANSpace file's absolute path (what renders)
+    shown: str                      # the same as the page shows it: the name, or the path from the identity's folder
     component: int | None
     neutral: float                  # the value that leaves the pivot as it is
     low: float
@@ -70,10 +82,10 @@ class Slider:
     layers: tuple[int, int]
     default_layers: tuple[int, int] | None   # preset's own layers (None: all)
 
-    def edit(self, value: float | str, layers: tuple[int, int]) -> str:
+    def edit(self, value: float | str, layers: tuple[int, int], shown: bool = False) -> str:
         """The `--edit` string for this slider at `value` (a number, or a sweep's START:STOP:N) over `layers`."""
         value = f"{value:+.2f}" if isinstance(value, (int, float)) else value
-        text = f"{self.target}" + (f":{self.component}" if self.component is not None else "") + f"={value}"
+        text = (self.shown if shown else self.target) + (f":{self.component}" if self.component is not None else "") + f"={value}"
         if self.kind == "ganspace" or layers != (self.default_layers or self.layers):
             text += f"@{layers[0]}-{layers[1]}"
         return text
@@ -82,33 +94,74 @@ class Slider:
 @dataclass
 class Person:
     path: Path
+    name: str
     ident: Any
     backend: Any
     sliders: list[Slider]
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    reconstruction: bytes | None = None   # PNG, made once
+
+
+@dataclass
+class Slot:
+    """One identity the studio serves: its render worker, and what is loaded or read once."""
+    path: Path
+    name: str
+    worker: Worker
+    person: Person | None = None          # set by the worker once loaded
+    input: bytes | None = field(default=None, repr=False)   # the aligned photo as PNG
 
 
 class Studio:
-    """The state behind the page: people loaded on first use, one render at a time per person."""
+    """The state behind the page: people loaded on first use by their own worker, one job at a time each."""
 
     def __init__(self, identities: list[Path], network: str | None = None, backend: str = "auto", device: str = "auto",
-                 components: int = 10, registry=None):
-        self.paths, self.network, self.backend_name = identities, network, backend
+                 components: int = 10, registry=None, timeout: float = TIMEOUT, queue: int = QUEUE):
+        self.network, self.backend_name, self.timeout = network, backend, timeout
         self.device, self.components, self.registry = device, components, registry
-        self.people: dict[int, Person] = {}
-        self.load_lock = threading.Lock()
+        self.slots = [Slot(p, n, Worker(n, queue)) for p, n in zip(identities, _names(identities))]
+        folders = {p.parent for p in identities} | {Path.cwd()}
+        # absolute folders a message for the page must not show (longest first; never the root itself)
+        self._hide = sorted((str(f) for f in folders if len(f.parts) > 1), key=len, reverse=True)
 
     # ------------------------------------------------------------------ people and directions
 
-    def person(self, index: int) -> Person:
-        if not 0 <= index < len(self.paths):
-            raise PTIError(f"no identity number {index}")
-        with self.load_lock:
-            if index not in self.people:
-                self.people[index] = self._load(self.paths[index])
-            return self.people[index]
+    def slot(self, index: int, status: int = 400) -> Slot:
+        if not 0 <= index < len(self.slots):
+            raise RequestError(f"no identity number {index}; there are {len(self.slots)} (0-{len(self.slots) - 1})", status)
+        return self.slots[index]
 
-    def _load(self, path: Path) -> Person:
+    def submit(self, index: int, work: Callable[[Person], Any], sweep: bool = False, status: int = 400):
+        """`work(person)` on the person's worker (loading them first if needed); its future."""
+        slot = self.slot(index, status)
+        return slot.worker.submit(lambda: work(self._person(slot)), sweep=sweep)
+
+    def stop(self) -> None:
+        for slot in self.slots:
+            slot.worker.close()
+
+    def join(self, timeout: float) -> None:
+        """Wait, `timeout` seconds in all, for the renders in progress (a save completes its files)."""
+        deadline = time.monotonic() + timeout
+        for slot in self.slots:
+            slot.worker.join(max(0.0, deadline - time.monotonic()))
+
+    def busy(self) -> bool:
+        """Whether any person's worker is inside a render now."""
+        return any(slot.worker.busy() for slot in self.slots)
+
+    def scrub(self, text: str) -> str:
+        """`text` without the absolute folders of the identities and of the studio (a message for the page)."""
+        for folder in self._hide:
+            text = text.replace(folder + os.sep, "")
+            text = re.sub(re.escape(folder) + r"(?=$|[^\w.\-]|\.(?:$|\s))", ".", text)  # the folder itself, not /tmp/a in /tmp/ab
+        return text
+
+    def _person(self, slot: Slot) -> Person:
+        if slot.person is None:
+            slot.person = self._load(slot.path, slot.name)
+        return slot.person
+
+    def _load(self, path: Path, name: str) -> Person:
         from pti.engine.checkpoint import generator_hash
         from pti.engine.device import apply_cpu_threads, resolve_device
         from pti.engine.identity import Identity, load_base
@@ -121,7 +174,7 @@ class Studio:
         G = ident.apply(base, base_hash)
         apply_cpu_threads(G, dev, "auto")
         backend = make_backend(self._backend(), G, base, base_hash, dev, 8, base_hint=str(self.network or ident.base_hint))
-        return Person(path, ident, backend, self._sliders(path, ident, base))
+        return Person(path, name, ident, backend, self._sliders(path, ident, base))
 
     def _backend(self) -> str:
         if self.backend_name != "auto":
@@ -149,134 +202,190 @@ class Studio:
                 if preset.kind == "ganspace":
                     d = E.resolve(E.parse_edit(f"{name}=0"), num_ws, w_dim, registry)
                     neutral = float(d.coordinate(ident.pivot))
-                    sliders.append(Slider(name, name, "preset", name, None, round(neutral, 2), -10, 10, layers, layers))
+                    sliders.append(Slider(name, name, "preset", name, name, None, round(neutral, 2), -10, 10, layers, layers))
                 else:
-                    sliders.append(Slider(name, name, "preset", name, None, 0.0, -5, 5, layers, None))
+                    sliders.append(Slider(name, name, "preset", name, name, None, 0.0, -5, 5, layers, None))
         pca_path = path.parent / path.stem / GANSPACE_FILE
         if not pca_path.is_file():
-            E.save_ganspace(E.ganspace(base, components=GANSPACE_COMPONENTS, samples=GANSPACE_SAMPLES, seed=0), pca_path)
+            components = min(GANSPACE_COMPONENTS, w_dim)  # a PCA of w has at most w_dim components
+            E.save_ganspace(E.ganspace(base, components=components, samples=GANSPACE_SAMPLES, seed=0), pca_path)
+        shown = f"{path.stem}/{GANSPACE_FILE}"
         for k in range(self.components):
             try:
                 d = E.load_direction_file(pca_path, k)
             except PTIError:
                 break
             neutral = float(d.coordinate(ident.pivot))
-            sliders.append(Slider(f"pc{k}", f"GANSpace {k}", "ganspace", str(pca_path), k, round(neutral, 2),
+            sliders.append(Slider(f"pc{k}", f"GANSpace {k}", "ganspace", str(pca_path), shown, k, round(neutral, 2),
                                   round(neutral - 5, 2), round(neutral + 5, 2), all_layers, None))
         return sliders
 
-    # ------------------------------------------------------------------ what the page asks for
+    # ------------------------------------------------------------------ what the page asks for (on the worker)
 
     def identities(self) -> list[dict]:
-        return [{"index": i, "name": p.stem, "path": str(p)} for i, p in enumerate(self.paths)]
+        return [{"index": i, "name": s.name} for i, s in enumerate(self.slots)]
 
-    def describe(self, index: int) -> dict:
-        person = self.person(index)
+    def describe(self, index: int, person: Person) -> dict:
         num_ws = person.ident.pivot.shape[0]
-        return {"index": index, "name": person.path.stem, "num_ws": num_ws, "backend": person.backend.name,
-                "has_input": self._input_photo(person) is not None,
+        return {"index": index, "name": person.name, "num_ws": num_ws, "backend": person.backend.name,
+                "has_input": _aligned(person.path).is_file(),
                 "sliders": [{"id": s.id, "label": s.label, "kind": s.kind, "neutral": s.neutral, "low": s.low, "high": s.high,
                              "layers": list(s.layers)} for s in person.sliders]}
 
-    def edits(self, person: Person, moves: list[dict]) -> list[str]:
-        """`--edit` strings from the page's slider moves [{id, value, layers}]; unmoved sliders add nothing."""
-        by_id = {s.id: s for s in person.sliders}
-        out = []
-        num_ws = person.ident.pivot.shape[0]
+    def edits(self, person: Person, moves: tuple[Move, ...]) -> tuple[list[str], list[str]]:
+        """The `--edit` strings of the page's slider moves, as rendered and as shown; unmoved sliders add nothing.
+        Each move names one of the person's sliders, at a value within its range, over layers that exist."""
+        out, shown = [], []
         for m in moves:
-            s = by_id.get(str(m.get("id")))
-            if s is None:
-                raise PTIError(f"no direction {m.get('id')!r} for {person.path.stem}")
-            value = float(m["value"])
-            a, b = (int(x) for x in m.get("layers", s.layers))
-            if not 0 <= a <= b < num_ws:
-                raise PTIError(f"{s.label}: layers {a}-{b} are outside 0-{num_ws - 1}")
-            if abs(value - s.neutral) < 1e-9 and (a, b) == s.layers:
+            s, layers = self._move(person, m)
+            if abs(m.value - s.neutral) < 1e-9 and layers == s.layers:
                 continue
-            out.append(s.edit(value, (a, b)))
-        return out
+            out.append(s.edit(m.value, layers))
+            shown.append(s.edit(m.value, layers, shown=True))
+        return out, shown
+
+    def _move(self, person: Person, m: Move) -> tuple[Slider, tuple[int, int]]:
+        """The slider `m` moves and its layers, once the value is within the slider's range and the layers exist."""
+        s = self._slider(person, m.id)
+        lo, hi = min(s.low, s.neutral), max(s.high, s.neutral)
+        if not lo - VALUE_SLACK <= m.value <= hi + VALUE_SLACK:
+            raise RequestError(f"{s.label}: value {m.value:g} is outside its range {s.low:g} to {s.high:g}")
+        if m.layers is None:
+            return s, s.layers
+        a, b = m.layers
+        num_ws = person.ident.pivot.shape[0]
+        if not (0 <= a < num_ws and 0 <= b < num_ws):
+            raise RequestError(f"{s.label}: layers {a}-{b} are outside 0-{num_ws - 1}")
+        if a > b:
+            raise RequestError(f"{s.label}: layers {a}-{b} run backwards; the first is at most the last")
+        return s, (a, b)
+
+    def _slider(self, person: Person, slider_id: str) -> Slider:
+        s = next((x for x in person.sliders if x.id == slider_id), None)
+        if s is None:
+            shown = slider_id if len(slider_id) <= 40 else slider_id[:40] + "..."
+            raise RequestError(f"no direction {shown!r} for {person.name}")
+        return s
 
     def _images(self, person: Person, texts: list[str]):
         """(specs, uint8 images, ms): `texts` parsed with the CLI's grammar and rendered as `pti render` renders
         them (the same batch: the reconstruction first when there are edits) on the person's backend."""
+        import torch
+
         from pti.engine import edits as E
         from pti.engine.images import to_uint8
         from pti.rendering import edit_batch
 
         specs = E.parse_edits(texts)
         _, ws = edit_batch(person.ident, specs, self.registry)
-        with person.lock:
-            t0 = time.perf_counter()
-            images = person.backend.render(ws)
-            ms = 1000 * (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        images = person.backend.render(ws)
+        ms = 1000 * (time.perf_counter() - t0)
+        if not bool(torch.isfinite(images).all()):
+            raise PTIError("the rendered image is not finite (NaN or infinite pixels); move the sliders back")
         return specs, list(to_uint8(images)), ms
 
-    def render(self, index: int, moves: list[dict]) -> dict:
+    def render(self, person: Person, moves: tuple[Move, ...]) -> dict:
         """The edited image for the page, the edit strings, the command that reproduces it, ms and ID similarity."""
         from pti.rendering import _id_similarity
 
-        person = self.person(index)
-        texts = self.edits(person, moves)
+        texts, shown = self.edits(person, moves)
         _, rendered, ms = self._images(person, texts)
         recon, img = rendered[0], rendered[-1]
-        return {"image": _png_data_url(img), "edits": texts, "command": self.command(person, texts), "ms": round(ms, 1),
+        return {"image": _png_data_url(img), "edits": shown, "command": self.command(person, shown), "ms": round(ms, 1),
                 "identity_similarity": _id_similarity(recon, img) if texts else 1.0, "backend": person.backend.name}
 
-    def command(self, person: Person, texts: list[str]) -> str:
-        parts = ["pti", "render", str(person.path)] + [x for t in texts for x in ("--edit", t)]
+    def command(self, person: Person, shown: list[str]) -> str:
+        """The `pti render` command, to run in the identity's folder, that gives the same pixels."""
+        parts = ["pti", "render", person.path.name] + [x for t in shown for x in ("--edit", t)]
         if self.network:
-            parts += ["--network", self.network]
+            network = Path(self.network)
+            parts += ["--network", os.path.relpath(network.resolve(), person.path.parent) if network.is_file() else self.network]
         return " ".join(shlex.quote(p) for p in parts)
 
-    def image(self, index: int, which: str) -> bytes:
-        person = self.person(index)
-        if which == "input":
-            photo = self._input_photo(person)
-            if photo is None:
-                raise PTIError("no input photo beside this identity")
-            return _png_bytes(photo)
-        return _png_bytes(self._images(person, [])[1][0])
+    def input_png(self, slot: Slot) -> bytes:
+        """The aligned photo beside the identity, as PNG (read once)."""
+        if slot.input is None:
+            from PIL import Image
 
-    def save(self, index: int, moves: list[dict]) -> dict:
-        """Write the current image and its edit strings into `<identity folder>/<name>/studio/`."""
+            aligned = _aligned(slot.path)
+            if not aligned.is_file():
+                raise RequestError(f"no input photo beside {slot.name} ({slot.name}/aligned.png)", 404)
+            data = aligned.read_bytes()
+            if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+                data = _png_bytes(Image.open(io.BytesIO(data)).convert("RGB"))
+            slot.input = data
+        return slot.input
+
+    def reconstruction_png(self, person: Person) -> bytes:
+        if person.reconstruction is None:
+            person.reconstruction = _png_bytes(self._images(person, [])[1][0])
+        return person.reconstruction
+
+    def save(self, person: Person, moves: tuple[Move, ...]) -> dict:
+        """Write the current image and its edit strings into `<identity folder>/<name>/studio/`: a readable name
+        (a short hash where it would be long), never one that holds another edit already."""
         from pti.engine.images import save_png
         from pti.fsutil import atomic_path
 
-        person = self.person(index)
-        texts = self.edits(person, moves)
+        texts, shown = self.edits(person, moves)
         specs, rendered, _ = self._images(person, texts)
-        label = "_".join(s.label(s.values[0]) for s in specs) or "reconstruction"
+        line = " ".join(shown)
         folder = person.path.parent / person.path.stem / "studio"
-        png = save_png(rendered[-1], folder / f"{label}.png")
-        txt = folder / f"{label}.txt"
-        command = self.command(person, texts)
+        name = _save_name(folder, [s.label(s.values[0]) for s in specs], line)
+        command = self.command(person, shown)
+        txt = folder / f"{name}.txt"
         with atomic_path(txt) as tmp:
-            tmp.write_text(" ".join(texts) + "\n" + command + "\n")
-        return {"image": str(png), "edits": str(txt), "command": command}
+            tmp.write_text(line + "\n" + command + "\n")
+        png = save_png(rendered[-1], folder / f"{name}.png")
+        top = person.path.parent
+        return {"image": png.relative_to(top).as_posix(), "edits": txt.relative_to(top).as_posix(), "command": command}
 
-    def sweep(self, index: int, moves: list[dict], slider: str, frames: int = 9) -> bytes:
-        """A GIF of one slider from its low to its high end, the other sliders as they are."""
+    def sweep(self, person: Person, moves: tuple[Move, ...], slider: str, frames: int) -> bytes:
+        """A GIF of one slider from its low to its high end over its layers, the other sliders as they are."""
         import tempfile
 
         from pti.engine.images import save_gif
 
-        person = self.person(index)
-        s = next((x for x in person.sliders if x.id == slider), None)
-        if s is None:
-            raise PTIError(f"no direction {slider!r} for {person.path.stem}")
-        others = [m for m in moves if m.get("id") != slider]
-        layers = next((tuple(m.get("layers", s.layers)) for m in moves if m.get("id") == slider), s.layers)
-        sweep = s.edit(f"{s.low:+.2f}:{s.high:+.2f}:{frames}", tuple(layers))
-        _, rendered, _ = self._images(person, self.edits(person, others) + [sweep])
+        s = self._slider(person, slider)
+        mine = next((m for m in moves if m.id == slider), None)
+        layers = self._move(person, mine)[1] if mine else s.layers  # checked like any other move
+        texts, _ = self.edits(person, tuple(m for m in moves if m.id != slider))
+        sweep = s.edit(f"{s.low:+.2f}:{s.high:+.2f}:{frames}", layers)
+        _, rendered, _ = self._images(person, texts + [sweep])
         with tempfile.TemporaryDirectory() as tmp:
             return save_gif(rendered[1:], Path(tmp) / "sweep.gif", fps=8).read_bytes()
 
-    @staticmethod
-    def _input_photo(person: Person):
-        from PIL import Image
 
-        aligned = person.path.parent / person.path.stem / "aligned.png"
-        return Image.open(aligned).convert("RGB") if aligned.is_file() else None
+def _names(paths: list[Path]) -> list[str]:
+    """What the page calls each identity: its file's stem, with its folder's name where two stems are alike."""
+    stems = [p.stem for p in paths]
+    return [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+
+
+def _aligned(path: Path) -> Path:
+    return path.parent / path.stem / "aligned.png"
+
+
+def _save_name(folder: Path, labels: list[str], line: str) -> str:
+    """A name for `<name>.png` + `<name>.txt` in `folder`: the edits' labels joined (a hash when that is over
+    SAVE_NAME_BYTES), unless those files exist with other edits in them; then the label and a hash."""
+    digest = hashlib.sha256(line.encode()).hexdigest()[:10]
+    label = "_".join(labels) or "reconstruction"
+    if len(label.encode()) > SAVE_NAME_BYTES:
+        label = f"{len(labels)}-edits_{digest}"
+    candidates = [label] + ([f"{label}_{digest}"] if digest not in label else []) + [f"{label}_{digest}-{k}" for k in range(2, 100)]
+    for name in candidates:
+        png, txt = folder / f"{name}.png", folder / f"{name}.txt"
+        if not png.exists() and not txt.exists():
+            return name
+        if txt.is_file() and not png.is_dir():
+            try:
+                if txt.read_text(errors="replace").split("\n", 1)[0] == line:
+                    return name  # the same edit saved again: the same files
+            except OSError:
+                continue
+    raise PTIError(f"{folder.name}: no free name for this save (tried {len(candidates)}); move some files away")
 
 
 def _png_bytes(img) -> bytes:
@@ -293,79 +402,3 @@ def _png_bytes(img) -> bytes:
 def _png_data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(_png_bytes(img)).decode()
 
-
-# ----------------------------------------------------------------------------- the web app
-
-
-def create_app(studio: Studio):
-    """The FastAPI app: the page, and JSON endpoints that answer errors as {"error": "one line"}."""
-    need_server()
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-
-    app = FastAPI(title="pti studio", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def guarded(fn):
-        try:
-            return fn()
-        except PTIError as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
-        except Exception as e:  # noqa: BLE001  a bad file or edit must never take the server down
-            from pti.errors import first_line
-
-            return JSONResponse({"error": first_line(e)}, status_code=500)
-
-    async def body(request: Request) -> dict | None:
-        try:
-            data = await request.json()
-        except ValueError:
-            return None
-        return data if isinstance(data, dict) else None
-
-    not_json = JSONResponse({"error": "send a JSON object: {\"identity\": N, \"moves\": [...]}"}, status_code=400)
-
-    async def posted(request: Request, action):
-        """A POST {"identity": N, "moves": [...], ...}: `action(index, moves, data)` in the thread pool, guarded."""
-        data = await body(request)
-        if data is None:
-            return not_json
-        return await run_in_threadpool(guarded, lambda: action(int(data.get("identity", 0)), list(data.get("moves", [])), data))
-
-    html = PAGE.read_text()
-
-    @app.get("/", response_class=HTMLResponse)
-    def page():
-        return html
-
-    @app.get("/api/identities")
-    def identities():
-        return guarded(lambda: {"identities": studio.identities()})
-
-    @app.get("/api/identity/{index}")
-    def identity(index: int):
-        return guarded(lambda: studio.describe(index))
-
-    @app.get("/api/identity/{index}/{which}.png")
-    def image(index: int, which: str):
-        if which not in ("input", "reconstruction"):
-            return JSONResponse({"error": f"no image {which!r}"}, status_code=404)
-        out = guarded(lambda: studio.image(index, which))
-        return out if isinstance(out, JSONResponse) else Response(out, media_type="image/png")
-
-    @app.post("/api/render")
-    async def render(request: Request):
-        return await posted(request, lambda i, moves, _: studio.render(i, moves))
-
-    @app.post("/api/save")
-    async def save(request: Request):
-        return await posted(request, lambda i, moves, _: studio.save(i, moves))
-
-    @app.post("/api/sweep")
-    async def sweep(request: Request):
-        out = await posted(request, lambda i, moves, data: studio.sweep(i, moves, str(data.get("slider", ""))))
-        if isinstance(out, JSONResponse):
-            return out
-        return Response(out, media_type="image/gif", headers={"Content-Disposition": 'attachment; filename="sweep.gif"'})
-
-    return app
