@@ -1,12 +1,15 @@
 # The README's commands. `make demo` sets everything up and runs the offline demo;
-# `make test` sets up and runs the whole test suite.
+# `make test` sets up and runs the whole test suite; `make test-fast` all but the tests marked slow.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BASE_STAMP := $(VENV)/.installed-base
 
-.PHONY: setup demo test bench bench-threads clean
+# Two workers (pytest-xdist); --dist loadfile keeps each file's tests, and its module-scoped fixtures, in one.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+.PHONY: setup demo test test-fast bench bench-threads clean
 
 setup: $(STAMP)
 
@@ -27,7 +30,10 @@ demo: $(BASE_STAMP)
 	$(BIN)/pti demo --out demo-out
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
+
+test-fast: setup
+	$(PYTEST) -m "not slow" tests
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_tune

@@ -26,7 +26,6 @@ devices, and CPUs, report achieved GFLOP/s only).
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import tempfile
 import time
@@ -198,9 +197,11 @@ def cuda_graphed(fn: Callable, device: torch.device) -> Callable:
 
 def _export(kind, G, device, tmp, batch):
     from pti.engine.checkpoint import generator_hash
-    from pti.export import Source, export
+    from pti.export import export
+    from pti.export.config import ExportConfig
+    from pti.export.contract import Source
 
-    return export(kind, Source(G, generator_hash(G), "bench"), tmp, batch=(1, batch, batch), device=device).parent
+    return export(kind, Source(G, generator_hash(G), "bench"), tmp, ExportConfig(batch=(1, batch, batch), device=device)).parent
 
 
 def tune_rows(G, device, precisions, steps, progress=print, impls=("reference",)) -> list[dict]:
@@ -259,20 +260,16 @@ def _tune_rows_one(G, device, impl, precision, steps, target, pivot, progress) -
 
 
 def environment(device: torch.device) -> dict:
-    from pti.engine.identity import versions
+    """The versions, machine and device (`pti.export.contract.environment`, with Triton's version when it is
+    installed), the date, and the GPU and CUDA version or the CPU threads."""
+    from pti.export.contract import environment as versions_and_device
 
-    env = {**versions(), "machine": platform.machine(), "device": str(device), "date": time.strftime("%Y-%m-%d")}
+    env = {**versions_and_device(device, packages=("triton",)), "date": time.strftime("%Y-%m-%d")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     else:
         env["cpu_threads"] = torch.get_num_threads()
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
     return env
 
 

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Iterable
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, for one-line errors from tools whose messages run for pages."""
+def first_line(e: BaseException, limit: int = 300, typed: bool = True) -> str:
+    """`Type: first line of the message`, for one-line errors from tools whose messages run for pages
+    (`typed=False`: the line alone). The type name alone when the message is empty."""
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(e).__name__}: {line}" if typed else line
+
+
+def describe_files(paths: Iterable[str | os.PathLike], per_folder: int = 3) -> str:
+    """The files as one short line: 'nothing', 'a.png, b.png' or '30 files in out/ (seed0000.png ... seed0029.png)'."""
+    groups: dict[Path, list[str]] = {}
+    for p in map(Path, paths):
+        groups.setdefault(p.parent, []).append(p.name)
+    if not groups:
+        return "nothing"
+    parts = []
+    for folder, names in groups.items():
+        if len(names) <= per_folder:
+            parts.append(", ".join(str(folder / n) for n in names))
+        else:
+            parts.append(f"{len(names)} files in {folder}/ ({names[0]} ... {names[-1]})")
+    return "; ".join(parts)
 
 
 class PTIError(Exception):
@@ -51,8 +73,6 @@ class Interrupted(PTIError):
     exit_code = 130
 
     def __init__(self, kept: list[Path] | tuple[Path, ...] = (), how: str = "Ctrl-C"):
-        from pti.fsutil import describe_files
-
         self.kept = list(kept)
         self.how = how
         super().__init__(f"interrupted ({how}); no partial files were left. Kept: {describe_files(self.kept)}")
@@ -60,3 +80,4 @@ class Interrupted(PTIError):
 
 class ExportError(PTIError):
     """An export cannot be made, loaded or used: missing runtime, wrong base, version or device, batch out of range."""
+

@@ -10,6 +10,9 @@ interrupted command can say exactly which complete files it kept.
 
 File-system failures (the output is a folder or sits under a file, the folder is read-only, the
 disk is full) become one-line `OutputError`s naming the path.
+
+Beside them: `plain` (data as plain JSON), `sha256_file` (how every file is identified: weights,
+photos, identities, exports) and `default_cache_dir` (the user cache that weights and exports share).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from pti.errors import OutputError
 from pti.signals import deferred
@@ -159,6 +164,21 @@ def discard_pending() -> None:
 atexit.register(discard_pending)
 
 
+def plain(obj: Any, other: Callable[[Any], Any] = str) -> Any:
+    """`obj` as plain JSON data: dicts (keys as str) and tuples as dicts and lists, numpy and 0-d torch
+    scalars as Python numbers, None, bools, numbers and strings as they are, anything else through
+    `other` (str by default, as `write_json` writes it; a caller may raise instead)."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v, other) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v, other) for v in obj]
+    if type(obj).__module__ in ("numpy", "torch") and getattr(obj, "ndim", None) == 0:  # a scalar, not an array
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return other(obj)
+
+
 def write_json(obj, path: str | os.PathLike) -> Path:
     """`obj` as indented JSON (Paths and other objects as their str), atomically."""
     import json
@@ -238,17 +258,32 @@ def _chmod_like_open(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def describe_files(paths: Iterable[str | os.PathLike], per_folder: int = 3) -> str:
-    """The files as one short line: 'nothing', 'a.png, b.png' or '30 files in out/ (seed0000.png ... seed0029.png)'."""
-    groups: dict[Path, list[str]] = {}
-    for p in map(Path, paths):
-        groups.setdefault(p.parent, []).append(p.name)
-    if not groups:
-        return "nothing"
-    parts = []
-    for folder, names in groups.items():
-        if len(names) <= per_folder:
-            parts.append(", ".join(str(folder / n) for n in names))
-        else:
-            parts.append(f"{len(names)} files in {folder}/ ({names[0]} ... {names[-1]})")
-    return "; ".join(parts)
+
+# ---------------------------------------------------------------------------- hashing and the user cache
+
+_CHUNK = 1 << 20  # 1 MiB reads
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_cache_dir(platform: str | None = None) -> Path:
+    """`$PTI_HOME`, else the platform's user cache directory + `/pti` (`platform`: a `sys.platform` value):
+    the weights registry's downloads, cached exports and TensorRT's timing cache live there."""
+    env = os.environ.get("PTI_HOME")
+    if env:
+        return Path(env).expanduser()
+    platform = sys.platform if platform is None else platform
+    if platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pti"

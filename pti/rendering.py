@@ -20,16 +20,16 @@ Outputs in `out/`:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
+from pti.engine.config import EXPORT_PRECISIONS, ProgressFn, check_fields, instance_of, one_of, real, whole
+from pti.engine.layout import Layout
 from pti.errors import PTIError
-
-ProgressFn = Callable[[str, int, int, dict], None]
 
 
 class Backend(Protocol):
@@ -57,6 +57,40 @@ class TorchBackend:
 BACKENDS = ("torch", "onnx", "aoti", "tensorrt")
 
 
+@dataclass(frozen=True)
+class RenderConfig:
+    """How `render` renders and what it writes; `pti render` maps its options onto it."""
+
+    network: str | Path | None = None   # the base generator; None = the one the identity records
+    device: str = "auto"                # "auto", "cpu", "cuda", "cuda:N"
+    batch: int = 8                      # frames per forward pass (a backend's export must accept it)
+    compare: bool = False               # also write compare.png: input | reconstruction | each output
+    gif_fps: float = 8.0                # frames per second of a sweep's GIF (and .mp4)
+    mp4: bool = False                   # also write an .mp4 of a sweep (needs imageio-ffmpeg)
+    backend: str = "torch"              # what renders: torch, or an export with the person's weights swapped in
+                                        # (onnx, aoti, tensorrt: BACKENDS)
+    engine: str | Path | None = None    # an export folder for that backend; None = the base generator's export,
+                                        # made once into the user cache
+    precision: str = "fp32"             # of that cached export: fp32 or fp16
+    threads: str | int | None = None    # CPU threads: None or "torch" = torch's as set, "auto" = pti's policy, N
+    force: bool = False                 # replace renders of another identity (or files pti did not write) in `out`
+
+    def __post_init__(self):
+        check_fields(self, {
+            "network": instance_of(str, Path, optional=True),
+            "device": instance_of(str),
+            "batch": whole(1),
+            "compare": one_of(True, False),
+            "gif_fps": real(0, above=True),         # a GIF frame lasts 1000 / fps ms
+            "mp4": one_of(True, False),
+            "backend": one_of(*BACKENDS),
+            "engine": instance_of(str, Path, optional=True),
+            "precision": one_of(*EXPORT_PRECISIONS),
+            "threads": instance_of(str, int, optional=True),
+            "force": one_of(True, False),
+        })
+
+
 def make_backend(name: str, G, base, base_hash: str, device: torch.device, batch: int = 8, *, engine=None,
                  base_hint: str = "", precision: str = "fp32", progress: ProgressFn | None = None):
     """The backend `name` rendering `G` (base + identity). Exported backends use the export in `engine`, else
@@ -67,12 +101,13 @@ def make_backend(name: str, G, base, base_hash: str, device: torch.device, batch
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
     from pti.export import CONTRACT, Source, default_export_dir, export
+    from pti.export.config import ExportConfig
 
     folder = Path(engine) if engine is not None else default_export_dir(base_hash, name, precision)
     if engine is None and not (folder / CONTRACT).is_file():
         if progress is not None:
             progress(f"export {name} (once per base generator)", 0, 1, {})
-        export(name, Source(base, base_hash, base_hint), folder, precision=precision, device=device)
+        export(name, Source(base, base_hash, base_hint), folder, ExportConfig(precision=precision, device=device))
         if progress is not None:
             progress(f"export {name} (once per base generator)", 1, 1, {})
     if name == "onnx":
@@ -123,57 +158,41 @@ def render(
     identity: str | Path,
     edits: Sequence[str] = (),                  # the --edit grammar (pti.engine.edits)
     out: str | Path | None = None,              # default: <identity folder>/<identity name>/edits
+    config: RenderConfig | None = None,         # how (default: RenderConfig(), with `options` applied)
     *,
-    network: str | Path | None = None,          # base generator; default: the one the identity records
-    device: str = "auto",
-    batch: int = 8,                             # frames per forward pass
-    compare: bool = False,                      # also write input | reconstruction | edits
-    gif_fps: float = 8.0,
-    mp4: bool = False,                          # also write an .mp4 of a sweep (needs imageio-ffmpeg)
-    backend: str = "torch",                     # torch | onnx | aoti | tensorrt (BACKENDS)
-    engine: str | Path | None = None,           # an export folder for that backend; default: the cached base export
-    precision: str = "fp32",                    # of the cached export (fp32 | fp16)
     registry=None,                              # weights registry for presets (default: the user's cache)
     progress: ProgressFn | None = None,
-    threads: str | int | None = None,           # CPU threads: None = as set, "auto" = pti's policy, N
-    force: bool = False,                        # replace renders of another identity (or files pti did not write) in `out`
+    **options,                                  # RenderConfig fields: network=..., device="cpu", backend="onnx", ...
 ) -> RenderResult:
     """Render `edits` of the person in `identity`; return the images and the files written."""
     from pti.engine import edits as E
     from pti.engine.device import apply_cpu_threads, resolve_device
-    from pti.engine.identity import Identity
-    from pti.fsutil import ensure_writable_dir
+    from pti.engine.identity import open_identity
+    from pti.fsutil import ensure_writable_dir, sha256_file
 
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    cfg = replace(config or RenderConfig(), **options)
     specs = E.parse_edits(list(edits))          # grammar first: a typo costs nothing
     path = Path(identity)
-    ident = Identity.load(path)
-    dev = resolve_device(device)
-    from pti.engine.checkpoint import generator_hash
-
-    base = base_generator(ident, network, dev)
-    base_hash = generator_hash(base)
-    G = ident.apply(base, base_hash)
-    apply_cpu_threads(G, dev, threads)
+    dev = resolve_device(cfg.device)
+    ident, base, base_hash, G = open_identity(path, cfg.network, dev)
+    apply_cpu_threads(G, dev, cfg.threads)
     frames, ws = edit_batch(ident, specs, registry)
-    out = Path(out) if out is not None else path.parent / path.stem / "edits"
-    from pti.engine.weights import sha256_file
-
+    out = Path(out) if out is not None else Layout.of(path).edits
     ident_sha = sha256_file(path)
-    if not force:
-        check_render_folder(out, path, ident_sha, planned_files(frames, specs, compare, mp4))
+    if not cfg.force:
+        check_render_folder(out, path, ident_sha, planned_files(frames, specs, cfg.compare, cfg.mp4))
     ensure_writable_dir(out)
 
-    runner = make_backend(backend, G, base, base_hash, dev, batch, engine=engine, base_hint=str(network or ident.base_hint),
-                          precision=precision, progress=progress)
+    base_hint = str(cfg.network or ident.base_hint)
+    runner = make_backend(cfg.backend, G, base, base_hash, dev, cfg.batch, engine=cfg.engine, base_hint=base_hint,
+                          precision=cfg.precision, progress=progress)
     recon_needed = bool(specs)
     t0 = time.perf_counter()
     images = []
-    for i in range(0, ws.shape[0], batch):
-        images.append(runner.render(ws[i:i + batch]))
+    for i in range(0, ws.shape[0], cfg.batch):
+        images.append(runner.render(ws[i:i + cfg.batch]))
         if progress is not None:
-            progress("render", min(i + batch, ws.shape[0]), ws.shape[0], {})
+            progress("render", min(i + cfg.batch, ws.shape[0]), ws.shape[0], {})
     seconds = time.perf_counter() - t0
     from pti.engine.images import to_uint8
 
@@ -182,12 +201,12 @@ def render(
     rendered = list(to_uint8(pixels))
     recon = rendered.pop(0) if recon_needed else rendered[0]
     result = RenderResult(path, out, [f.label for f in frames], rendered, warnings=list(ident.notes))
-    _write(result, frames, specs, recon, compare, gif_fps, mp4, ident)
+    _write(result, frames, specs, recon, cfg.compare, cfg.gif_fps, cfg.mp4, ident)
     result.report.update(
         identity=str(path), identity_path=str(path.resolve()), identity_sha256=ident_sha,
-        base_generator=str(network or ident.base_hint), base_hash=ident.base_hash,
+        base_generator=base_hint, base_hash=ident.base_hash,
         edits=[s.text for s in specs], backend=runner.name,
-        engine=str(getattr(runner, "folder", "")) or None, device=str(dev), batch=batch,
+        engine=str(getattr(runner, "folder", "")) or None, device=str(dev), batch=cfg.batch,
         frames=len(frames), ms_per_image=1000 * seconds / ws.shape[0], warnings=result.warnings,
     )
     result.files["report"] = _write_report(result.report, out / "render.json")
@@ -295,7 +314,7 @@ def _input_photo(identity: Path, ident):
     """The aligned photo `pti tune` wrote beside the identity, else the photo it records, else None."""
     from PIL import Image
 
-    aligned = identity.parent / identity.stem / "aligned.png"
+    aligned = Layout.of(identity).aligned
     if aligned.is_file():
         return Image.open(aligned).convert("RGB")
     photo = ident.meta.get("photo")
@@ -310,7 +329,7 @@ def _input_photo(identity: Path, ident):
 
 
 def _id_similarity(recon: np.ndarray, img: np.ndarray) -> float | None:
-    from pti.engine.align import identity_similarity
+    from pti.engine.faceid import identity_similarity
 
     try:
         return identity_similarity(recon, img)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from helpers import canonical_positions, command_app
 from pti.engine import align as A
+from pti.engine import faceid as F
 from pti.engine.images import from_uint8
 from pti.errors import FaceNotFoundError
 
@@ -131,7 +132,7 @@ def test_resize_prealigned() -> None:
 
 def test_models_loaded_once() -> None:
     assert A._detector() is A._detector() and A._predictor() is A._predictor()
-    assert A._face_encoder() is A._face_encoder()
+    assert F._face_encoder() is F._face_encoder()
 
 
 # --- face identity ---------------------------------------------------------------------------------
@@ -140,14 +141,22 @@ def test_models_loaded_once() -> None:
 def test_identity_similarity(astronaut: Image.Image) -> None:
     face = astronaut.crop((110, 20, 330, 240))
     shifted = face.resize((200, 200)).rotate(5, fillcolor=(128, 128, 128))
-    score = A.compare_identity(face, shifted)
-    assert score is not None and score.same_person and score.cosine > 0.95 and score.euclidean < A.DLIB_SAME_PERSON
+    score = F.compare_identity(face, shifted)
+    assert score is not None and score.same_person and score.cosine > 0.95 and score.euclidean < F.DLIB_SAME_PERSON
     # A [-1, 1] tensor (the generator's range) is read through images.to_uint8: the same pixels, the same embedding.
     tensor = from_uint8(np.asarray(face))
-    assert np.array_equal(A.face_embedding(tensor), A.face_embedding(face))
-    assert np.array_equal(A.face_embedding(tensor[0]), A.face_embedding(np.asarray(face)))
-    assert A.identity_similarity(face, tensor) == pytest.approx(1.0, abs=1e-12)
-    assert A.identity_similarity(face, Image.new("RGB", (100, 100), (128, 128, 128))) is None
+    assert np.array_equal(F.face_embedding(tensor), F.face_embedding(face))
+    assert np.array_equal(F.face_embedding(tensor[0]), F.face_embedding(np.asarray(face)))
+    assert F.identity_similarity(face, tensor) == pytest.approx(1.0, abs=1e-12)
+    assert F.identity_similarity(face, Image.new("RGB", (100, 100), (128, 128, 128))) is None
+
+
+def test_embedding_reads_the_face_already_located(astronaut: Image.Image, astro_face: A.Face) -> None:
+    """The face `detect_faces` located (box and 68 landmarks) is embedded as given: the same 128 numbers as
+    detecting again, and other landmarks give another embedding (they are read, not predicted anew)."""
+    assert np.array_equal(F.face_embedding(astronaut, astro_face), F.face_embedding(astronaut))
+    moved = A.Face(astro_face.box, astro_face.landmarks + 4.0)
+    assert not np.array_equal(F.face_embedding(astronaut, moved), F.face_embedding(astronaut))
 
 
 # --- CLI -----------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_failures_are_recorded_and_the_rest_go_on(sequential):
     assert [(Path(r["photo"]).name, r["status"]) for r in lines] == [("a.png", "done"), ("b.png", "done"),
                                                                      ("c_noface.png", "failed"), ("d_broken.jpg", "failed")]
     done = lines[0]
-    from pti.engine.weights import sha256_file
+    from pti.fsutil import sha256_file
 
     assert done["identity_sha256"] == sha256_file(out / "a.pti") and done["photo_sha256"] == sha256_file(Path(done["photo"]))
     assert done["metrics"]["after_tuning"]["mse"] < done["metrics"]["before_tuning"]["mse"]
@@ -96,6 +96,7 @@ def test_failures_are_recorded_and_the_rest_go_on(sequential):
     assert _temporaries(out) == []
 
 
+@pytest.mark.slow
 def test_cli_exit_code_summary_and_resume(photos, sequential, tmp_path):
     out = tmp_path / "out"
     env = env_with(PTI_HOME=str(tmp_path / "home"))
@@ -118,6 +119,7 @@ def test_cli_exit_code_summary_and_resume(photos, sequential, tmp_path):
     assert _same_identity(out / "b.pti", sequential[0] / "b.pti")
 
 
+@pytest.mark.slow
 def test_other_settings_are_refused_unless_forced(photos, tmp_path):
     out = tmp_path / "out"
     env = env_with(PTI_HOME=str(tmp_path / "home"))
@@ -157,6 +159,7 @@ def test_ctrl_c_keeps_finished_photos_and_the_next_run_resumes(photos, sequentia
     assert _same_identity(out / "b.pti", sequential[0] / "b.pti")
 
 
+@pytest.mark.slow
 def test_two_workers_equal_the_sequential_run(photos, sequential, tmp_path):
     out = tmp_path / "out"
     results = pti.tune([photos], out=out, workers=2, **SMALL)
@@ -165,6 +168,27 @@ def test_two_workers_equal_the_sequential_run(photos, sequential, tmp_path):
         assert _same_identity(out / f"{name}.pti", sequential[0] / f"{name}.pti")
     assert sorted(Path(r["photo"]).name for r in _manifest(out)) == ["a.png", "b.png", "c_noface.png", "d_broken.jpg"]
     assert _temporaries(out) == []
+
+
+@pytest.mark.slow
+def test_workers_use_the_weights_registry_they_are_given(photos, tmp_path):
+    """`pti.tune(..., registry=R, workers=2)`: every worker loads its losses from R, the losses the manifest records."""
+    from helpers import make_scripted_vgg16_standin, random_lpips_state_dicts, standin_registry
+
+    reg = standin_registry(tmp_path / "cache")  # official-shaped stand-ins; the user's cache (PTI_HOME) stays empty
+    trunk, heads = random_lpips_state_dicts("alex", seed=0)
+    torch.save(trunk, tmp_path / "alexnet-owt-7be5be79.pth")
+    torch.save(heads, tmp_path / "alex.pth")
+    make_scripted_vgg16_standin(tmp_path / "vgg16.pt", seed=3)
+    for f in ("alexnet-owt-7be5be79.pth", "alex.pth", "vgg16.pt"):
+        reg.import_file(tmp_path / f)
+    out = tmp_path / "out"
+    results = pti.tune([photos / "a.png", photos / "b.png"], out=out, workers=2, registry=reg, **SMALL)
+    assert [r.status for r in results] == ["done", "done"]
+    for rec in _manifest(out):
+        report = json.loads((out / rec["name"] / "report.json").read_text())
+        assert rec["settings"]["losses"] == report["losses"]  # what the worker used is what the manifest says
+        assert report["official_losses"] is True and "lpips_alex" in report["after_tuning"]
 
 
 def test_joint_cannot_use_workers(photos, tmp_path):
@@ -234,6 +258,7 @@ def test_ray_retries_a_photo_whose_worker_is_killed(photos, sequential, tmp_path
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_interrupting_worker_processes_keeps_what_they_finished(photos, tmp_path, signame):
     from clirun import handlers_installed, wait_until
 

@@ -27,7 +27,8 @@ from pti.errors import ExportError
 onnx = pytest.importorskip("onnx", reason="pip install 'pti[export]'")
 ort = pytest.importorskip("onnxruntime", reason="pip install 'pti[export]'")
 
-from pti.export import TOLERANCE, Source, load_contract, load_source  # noqa: E402
+from pti.export import load_source  # noqa: E402
+from pti.export.contract import TOLERANCE, Source, load_contract  # noqa: E402
 from pti.export.onnx import OnnxBackend, export_onnx  # noqa: E402
 
 FP32, FP16 = TOLERANCE["fp32"], TOLERANCE["fp16"]
@@ -86,7 +87,7 @@ def test_onnx_graph_keeps_its_promises(people):
         np.testing.assert_array_equal(inits[e["name"]], params[e["tensor"]].numpy())
     assert c["base_hash"] == people["hash"] and c["batch"] == {"min": 1, "opt": 8, "max": 16}
     # the sample is the person's pivot, and its checksum is what PyTorch renders from it
-    from pti.export import checksum, decode_array
+    from pti.export.contract import checksum, decode_array
 
     sample = decode_array(c["sample"]["input"])
     assert torch.equal(sample[0], Identity.load(people["a"]).pivot)
@@ -129,6 +130,7 @@ def test_swapping_b_into_a_graph_by_initializer_name_renders_b(people):
     assert (OnnxBackend(folder, people["G_b"]).render(ws) - want_b).abs().max() <= FP32
 
 
+@pytest.mark.slow
 def test_fp16_export_is_within_one_percent_of_the_image_range(people, tmp_path):
     folder = export_onnx(load_source(people["a"]), tmp_path / "fp16", precision="fp16").parent
     _, c = load_contract(folder)
@@ -146,7 +148,7 @@ def test_fp16_export_is_within_one_percent_of_the_image_range(people, tmp_path):
 def test_a_graph_whose_weights_were_folded_is_refused(people, tmp_path):
     """A deliberately wrong export: the exporter's optimizer folds `weight * gain` into anonymous constants.
     The check that guards swapping must catch it."""
-    from pti.export import ExportSynthesis
+    from pti.export.contract import ExportSynthesis
     from pti.export.onnx import _check_graph
 
     module = ExportSynthesis(people["G_a"])
@@ -228,6 +230,7 @@ def test_render_backend_exports_the_base_once_into_the_cache(people, tmp_path, m
     assert res.report["engine"] == str(folder)
 
 
+@pytest.mark.slow
 def test_cli_export_writes_the_folder_and_a_summary(people, tmp_path):
     p = run_pti("export", people["a"], "--format", "onnx", "-o", tmp_path / "x")
     assert p.returncode == 0, p.stderr
@@ -259,6 +262,7 @@ def test_cli_export_usage_errors_exit_2(people, tmp_path, args, message):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(people, tmp_path):
     other = tmp_path / "other.safetensors"
     from pti.engine.checkpoint import save_generator
@@ -300,6 +304,7 @@ def test_a_contract_for_another_base_is_refused(people, tmp_path):
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_interrupted_export_leaves_nothing(people, tmp_path, signame):
     """The signal arrives after model.onnx is written into the staging folder, before the contract."""
     out = tmp_path / "x"

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 WRITE_LOOP = r"""
 import sys
 from pathlib import Path
@@ -41,6 +43,7 @@ except KeyboardInterrupt:  # what the CLI does, minus its message; atexit remove
 """
 
 
+@pytest.mark.slow
 def test_no_temporary_survives_an_interrupt_at_any_moment(tmp_path):
     rounds, leftovers = int(os.environ.get("PTI_STRESS_ROUNDS", 200)), []
     rng = random.Random(0)

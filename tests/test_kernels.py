@@ -32,6 +32,7 @@ from pti import kernels  # noqa: E402
 from pti.kernels import ref  # noqa: E402
 from pti.kernels import triton_modconv as T  # noqa: E402
 from pti.kernels import triton_upfirdn  # noqa: E402
+from pti.kernels._triton_common import demod_coefficients  # noqa: E402
 
 SHAPES = [  # (batch, in, out, size, kernel)
     (1, 16, 24, 6, 3),
@@ -177,8 +178,8 @@ def test_wrong_backwards_are_outside_the_bound(monkeypatch):
     def no_demod_gradient(grad, x, weight, styles, noise, y, demodulate, needs):
         dx, _, _, dn = right(grad, x, weight, styles, noise, y, demodulate, needs)
         dw = torch.nn.grad.conv2d_weight(x * styles[:, :, None, None], weight.shape,
-                                         grad * T.demod_coefficients(weight, styles)[:, :, None, None], padding=1)
-        dxs = T._launch(grad, weight.transpose(0, 1).flip([2, 3]).contiguous(), T.demod_coefficients(weight, styles),
+                                         grad * demod_coefficients(weight, styles)[:, :, None, None], padding=1)
+        dxs = T._launch(grad, weight.transpose(0, 1).flip([2, 3]).contiguous(), demod_coefficients(weight, styles),
                         out_dtype=torch.float32)
         return dx, dw, (dxs * x).sum(dim=[2, 3]), dn
 
@@ -316,16 +317,29 @@ def test_the_layer_op_splits_where_no_fused_kernel_applies():
     assert kernels.chosen()["modulated_conv2d_act"] == "triton"  # the up-sampling layer has its fused kernel
 
 
-@pytest.mark.slow
+# The smallest generator with every kind of synthesis layer: the first block (the constant, conv1, toRGB) and
+# one up-sampling block (conv0: transposed conv + FIR; conv1; toRGB; the skip image's up-sampling), with noise
+# and conv_clamp. 8 px and 32 / 16 channels: under Triton's interpreter it runs in seconds where the built-in
+# tiny generator (64 px, 128 channels, the same layer kinds at more resolutions) took minutes.
+WHOLE = dict(
+    z_dim=32, c_dim=0, w_dim=32, img_resolution=8, img_channels=3,
+    mapping_kwargs=dict(num_layers=2),
+    synthesis_kwargs=dict(channel_base=128, channel_max=32, num_fp16_res=0, conv_clamp=256),
+)
+
+
 def test_a_whole_generator_prefers_the_kernel_where_it_applies(monkeypatch):
     """G.impl = "prefer:triton": every synthesis layer as one fused kernel (the up-sampling ones: PyTorch's
     transposed convolution, then the FIR filter and the epilogue in one kernel) and the skip image's
     up-sampling on the FIR kernel. Image and gradients (for ws and every weight, what inversion and tuning
-    use) within the float32 bound's order of magnitude of the reference's: about 20 layers of ~1e-6
-    relative each forward, and the backward's longer reductions (pixels x batch)."""
-    from pti.engine.generator import tiny_generator
+    use) within the float32 bound's order of magnitude of the reference's: a few layers of ~1e-6 relative
+    each forward (5 here, about 20 in a 64 px generator: the bound holds for either), and the backward's
+    longer reductions (pixels x batch)."""
+    from helpers import small_generator
 
-    G = tiny_generator(DEVICE).requires_grad_(True)
+    G = small_generator(0, WHOLE).to(DEVICE).requires_grad_(True)
+    assert {type(m).__name__ for m in G.synthesis.modules()} >= {"SynthesisBlock", "SynthesisLayer", "ToRGBLayer"}
+    assert G.synthesis.b8.conv0.up == 2 and G.synthesis.b4.in_channels == 0  # an up-sampling block, the first block
     ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(0)).to(DEVICE), truncation_psi=0.7)
     c = None
     results = {}

@@ -41,6 +41,7 @@ def _manifest(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_same_name_from_another_photo_is_refused_and_force_replaces(tmp_path):
     a = _photo(tmp_path / "dirA" / "face.png", 0)
     b = _photo(tmp_path / "dirB" / "face.png", 1)
@@ -64,6 +65,7 @@ def test_same_name_from_another_photo_is_refused_and_force_replaces(tmp_path):
     assert rows[-1]["photo"] == str(b.resolve()) and rows[-1]["status"] == "done"
 
 
+@pytest.mark.slow
 def test_the_same_photo_again_resumes_and_a_folder_clash_is_refused_before_any_work(tmp_path):
     a = _photo(tmp_path / "dirA" / "face.png", 0)
     out = tmp_path / "out"
@@ -98,6 +100,7 @@ def test_joint_runs_refuse_the_same_way(tmp_path):
     assert _sha(out / "face.pti") == before and not (out / "other.pti").exists()
 
 
+@pytest.mark.slow
 def test_renders_of_another_identity_into_one_folder_are_refused(tmp_path):
     out = tmp_path / "out"
     a = _photo(tmp_path / "a.png", 0)
@@ -143,6 +146,7 @@ def test_an_export_into_a_folder_of_other_files_is_refused(tmp_path):
     assert (folder / "model.onnx").read_bytes() == b"my own model"
 
 
+@pytest.mark.slow
 def test_the_base_generator_path_is_stored_absolute(tmp_path):
     """An identity tuned on a checkpoint given by a relative path renders from any folder."""
     work = tmp_path / "work"
@@ -181,6 +185,7 @@ def test_a_bad_photo_in_a_joint_run_leaves_nothing(tmp_path):
     ["export", "{pti}", "--format", "tensorrt", "-o", "{tmp}/r/exp"],
     ["tune", "{tmp}/a.png", "-o", "{tmp}/r/out", "--ray", "127.0.0.1:1", *FAST],
 ], ids=["render", "align", "export", "ray"])
+@pytest.mark.slow
 def test_failed_runs_leave_no_empty_folders(tmp_path, argv):
     out = tmp_path / "out"
     assert run_pti("tune", _photo(tmp_path / "a.png", 0), "-o", out, *FAST).returncode == 0
@@ -219,6 +224,7 @@ def test_worker_processes_show_progress_per_photo_as_it_happens(tmp_path):
     assert any(line.startswith("p0 tune ") for line in lines[:first_summary])
 
 
+@pytest.mark.slow
 def test_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
     """A server that accepts connections and never answers (what a firewall or proxy can look like): Ray
     itself would retry for about 20 s, a log line a second; pti says so in one line."""

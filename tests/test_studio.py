@@ -91,6 +91,7 @@ def test_studio_only_serves_what_it_was_given(studio):
 
 @needs_server
 @needs_browser
+@pytest.mark.slow
 def test_moving_a_slider_renders_what_pti_render_renders(studio, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

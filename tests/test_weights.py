@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from clirun import env_with, error_lines, no_traceback, run_pti
 from helpers import command_app
 from pti.engine import weights as W
 from pti.errors import OutputError, WeightsError
+from pti.fsutil import default_cache_dir
 
 PAYLOAD = bytes(range(256)) * 4096 * 3  # 3 MiB: several 1 MiB chunks, so progress fires repeatedly
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -186,9 +188,9 @@ def test_cache_dir_per_platform(platform: str, env: dict, expected: str, monkeyp
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value.format(tmp=tmp_path))
-    assert W.default_cache_dir(platform) == Path(expected.format(tmp=tmp_path, home=home))
+    assert default_cache_dir(platform) == Path(expected.format(tmp=tmp_path, home=home))
     monkeypatch.setenv("PTI_HOME", str(tmp_path / "pti-home"))  # PTI_HOME wins everywhere
-    assert W.default_cache_dir(platform) == tmp_path / "pti-home"
+    assert default_cache_dir(platform) == tmp_path / "pti-home"
     assert W.Registry().cache_dir == tmp_path / "pti-home"
 
 
@@ -196,8 +198,8 @@ def test_cache_dir_defaults_to_this_platform(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setattr(Path, "home", lambda: tmp_path)
     for var in ("PTI_HOME", "XDG_CACHE_HOME", "LOCALAPPDATA"):
         monkeypatch.delenv(var, raising=False)
-    assert W.default_cache_dir() == W.default_cache_dir(W.sys.platform)
-    assert W.default_cache_dir().name == "pti" and tmp_path in W.default_cache_dir().parents
+    assert default_cache_dir() == default_cache_dir(sys.platform)
+    assert default_cache_dir().name == "pti" and tmp_path in default_cache_dir().parents
 
 
 def test_default_entries_are_consistent() -> None:

@@ -21,6 +21,12 @@ def _csv(allowed: tuple[str, ...]):
     return check
 
 
+def _precisions(value: str) -> str:
+    from pti.engine.config import PRECISIONS  # torch: loaded when the option is checked, never for --help
+
+    return _csv(PRECISIONS)(value)
+
+
 def _batches(value: str) -> str:
     if not all(v.isdigit() and 1 <= int(v) <= 1024 for v in value.split(",")):
         raise typer.BadParameter(f"{value!r}: comma-separated batch sizes from 1 to 1024")
@@ -30,7 +36,7 @@ def _batches(value: str) -> str:
 def bench(
     config: Annotated[str, typer.Option("--config", callback=_csv(("tiny", "paper256", "ffhq1024")), help="Generator shape (random weights): tiny, paper256 or ffhq1024 (config-f, 1024 px).")] = "paper256",
     impl: Annotated[str, typer.Option("--impl", callback=_csv(IMPLS), help="Comma-separated implementations: reference, triton (CUDA), cudagraph and triton-cudagraph (either replayed from a CUDA graph), compiled (torch.compile), onnx, aoti. Tuning is timed for reference, and for triton when asked on CUDA.")] = "reference,onnx",
-    precision: Annotated[str, typer.Option("--precision", callback=_csv(("fp32", "bf16")), help="Comma-separated precisions.")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", callback=_precisions, help="Comma-separated precisions.")] = "fp32",
     batches: Annotated[str, typer.Option("--batches", callback=_batches, help="Comma-separated render batch sizes.")] = "1,8",
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=1000, help="Timed calls per measurement (the median is reported).")] = 5,
     tune_steps: Annotated[int, typer.Option("--tune-steps", min=0, max=1000, help="Timed steps per tuning phase (0: no tuning benchmark).")] = 3,

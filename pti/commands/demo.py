@@ -56,18 +56,19 @@ def _edit(out: Path, device: str):
     from pti.engine.device import resolve_device
     from pti.engine.edits import ganspace, save_ganspace
     from pti.engine.images import labelled_sheet
+    from pti.engine.layout import Layout
     from pti.engine.photo import load_photo, save_photo_atomic
 
     dirs = out / "tiny_ganspace.pt"
     console.print(f"computing GANSpace directions for the tiny generator -> {dirs}", markup=False)
     save_ganspace(ganspace(load_generator(None, resolve_device(device)), components=16, samples=20_000), dirs)
-    result = pti.rendering.render(out / "astronaut.pti", [f"{dirs}:{SWEEP}"], out / "astronaut" / "edits", device=device)
-    folder = out / "astronaut"
+    person = Layout(out, "astronaut")
+    result = pti.rendering.render(person.identity, [f"{dirs}:{SWEEP}"], person.edits, pti.rendering.RenderConfig(device=device))
     first = [("input", load_photo(out / "astronaut.png"))] + [
-        (label, Image.open(folder / f"{name}.png")) for label, name in
-        (("aligned", "aligned"), ("pivot (before tuning)", "pivot"), ("reconstruction (after)", "reconstruction"))]
+        (label, Image.open(path)) for label, path in
+        (("aligned", person.aligned), ("pivot (before tuning)", person.pivot), ("reconstruction (after)", person.reconstruction))]
     sweep = [(f"GANSpace 0 at {v:+.2g} sd", img) for v, img in zip(np.linspace(-1, 1, 7), result.images)]
-    save_photo_atomic(labelled_sheet([first, sweep], size=128), folder / "contact.png")
+    save_photo_atomic(labelled_sheet([first, sweep], size=128), person.contact)
     return result
 
 

@@ -41,6 +41,7 @@ def export(
     from pti.engine.device import resolve_device
     from pti.errors import OutputError
     from pti.export import CONTRACT, load_source
+    from pti.export.config import ExportConfig
 
     if refit is not None and format is not Format.tensorrt:
         raise typer.BadParameter("--refit is for --format tensorrt", param_hint="--refit")
@@ -55,7 +56,8 @@ def export(
         raise OutputError(f"{folder} holds files that are not a pti export; choose a new or empty --out, or pass --force "
                           "(files with an export's names are then replaced)")
     dev = resolve_device(device)
-    batch = (1, opt_batch, max_batch)
+    config = ExportConfig(precision=precision.value, batch=(1, opt_batch, max_batch), device=dev,
+                          external_data=external_data or None)  # not given: automatic past 2 GB
     src = load_source(source, network, dev if format is not Format.onnx else "cpu")
     what = "the tuned person" if src.identity is not None else "the generator"
     console.print(f"exporting {what} from {source} as {format.value} ({precision.value}) ...", markup=False)
@@ -67,8 +69,7 @@ def export(
     else:
         from pti.export import export as export_to
 
-        contract_path = export_to(format.value, src, folder, precision=precision.value, batch=batch, device=dev,
-                                  external_data=external_data or None)
+        contract_path = export_to(format.value, src, folder, config)
     _summary(contract_path, time.perf_counter() - t0)
 
 

@@ -66,7 +66,7 @@ def _export(folder: str) -> tuple[dict, list[tuple[str, str]]]:
     checked against the sizes and sha256 it records."""
     import math
 
-    from pti.export import load_contract, verify_files
+    from pti.export.contract import load_contract, verify_files
 
     path, c = load_contract(folder)  # sizes
     hashed = verify_files(path, c)

@@ -54,12 +54,11 @@ def render(
 
     if engine is not None and backend is BackendName.torch:
         raise typer.BadParameter("--engine is for --backend onnx, aoti or tensorrt", param_hint="--engine")
-
+    config = pti.rendering.RenderConfig(network=network, device=device, batch=batch, compare=compare, gif_fps=fps, mp4=mp4,
+                                        backend=backend.value, engine=engine, precision=precision.value,
+                                        threads=thread_setting(), force=force)
     with PhaseProgress() as bar:
-        result = pti.rendering.render(identity, edit or [], out, network=network, device=device, batch=batch,
-                                   compare=compare, gif_fps=fps, mp4=mp4, backend=backend.value, engine=engine,
-                                   precision=precision.value, progress=bar.update,
-                                   threads=thread_setting(), force=force)
+        result = pti.rendering.render(identity, edit or [], out, config, progress=bar.update)
     _summary(result)
 
 

@@ -110,13 +110,15 @@ def run_tune(photos, **kwargs):
 
 def _rows(results) -> list[dict[str, str]]:
     """Every value of the summary, as text, one dict per photo."""
+    from pti.pipeline import perceptual_key_in
+
     rows = []
     for r in results:
         if r.status != "done":
             continue
         rep = r.report
         b, a = rep["before_tuning"], rep["after_tuning"]
-        pkey = "lpips_alex" if "lpips_alex" in a else "perceptual_weight_free"
+        pkey = perceptual_key_in(a)
         idsim = rep.get("identity_similarity")
         rows.append({
             "photo": str(r.photo),

@@ -15,10 +15,8 @@ The recipe of the FFHQ dataset (Karras et al. 2019), written for Pillow >= 10:
 5. Map the quad onto a 4096 px square (bilinear), then Lanczos-downsample to the output size.
 
 dlib's models come from the `face-recognition-models` package and are loaded once per process.
-
-Beside the alignment sits dlib's other face model, the 128-d identity embedding (`face_embedding`,
-`compare_identity`), which reuses the detector and the landmark predictor above: reports score a
-reconstruction by the cosine similarity of its embedding to the photo's.
+dlib's other face model, the identity embedding that reports score reconstructions with, is
+`pti.engine.faceid`; it reads the faces `detect_faces` finds here.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from pti.errors import FaceNotFoundError, ImageError, PTIError
 
 TRANSFORM_SIZE = 4096  # FFHQ renders the quad at 4096 px before the final Lanczos downsample.
 UPSAMPLE = 1  # dlib detector upsampling: finds faces down to ~40 px (FFHQ used 1 as well).
-DLIB_SAME_PERSON = 0.6  # dlib's published threshold on the euclidean distance of its 128-d embeddings
 
 
 @dataclass(frozen=True)
@@ -82,13 +79,6 @@ def _predictor():
     import dlib
 
     return dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
-
-
-@functools.cache
-def _face_encoder():
-    import dlib
-
-    return dlib.face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
 
 
 def detect_faces(img: Image.Image, upsample: int = UPSAMPLE) -> list[Face]:
@@ -205,53 +195,3 @@ def resize_prealigned(img: Image.Image, output_size: int = 1024) -> tuple[Image.
     if img.size != (output_size, output_size):
         img = img.resize((output_size, output_size), Image.Resampling.LANCZOS)
     return img, warning
-
-
-# --- face identity (dlib's 128-d embedding) -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IdentityScore:
-    cosine: float  # cosine similarity of the two embeddings (1 = same direction)
-    euclidean: float  # euclidean distance; dlib calls < 0.6 the same person
-    same_person: bool  # euclidean < DLIB_SAME_PERSON
-
-
-def _rgb_array(img) -> np.ndarray:
-    """PIL image, HxWx3 uint8 array, or [3,H,W] / [1,3,H,W] tensor in [-1, 1] -> HxWx3 uint8."""
-    if isinstance(img, np.ndarray):
-        return np.ascontiguousarray(img.astype(np.uint8))
-    if isinstance(img, Image.Image):
-        return np.ascontiguousarray(np.asarray(img.convert("RGB")))
-    from pti.engine.images import to_uint8  # a tensor: the one [-1, 1] -> uint8 mapping (torch loads only here)
-
-    return np.ascontiguousarray(to_uint8(img[0] if img.ndim == 4 else img))
-
-
-def face_embedding(img) -> np.ndarray | None:
-    """dlib's 128-d embedding of the largest face, or None when no face is found."""
-    import dlib
-
-    arr = _rgb_array(img)
-    faces = detect_faces(Image.fromarray(arr))
-    if not faces:
-        return None
-    left, top, right, bottom = faces[0].box
-    shape = _predictor()(arr, dlib.rectangle(left, top, right, bottom))
-    return np.array(_face_encoder().compute_face_descriptor(arr, shape), dtype=np.float64)
-
-
-def compare_identity(img_a, img_b) -> IdentityScore | None:
-    """Cosine similarity and euclidean distance of the two faces' embeddings; None if either has no face."""
-    ea, eb = face_embedding(img_a), face_embedding(img_b)
-    if ea is None or eb is None:
-        return None
-    cos = float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12))
-    dist = float(np.linalg.norm(ea - eb))
-    return IdentityScore(cosine=cos, euclidean=dist, same_person=dist < DLIB_SAME_PERSON)
-
-
-def identity_similarity(img_a, img_b) -> float | None:
-    """Cosine similarity of dlib face embeddings (see `compare_identity`); None when a face is missing."""
-    score = compare_identity(img_a, img_b)
-    return None if score is None else score.cosine

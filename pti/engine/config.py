@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, values): what long runs report
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -49,6 +51,16 @@ def real(low: float, high: float | None = None, above: bool = False) -> Rule:
     return Rule(ok, f"a finite number {'>' if above else '>='} {low}" + (f" and <= {high}" if high is not None else ""))
 
 
+def instance_of(*types: type, optional: bool = False) -> Rule:
+    """An instance of one of `types` (a bool is not an int unless `bool` is named); `optional` also accepts None."""
+    def ok(v) -> bool:
+        if v is None:
+            return optional
+        return isinstance(v, types) and (bool in types or not isinstance(v, bool))
+
+    return Rule(ok, "a " + " or ".join(t.__name__ for t in types) + (" (or None)" if optional else ""))
+
+
 def check_fields(cfg, rules: dict[str, Rule]) -> None:
     """ValueError naming the first field of the config `cfg` that breaks its rule."""
     for name, rule in rules.items():
@@ -67,7 +79,11 @@ def seeded_generator(seed: int | None, device) -> torch.Generator:
     return gen
 
 
+# The precision names, defined here once. Inversion, tuning and `pti bench` run their forward passes in
+# fp32 (the paper) or under bf16 autocast (`autocast` below); an export stores and runs its weights in fp32
+# or fp16 (the generator's own fp16 blocks, which deployment runtimes run fast).
 PRECISIONS = ("fp32", "bf16")
+EXPORT_PRECISIONS = ("fp32", "fp16")
 
 
 def autocast(device: torch.device, precision: str):

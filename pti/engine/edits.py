@@ -27,12 +27,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from pti.errors import PTIError
+from pti.engine.config import ProgressFn
+from pti.errors import PTIError, first_line
 
 MAX_SWEEP_FRAMES = 512  # a sweep longer than this is a typo, not an animation
 
@@ -201,7 +202,7 @@ def _read(path: Path):
         refusal = pickle_refusal(e)
         if refusal is not None:
             raise DirectionError(f"{path}: refused: {refusal}; it is not a direction file pti can read") from None
-        raise DirectionError(f"cannot read direction file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise DirectionError(f"cannot read direction file {path}: {first_line(e)}") from None
     if isinstance(obj, torch.Tensor):
         return obj.float()
     if isinstance(obj, np.ndarray):
@@ -390,9 +391,6 @@ def frames(pivot: torch.Tensor, specs: Sequence[EditSpec], directions: Sequence[
 
 
 # ---------------------------------------------------------------------------- GANSpace
-
-
-ProgressFn = Callable[[str, int, int, dict], None]
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from torch import nn
 
 from pti import kernels
 from pti.errors import CheckpointError
+from pti.fsutil import plain
 
 NOISE_MODES = ("random", "const", "none")
 
@@ -27,6 +28,15 @@ NOISE_MODES = ("random", "const", "none")
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Scale each vector to unit root-mean-square (the mapping network's input normalization)."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+def check_shape(t: torch.Tensor, shape: list[int | None], name: str) -> None:
+    """NVIDIA's `assert_shape` as a ValueError: `t` has len(shape) dimensions, each the size given (None:
+    any size, the batch). Only fixed sizes are compared, plain Python ints even while `torch.export`
+    traces with a dynamic batch, so the checks cost the exported graphs nothing."""
+    if t.ndim != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        want = ", ".join("N" if size is None else str(size) for size in shape)
+        raise ValueError(f"{name} must be [{want}], got {tuple(t.shape)}")
 
 
 class FullyConnectedLayer(nn.Module):
@@ -100,8 +110,7 @@ class MappingNetwork(nn.Module):
         skip_w_avg_update: bool = False,
         impl: str = "auto",
     ) -> torch.Tensor:                    # [N, num_ws, w_dim]
-        if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must be [N, {self.z_dim}], got {tuple(z.shape)}")
+        check_shape(z, [None, self.z_dim], "z")
         x = normalize_2nd_moment(z.to(torch.float32))
         for idx in range(self.num_layers):
             x = getattr(self, f"fc{idx}")(x, impl=impl)
@@ -123,17 +132,16 @@ class SynthesisLayer(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        w_dim: int,
-        resolution: int,                # output resolution of this layer
-        kernel_size: int = 3,
-        up: int = 1,                    # 2 = transposed conv + [1,3,3,1] FIR up-sampling
-        use_noise: bool = True,
-        activation: str = "lrelu",
-        resample_filter=(1, 3, 3, 1),
-        conv_clamp: float | None = None,  # clamp activations to +-conv_clamp (fp16 safety)
-        channels_last: bool = False,    # accepted for compatibility; memory format only
+        in_channels: int,                 # input feature maps
+        out_channels: int,                # output feature maps
+        w_dim: int,                       # intermediate latent (W) size: the style affine's input
+        resolution: int,                  # output resolution of this layer (and of its noise map)
+        kernel_size: int = 3,             # convolution kernel size (3x3 in StyleGAN2)
+        up: int = 1,                      # 2 = transposed conv + FIR up-sampling (a block's conv0), 1 = none
+        use_noise: bool = True,           # add per-pixel noise scaled by a learned strength
+        activation: str = "lrelu",        # after the bias: 'lrelu' (slope 0.2, gain sqrt 2), 'linear', ...
+        resample_filter=(1, 3, 3, 1),     # low-pass FIR taps of the up-sampling (separable, normalized)
+        conv_clamp: float | None = None,  # clamp activations to +-conv_clamp (fp16 safety), None = off
     ):
         super().__init__()
         self.resolution, self.up, self.use_noise = resolution, up, use_noise
@@ -151,6 +159,9 @@ class SynthesisLayer(nn.Module):
     def forward(self, x, w, noise_mode="random", fused_modconv=True, gain=1, impl="auto"):
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        in_resolution = self.resolution // self.up
+        check_shape(x, [None, self.weight.shape[1], in_resolution, in_resolution], "a synthesis layer's x")
+        check_shape(w, [None, self.affine.weight.shape[1]], "a synthesis layer's w")
         styles = self.affine(w, impl=impl)  # [NI]
         noise = None
         if self.use_noise and noise_mode == "random":
@@ -168,7 +179,14 @@ class SynthesisLayer(nn.Module):
 class ToRGBLayer(nn.Module):
     """Modulated 1x1 conv to RGB, no demodulation."""
 
-    def __init__(self, in_channels, out_channels, w_dim, kernel_size=1, conv_clamp=None, channels_last=False):
+    def __init__(
+        self,
+        in_channels: int,                 # input feature maps
+        out_channels: int,                # image channels (3: RGB)
+        w_dim: int,                       # intermediate latent (W) size: the style affine's input
+        kernel_size: int = 1,             # convolution kernel size (1x1)
+        conv_clamp: float | None = None,  # clamp the output to +-conv_clamp, None = off
+    ):
         super().__init__()
         self.conv_clamp = conv_clamp
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
@@ -177,6 +195,8 @@ class ToRGBLayer(nn.Module):
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)
 
     def forward(self, x, w, fused_modconv=True, impl="auto"):
+        check_shape(x, [None, self.weight.shape[1], None, None], "toRGB's x")
+        check_shape(w, [None, self.affine.weight.shape[1]], "toRGB's w")
         styles = self.affine(w, impl=impl) * self.weight_gain
         return kernels.modulated_conv2d_act(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv,
                                             bias=self.bias, clamp=self.conv_clamp, impl=impl)
@@ -187,18 +207,17 @@ class SynthesisBlock(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,               # 0 = first block (learned constant input)
-        out_channels: int,
-        w_dim: int,
-        resolution: int,
-        img_channels: int,
-        is_last: bool,
-        architecture: str = "skip",
-        resample_filter=(1, 3, 3, 1),
-        conv_clamp: float | None = None,
-        use_fp16: bool = False,         # run this block's activations in float16
-        fp16_channels_last: bool = False,
-        **layer_kwargs,
+        in_channels: int,                 # input feature maps, 0 = the first block (a learned constant input)
+        out_channels: int,                # output feature maps
+        w_dim: int,                       # intermediate latent (W) size
+        resolution: int,                  # this block's resolution, twice the previous block's
+        img_channels: int,                # image channels (3: RGB)
+        is_last: bool,                    # the highest resolution's block (with 'skip' every block has a toRGB)
+        architecture: str = "skip",       # only 'skip': each block's toRGB added onto the up-sampled image
+        resample_filter=(1, 3, 3, 1),     # low-pass FIR taps of conv0's and the skip image's up-sampling
+        conv_clamp: float | None = None,  # clamp every layer's output to +-conv_clamp (fp16 safety), None = off
+        use_fp16: bool = False,           # run this block's activations in float16 (unless force_fp32)
+        **layer_kwargs,                   # kernel_size, use_noise, activation: for both SynthesisLayers
     ):
         super().__init__()
         if architecture != "skip":
@@ -222,6 +241,12 @@ class SynthesisBlock(nn.Module):
         self.num_torgb += 1
 
     def forward(self, x, img, ws, force_fp32=False, fused_modconv=None, impl="auto", **layer_kwargs):
+        check_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim], "a synthesis block's ws")
+        prev = self.resolution // 2  # the previous block's resolution: x's and the skip image's
+        if self.in_channels != 0:
+            check_shape(x, [None, self.in_channels, prev, prev], "a synthesis block's x")
+        if img is not None:
+            check_shape(img, [None, self.img_channels, prev, prev], "a synthesis block's img")
         w_iter = iter(ws.unbind(dim=1))
         dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
         if fused_modconv is None:
@@ -281,8 +306,7 @@ class SynthesisNetwork(nn.Module):
         return [r for r in self.block_resolutions if getattr(self, f"b{r}").use_fp16]
 
     def forward(self, ws, noise_mode="random", force_fp32=False, fused_modconv=None, impl=None):
-        if ws.ndim != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.w_dim:
-            raise ValueError(f"ws must be [N, {self.num_ws}, {self.w_dim}], got {tuple(ws.shape)}")
+        check_shape(ws, [None, self.num_ws, self.w_dim], "ws")
         impl = impl or self.impl
         ws = ws.to(torch.float32)
         x = img = None
@@ -300,6 +324,10 @@ _SYNTHESIS_KEYS = {
     "fp16_channels_last", "kernel_size", "use_noise", "activation",
 }
 _MAPPING_KEYS = {"num_layers", "embed_features", "layer_features", "activation", "lr_multiplier", "w_avg_beta"}
+# NVIDIA's `fp16_channels_last` says how the fp16 blocks lay their tensors out in memory (channels-last,
+# for speed on their CUDA setup), not what they compute. Their generators' init kwargs may carry it, so it
+# is accepted (and kept in `init_kwargs`), but nothing here has a memory-format switch: it goes no further.
+_LAYOUT_ONLY_KEYS = {"fp16_channels_last"}
 
 
 class Generator(nn.Module):
@@ -325,13 +353,15 @@ class Generator(nn.Module):
                 raise CheckpointError(f"unsupported {name} options {unknown}: not a StyleGAN2 (config-f) generator")
         if c_dim != 0:
             raise CheckpointError(f"conditional generators (c_dim={c_dim}) are not supported")
-        self.init_kwargs: dict[str, Any] = _jsonable(dict(
+        self.init_kwargs: dict[str, Any] = plain(dict(
             z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels,
             mapping_kwargs=mapping_kwargs, synthesis_kwargs=synthesis_kwargs,
         ))
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
-        self.synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels, **synthesis_kwargs)
+        layers_kwargs = {k: v for k, v in synthesis_kwargs.items() if k not in _LAYOUT_ONLY_KEYS}
+        self.synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels,
+                                          **layers_kwargs)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws, **mapping_kwargs)
 
@@ -350,16 +380,6 @@ class Generator(nn.Module):
     def clone(self) -> "Generator":
         """An independent copy (weights, buffers, config and impl)."""
         return copy.deepcopy(self)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (int, float)):
-        return obj.item()
-    return obj
 
 
 # The built-in tiny generator: random weights from a fixed seed, for offline demos and tests.

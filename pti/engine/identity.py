@@ -23,7 +23,7 @@ import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -155,6 +155,27 @@ def load_base(ident: Identity, network=None, device="cpu"):
     if network is None and source != BUILTIN_TINY and not Path(source).is_file():
         raise IdentityError(f"this identity was tuned on {source}, which is not here; pass that generator with --network")
     return load_generator(source, device)
+
+
+class OpenIdentity(NamedTuple):
+    """An identity file opened on its base generator (see `open_identity`)."""
+
+    ident: Identity                 # the file's contents, checksum verified
+    base: Any                       # the base generator it was tuned on
+    base_hash: str                  # the base's content hash (equal to the one the identity records)
+    G: Any                          # the base with the identity's tuned weights: the person's generator
+
+
+def open_identity(path: str | Path, network=None, device="cpu") -> OpenIdentity:
+    """(identity, base, base hash, the person's generator) for the identity file `path`, its base from
+    `network` or the file it records (`load_base`), on `device`. Everything that renders or exports a
+    person opens it here."""
+    from pti.engine.checkpoint import generator_hash
+
+    ident = Identity.load(path)
+    base = load_base(ident, network, device)
+    base_hash = generator_hash(base)
+    return OpenIdentity(ident, base, base_hash, ident.apply(base, base_hash))
 
 
 def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:

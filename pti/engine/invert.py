@@ -16,16 +16,13 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pti.engine.config import PRECISIONS, autocast, check_fields, one_of, real, seeded_generator, whole
+from pti.engine.config import PRECISIONS, ProgressFn, autocast, check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import ProjectorMetric, to_0_255
-
-ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, {"loss": ...})
 
 
 # ---------------------------------------------------------------------------- the projector

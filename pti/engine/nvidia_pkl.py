@@ -15,6 +15,7 @@ from typing import Any
 from pti.engine.loaded import LoadedGenerator, build_generator
 from pti.engine.safe_pickle import PersistentObject, safe_load_pickle
 from pti.errors import CheckpointError
+from pti.fsutil import plain
 
 # NVIDIA's positional order, for snapshots whose networks were built with positional arguments.
 _GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs", "synthesis_kwargs")
@@ -50,19 +51,10 @@ def generator_kwargs(net: PersistentObject, path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: generator built with {len(args)} positional arguments, expected at most 7")
     kwargs = dict(zip(_GENERATOR_ARGS, args))
     kwargs.update(net.init_kwargs)
-    return _plain(kwargs)
+    return plain(kwargs, other=_unexpected)  # EasyDicts, tuples and numpy scalars -> dicts, lists and numbers
 
 
-def _plain(obj: Any) -> Any:
-    """EasyDicts, tuples and numpy scalars -> dicts, lists and Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
+def _unexpected(obj: Any):
     raise CheckpointError(f"generator option of unexpected type {type(obj).__name__}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pti.errors import ImageError
+from pti.errors import ImageError, first_line
 
 # 100 megapixels: a 12 000 x 8 000 camera frame fits; decoding it takes ~300 MB as RGB.
 # Anything larger is almost surely a hostile or broken file, not a portrait.
@@ -68,8 +68,7 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageError(f"{path} is not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:
         # Truncated data surfaces as OSError("image file is truncated ...") or a decoder error.
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"{path} is damaged or truncated ({reason})") from None
+        raise ImageError(f"{path} is damaged or truncated ({first_line(e, typed=False)})") from None
     return to_rgb8(img)
 
 

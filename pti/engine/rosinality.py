@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from pti.engine.loaded import LoadedGenerator, build_generator
-from pti.errors import CheckpointError
+from pti.errors import CheckpointError, first_line
 
 LR_MLP = 0.01                     # rosinality's Generator(lr_mlp=0.01); not stored in checkpoints
 W_AVG_SAMPLES = 10000             # mapped z's averaged when a checkpoint has no latent_avg
@@ -78,11 +78,10 @@ def _torch_load(path: Path) -> Any:
     try:
         return load_weights_only(path, (argparse.Namespace,))
     except Exception as e:  # truncated zip, foreign pickled classes, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         refusal = pickle_refusal(e)
         if refusal is not None:
             raise CheckpointError(f"{path}: refused: a torch file holding more than weights and tensors; {refusal}") from None
-        raise CheckpointError(f"{path} is a truncated or corrupt torch file ({type(e).__name__}: {msg[:160]})") from None
+        raise CheckpointError(f"{path} is a truncated or corrupt torch file ({first_line(e, 160)})") from None
 
 
 def rosinality_config(sd: dict[str, torch.Tensor], source: str, channel_multiplier: int | None = None) -> dict[str, Any]:

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from pti.engine.config import PRECISIONS, autocast, check_fields, one_of, real, seeded_generator, whole
+from pti.engine.config import PRECISIONS, ProgressFn, autocast, check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import Perceptual
 from pti.engine.ssim import ms_ssim
-
-ProgressFn = Callable[[str, int, int, dict], None]
 
 
 @dataclass(frozen=True)

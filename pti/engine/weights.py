@@ -5,10 +5,10 @@ code asks `resolve(name)` for a local path; it never downloads behind the user's
 `fetch=True`, or run `pti weights fetch NAME`). When a file is absent the error names the file,
 its source URL and the exact `pti weights import PATH` command for machines without internet.
 
-The cache is one flat directory: `$PTI_HOME` when set, else the user cache directory
-(`$XDG_CACHE_HOME/pti`, default `~/.cache/pti`, on Linux). Downloads and imports go to a temporary
-file in that directory and are renamed into place only after the checksum passes, so a file under
-its final name is always complete.
+The cache is one flat directory (`pti.fsutil.default_cache_dir`): `$PTI_HOME` when set, else the user
+cache directory (`$XDG_CACHE_HOME/pti`, default `~/.cache/pti`, on Linux). Downloads and imports go to a
+temporary file in that directory and are renamed into place only after the checksum passes, so a file
+under its final name is always complete.
 
 Files with no published sha256 (`ffhq.pkl`, `vgg16.pt`, torchvision's VGG16) are trusted on first
 use: the first fetch, import or load writes `<filename>.first-use.json` beside the file (its
@@ -26,7 +26,6 @@ import http.client
 import json
 import os
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pti.errors import OutputError, WeightsError
-from pti.fsutil import atomic_path
+from pti.fsutil import atomic_path, default_cache_dir, sha256_file
 
 # progress(done_bytes, total_bytes or None); the CLI turns it into a progress bar.
 ProgressFn = Callable[[int, "int | None"], None]
@@ -194,30 +193,6 @@ DEFAULT_ENTRIES: tuple[WeightEntry, ...] = (
         used_by="GANSpace edits (eye_openness, smile, trimmed_beard)",
     ),
 )
-
-
-def default_cache_dir(platform: str | None = None) -> Path:
-    """`$PTI_HOME`, else the platform's user cache directory + `/pti` (`platform`: a `sys.platform` value)."""
-    env = os.environ.get("PTI_HOME")
-    if env:
-        return Path(env).expanduser()
-    platform = sys.platform if platform is None else platform
-    if platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pti"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

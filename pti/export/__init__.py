@@ -19,146 +19,29 @@ deployment; `contract.json` beside the graph says how to feed it:
 The exported forward is the generator's own reference arithmetic in the export-friendly form: constant
 noise, non-fused modulated convolution (x * s, shared-weight conv, * d), so the batch is dynamic and every
 weight stays a graph weight. Layering: above `pti.engine`, below `pti.rendering`, which picks a backend.
+Inside: `pti.export.contract` (what every format shares) under the format modules `onnx`, `aoti` and
+`tensorrt` (optional extras, imported when one is asked for), under this package's `export` dispatch.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import copy
-import io
-import json
-import logging
-import platform
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from pti.errors import ExportError, first_line  # noqa: F401  (first_line: re-exported for the backends)
+from pti.errors import ExportError
+from pti.export.config import ExportConfig
+from pti.export.contract import CONTRACT, Source, quiet  # noqa: F401  (CONTRACT, quiet: public names)
+from pti.fsutil import default_cache_dir
 
 FORMATS = ("onnx", "aoti", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
-CONTRACT = "contract.json"
-CONTRACT_FORMAT = "pti-export"
-CONTRACT_VERSION = 1
-INPUT, OUTPUT = "ws", "images"
-DEFAULT_BATCH = (1, 8, 16)            # min, opt, max of the batch profile
-POOL = 4                              # the sample checksum: the output average-pooled to 4 x 4 per channel
-# Largest difference from PyTorch fp32 an export may show, in image units (the image spans [-1, 1], range 2):
-# fp32 1e-4 (float32 rounding through about 20 layers, measured ~1e-5); fp16 1e-2 of the range.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
-
-
-class ExportSynthesis(nn.Module):
-    """The synthesis network as exported: `ws -> images`, constant noise, non-fused modulated convolution,
-    reference ops. It holds the network under `synthesis`, so every weight is named as in the identity file.
-
-    fp16: the weights are stored in float16 and every block runs in float16 (the generator's own fp16 path,
-    with its overflow guard and `conv_clamp`); the style and demodulation arithmetic, the skip image, the
-    input and the output stay float32.
-    """
-
-    def __init__(self, G, precision: str = "fp32"):
-        super().__init__()
-        if precision not in PRECISIONS:
-            raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-        self.precision = precision
-        self.synthesis = copy.deepcopy(G.synthesis).eval().requires_grad_(False)
-        if precision == "fp16":
-            for res in self.synthesis.block_resolutions:
-                getattr(self.synthesis, f"b{res}").use_fp16 = True
-            self.synthesis.half()
-        self.eval()
-
-    def forward(self, ws: torch.Tensor) -> torch.Tensor:
-        return self.synthesis(ws, noise_mode="const", force_fp32=self.precision == "fp32", fused_modconv=False, impl="ref")
-
-
-def graph_weights(G, contract: dict) -> dict[str, torch.Tensor]:
-    """`G`'s tuned weights under the contract's graph names, in the graph's dtype; ExportError when they do not fit."""
-    params = {f"synthesis.{n}": p for n, p in G.synthesis.named_parameters()}
-    out = {}
-    for entry in contract["weights"]:
-        p = params.get(entry["tensor"])
-        if p is None:
-            raise ExportError(f"the export expects weight {entry['tensor']!r}, which this generator does not have")
-        if list(p.shape) != list(entry["shape"]):
-            raise ExportError(f"weight {entry['tensor']!r} is {list(p.shape)} here, {entry['shape']} in the export")
-        out[entry["name"]] = p.detach().to("cpu", getattr(torch, entry["dtype"])).contiguous()
-    return out
-
-
-def sample_input(G, ident=None) -> torch.Tensor:
-    """[1, num_ws, w_dim]: the identity's pivot, else the base generator's average w."""
-    if ident is not None:
-        return ident.pivot.float().reshape(1, *ident.pivot.shape).clone()
-    return G.mapping.w_avg.float().reshape(1, 1, -1).repeat(1, G.num_ws, 1).cpu()
-
-
-def checksum(images: torch.Tensor) -> list[float]:
-    """The first image average-pooled to POOL x POOL per channel: a checksum that tolerates float rounding."""
-    x = images[:1].float()
-    return torch.nn.functional.adaptive_avg_pool2d(x, POOL).reshape(-1).tolist()
-
-
-def encode_array(t: torch.Tensor) -> dict:
-    a = t.detach().cpu().float().contiguous().numpy()
-    return {"dtype": "float32", "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode()}
-
-
-def decode_array(d: dict) -> torch.Tensor:
-    a = np.frombuffer(base64.b64decode(d["base64"]), dtype=d["dtype"]).reshape(d["shape"])
-    return torch.from_numpy(a.copy())
-
-
-def environment(device: torch.device | None = None) -> dict[str, Any]:
-    """Versions and the device an export was built with; engines and packages are bound to them."""
-    from pti.engine.identity import versions
-
-    env: dict[str, Any] = {**versions(), "machine": platform.machine()}
-    for mod in ("onnx", "onnxruntime", "tensorrt"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001  absent or broken: not part of this export
-            pass
-    env["device"] = describe_device(device)
-    return env
-
-
-def describe_device(device: torch.device | None) -> str:
-    """'cpu', or 'cuda: <GPU name> sm_<major><minor>' (what compiled code is bound to)."""
-    if device is None or torch.device(device).type != "cuda":
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"cuda: {torch.cuda.get_device_name(device)} sm_{major}{minor}"
-
-
-@dataclass
-class Source:
-    """What is exported: the generator to trace (base, or base + identity), and where it came from."""
-
-    generator: Any                      # pti.engine.generator.Generator, identity applied when there is one
-    base_hash: str
-    base_hint: str
-    identity: Any = None                # pti.engine.identity.Identity or None
-    identity_path: str | None = None
 
 
 def load_source(path: str | Path | None, network: str | None = None, device="cpu") -> Source:
     """A `.pti` identity (its base from `network` or the path it records) or a generator checkpoint."""
     from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator
-    from pti.engine.identity import Identity, is_identity_file, load_base
+    from pti.engine.identity import is_identity_file, open_identity
 
     if path is not None and str(path) != BUILTIN_TINY and Path(path).is_file() and is_identity_file(path):
-        ident = Identity.load(path)
-        base = load_base(ident, network, device)
-        base_hash = generator_hash(base)
-        G = ident.apply(base, base_hash)
+        ident, _, base_hash, G = open_identity(path, network, device)
         return Source(G, base_hash, str(network or ident.base_hint), ident, str(path))
     if network is not None and path is not None:
         raise ExportError("--network is for identities; give either a checkpoint or an identity file")
@@ -166,170 +49,23 @@ def load_source(path: str | Path | None, network: str | None = None, device="cpu
     return Source(G, generator_hash(G), str(path or BUILTIN_TINY))
 
 
-def make_contract(kind: str, precision: str, src: Source, files: dict[str, str], batch: tuple[int, int, int],
-                  device: torch.device | None = None, **extra) -> dict[str, Any]:
-    """The contract of an export of `src` (see the module docstring); `extra` adds kind-specific fields."""
-    G = src.generator
-    dtype = "float16" if precision == "fp16" else "float32"
-    bmin, bopt, bmax = batch
-    sample = sample_input(G, src.identity)
-    return {
-        "format": CONTRACT_FORMAT, "version": CONTRACT_VERSION, "kind": kind, "precision": precision,
-        "files": files,
-        "input": {"name": INPUT, "dtype": "float32", "shape": ["batch", G.num_ws, G.w_dim]},
-        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", G.img_channels, G.img_resolution, G.img_resolution]},
-        "dynamic_axes": {INPUT: {"0": "batch"}, OUTPUT: {"0": "batch"}},
-        "batch": {"min": bmin, "opt": bopt, "max": bmax},
-        "base_hash": src.base_hash, "base_hint": src.base_hint,
-        "identity": src.identity_path,
-        "generator_config": G.init_kwargs,
-        "weights": [{"tensor": n, "name": n, "dtype": dtype, "shape": list(p.shape)}
-                    for n, p in ((f"synthesis.{k}", v) for k, v in G.synthesis.named_parameters())],
-        "sample": {"input": encode_array(sample), "pooled_output": None, "pool": POOL,
-                   "tolerance": TOLERANCE[precision]},
-        "built_with": environment(device),
-        **extra,
-    }
-
-
-def load_contract(folder: str | Path, kind: str | None = None) -> tuple[Path, dict]:
-    """(folder, contract) of an export folder, or its `contract.json`; ExportError when it is not one."""
-    folder = Path(folder)
-    if folder.is_file():  # contract.json, model.onnx, model.pt2, model.engine: the contract sits beside it
-        folder = folder.parent
-    path = folder / CONTRACT
-    if not path.is_file():
-        raise ExportError(f"{folder}: no {CONTRACT} here; make an export with `pti export ... -o {folder}`")
-    try:
-        contract = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: unreadable contract ({e})") from None
-    if not isinstance(contract, dict) or contract.get("format") != CONTRACT_FORMAT:
-        raise ExportError(f"{path}: not a pti export contract")
-    if int(contract.get("version", 0)) > CONTRACT_VERSION:
-        raise ExportError(f"{path}: contract v{contract['version']} is newer than this pti; upgrade pti")
-    if kind is not None and contract.get("kind") != kind:
-        raise ExportError(f"{folder} holds a {contract.get('kind')} export, not {kind}")
-    for name in contract.get("files", {}).values():
-        if not (folder / name).is_file():
-            raise ExportError(f"{folder}: the export is incomplete ({name} is missing)")
-    sums = contract.get("checksums") or {}
-    if not (isinstance(sums, dict) and all(isinstance(w, dict) and isinstance(w.get("bytes"), int) and (folder / n).is_file()
-                                           for n, w in sums.items())):
-        raise ExportError(f"{path}: unreadable contract (its file checksums are malformed); export again")
-    for name, want in sums.items():  # cheap: sizes only; the hashes are verify_files'
-        size = (folder / name).stat().st_size
-        if size != want["bytes"]:
-            raise ExportError(f"{folder / name} is {size:,} bytes, but the export's contract says {want['bytes']:,}: "
-                              "the file is truncated or was replaced; export again")
-    return folder, contract
-
-
-def write_contract(contract: dict, folder: Path) -> Path:
-    """Record the size and sha256 of every file the contract describes (`checksums`), then write it into `folder`."""
-    from pti.engine.weights import sha256_file
-    from pti.fsutil import write_json
-
-    contract["checksums"] = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-                             for name in contract["files"].values()}
-    return write_json(contract, folder / CONTRACT)
-
-
-def verify_files(folder: Path, contract: dict) -> bool:
-    """Hash every file the contract describes against its `checksums`; ExportError on a mismatch. False when the
-    contract predates checksums (nothing could be checked)."""
-    from pti.engine.weights import sha256_file
-
-    sums = contract.get("checksums")
-    if not sums:
-        return False
-    for name, want in sums.items():
-        if sha256_file(folder / name) != want.get("sha256"):
-            raise ExportError(f"{folder / name} does not match the sha256 its export's contract records: the file changed "
-                              "after the export was written; export again")
-    return True
-
-
-def check_base(contract: dict, base_hash: str, what: str = "this identity") -> None:
-    """Refuse weights of another base generator: the graph's other weights and shapes belong to its base."""
-    if contract["base_hash"] != base_hash:
-        raise ExportError(f"the export was made from base generator {contract['base_hash'][:16]} ({contract.get('base_hint') or '?'}); "
-                          f"{what} belongs to {base_hash[:16]}: export that base, or pass the matching --engine")
-
-
-def check_batch(contract: dict, n: int) -> None:
-    b = contract["batch"]
-    if not b["min"] <= n <= b["max"]:
-        raise ExportError(f"batch {n} is outside the export's batch profile {b['min']}-{b['max']}; "
-                          f"use --batch {b['max']} or less, or export with --max-batch {n}")
-
-
-def check_sample(contract: dict, images: torch.Tensor, where: str) -> float:
-    """Compare a run of the sample input with the recorded checksum; ExportError past the tolerance."""
-    expected = contract["sample"].get("pooled_output")
-    if expected is None:
-        return 0.0
-    diff = float((torch.tensor(checksum(images)) - torch.tensor(expected)).abs().max())
-    if diff > contract["sample"]["tolerance"]:
-        raise ExportError(f"{where} does not reproduce its sample output (difference {diff:.3g} > {contract['sample']['tolerance']}); "
-                          "it was built for another runtime or is damaged: export again")
-    return diff
-
-
-def torch_reference(G, ws: torch.Tensor) -> torch.Tensor:
-    """What every export is checked against: PyTorch fp32 with constant noise, on CPU as float32."""
-    with torch.no_grad():
-        return G.synthesis(ws.to(G.mapping.w_avg.device), noise_mode="const", force_fp32=True).float().cpu()
-
-
-def verify_export(contract: dict, G, runner, runtime: str, what: str) -> None:
-    """Record the sample's checksum from PyTorch, run the new export (`runner(ws) -> images`) on the sample,
-    and store the largest difference in `contract["verified"]`; ExportError (nothing is written) past the tolerance."""
-    sample = decode_array(contract["sample"]["input"])
-    reference = torch_reference(G, sample)
-    contract["sample"]["pooled_output"] = checksum(reference)
-    diff = float((runner(sample) - reference).abs().max())
-    if diff > contract["sample"]["tolerance"]:
-        raise ExportError(f"the {what} differs from PyTorch by {diff:.3g} on the sample (tolerance "
-                          f"{contract['sample']['tolerance']}); nothing was written")
-    contract["verified"] = {"runtime": runtime, "max_abs_diff_vs_torch_fp32": diff}
-
-
-@contextlib.contextmanager
-def quiet(logger: str = "torch"):
-    """Silence the exporters and compilers (progress prints, warnings, log lines): pti prints its own summary."""
-    log = logging.getLogger(logger)
-    level = log.level
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            log.setLevel(logging.ERROR)
-            yield
-    finally:
-        log.setLevel(level)
-
-
-def export(kind: str, src: Source, out: str | Path, *, precision: str = "fp32", batch: tuple[int, int, int] = DEFAULT_BATCH,
-           device: str | torch.device = "cpu", external_data: bool | None = None) -> Path:
-    """Export `src` as `kind` (one of FORMATS) into the folder `out`; return the contract's path."""
+def export(kind: str, src: Source, out: str | Path, config: ExportConfig = ExportConfig()) -> Path:
+    """Export `src` as `kind` (one of FORMATS) into the folder `out`, as `config` says; return the contract's path."""
     if kind == "onnx":
         from pti.export.onnx import export_onnx
 
-        return export_onnx(src, out, precision=precision, batch=batch, external_data=external_data)
+        return export_onnx(src, out, precision=config.precision, batch=config.batch, external_data=config.external_data)
     if kind == "aoti":
         from pti.export.aoti import export_aoti
 
-        return export_aoti(src, out, precision=precision, batch=batch, device=device)
+        return export_aoti(src, out, precision=config.precision, batch=config.batch, device=config.device)
     if kind == "tensorrt":
         from pti.export.tensorrt import export_tensorrt
 
-        return export_tensorrt(src, out, batch=batch, fp16=precision == "fp16")
+        return export_tensorrt(src, out, batch=config.batch, fp16=config.precision == "fp16")
     raise ExportError(f"unknown export format {kind!r}; choose from {', '.join(FORMATS)}")
 
 
 def default_export_dir(base_hash: str, kind: str, precision: str) -> Path:
     """Where `pti render --backend KIND` keeps the base generator's export: the user cache, one per base."""
-    from pti.engine.weights import default_cache_dir
-
     return default_cache_dir() / "exports" / f"{base_hash[:16]}-{kind}-{precision}"

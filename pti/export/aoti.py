@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pti.errors import ExportError
-from pti.export import (
+from pti.errors import ExportError, first_line
+from pti.export.contract import (
     CONTRACT, DEFAULT_BATCH, ExportSynthesis, Source, check_base, check_batch, describe_device,
-    first_line, graph_weights, load_contract, make_contract, quiet, sample_input, verify_export, write_contract,
+    graph_weights, load_contract, make_contract, quiet, sample_input, verify_export, write_contract,
 )
 
 MODEL = "model.pt2"

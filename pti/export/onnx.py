@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pti.errors import ExportError
-from pti.export import (
+from pti.errors import ExportError, first_line
+from pti.export.contract import (
     CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, ExportSynthesis, Source, check_base, check_batch,
-    first_line, graph_weights, load_contract, make_contract, quiet, sample_input, verify_export, write_contract,
+    graph_weights, load_contract, make_contract, quiet, sample_input, verify_export, write_contract,
 )
 
 MODEL = "model.onnx"

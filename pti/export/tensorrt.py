@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from pti.errors import ExportError
-from pti.export import (
+from pti.export.contract import (
     CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, Source, check_base, check_batch, check_sample, checksum,
-    describe_device, graph_weights, load_contract, make_contract, torch_reference, write_contract,
+    decode_array, describe_device, graph_weights, load_contract, make_contract, torch_reference, write_contract,
 )
+from pti.fsutil import default_cache_dir
 
 ENGINE = "model.engine"
 WORKSPACE = 4 << 30
@@ -47,8 +48,6 @@ def _logger(trt):
 
 
 def timing_cache_path() -> Path:
-    from pti.engine.weights import default_cache_dir
-
     return default_cache_dir() / "tensorrt" / "timing.cache"
 
 
@@ -182,8 +181,6 @@ class TensorRTBackend:
         _OWNER[self.key] = id(self)
 
     def sample(self) -> torch.Tensor:
-        from pti.export import decode_array
-
         return decode_array(self.contract["sample"]["input"])
 
     @torch.no_grad()

@@ -58,13 +58,25 @@ def chosen() -> dict[str, str]:
     return dict(_LAST)
 
 
+def _is_name(impl: str) -> bool:
+    """Whether `impl` names one implementation outright (not "ref", "auto" or "prefer:NAME")."""
+    return impl not in ("ref", "auto") and not impl.startswith("prefer:")
+
+
 def _pick(op: str, impl: str, args, kwargs) -> Impl | None:
-    """The registered implementation `impl` asks for with these inputs, or None for the reference."""
+    """The registered implementation that runs `op` on these inputs, or None for the reference:
+
+        "ref"          None
+        "auto"         the first registered with auto=True whose `supports` takes the inputs, else None
+        "prefer:NAME"  NAME if it is registered for `op` and takes the inputs, else None (how a whole network
+                       uses a kernel that covers only some of its layers)
+        "NAME"         NAME; ValueError if it is not registered for `op` or cannot take the inputs
+    """
     if impl == "ref":
         return None
     if impl == "auto":
         return next((c for c in _REGISTRY[op] if c.auto and c.supports(*args, **kwargs)), None)
-    if impl.startswith("prefer:"):  # a whole network: NAME wherever it exists and takes the inputs, else the reference
+    if impl.startswith("prefer:"):
         name = impl.removeprefix("prefer:")
         return next((c for c in _REGISTRY[op] if c.name == name and c.supports(*args, **kwargs)), None)
     match = [i for i in _REGISTRY[op] if i.name == impl]
@@ -128,25 +140,32 @@ def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resampl
                          clamp=None, impl="auto"):
     """A whole synthesis layer: `modulated_conv2d`, then `bias_act(bias, act, alpha, gain, clamp)`.
 
-    A registered fused implementation runs it as one kernel where it takes the inputs; otherwise it is
-    exactly the two ops, each dispatched with the same `impl` (so "ref" is the reference, bit for bit,
-    and "prefer:NAME" still uses NAME's separate kernels where the fused one does not apply).
-    `chosen()["modulated_conv2d_act"]` is the fused implementation's name, or "split"."""
+    It runs as one fused kernel or "split" (the two ops, each dispatched with this same `impl`):
+
+        impl                         the layer runs as
+        "ref"                        split: the reference ops, bit for bit
+        "auto"                       the first fused kernel in "auto" that takes the inputs, else split
+        "prefer:NAME"                NAME's fused kernel if it takes the inputs, else split (NAME's op kernels
+                                     where they take the inputs, the reference where not)
+        "NAME", a fused kernel       that kernel; ValueError if it cannot take the inputs
+        "NAME", op kernels only      split: NAME's op kernels, each failing loudly if it cannot take the inputs
+
+    The first four lines are `_pick`'s rule, the same as for every op. `chosen()["modulated_conv2d_act"]`
+    is the fused kernel's name, or "split"."""
     args = (x, weight, styles)
     kw = dict(noise=noise, up=up, padding=padding, resample_filter=resample_filter, demodulate=demodulate,
-              flip_weight=flip_weight, fused_modconv=fused_modconv, bias=bias, act=act, alpha=alpha, gain=gain, clamp=clamp)
-    # An implementation named outright that has no fused form (one registered for modulated_conv2d only)
-    # runs split; otherwise the usual rules, including "fails loudly" for a named one that cannot run these.
-    named = impl not in ("ref", "auto") and not impl.startswith("prefer:")
-    fused_names = {i.name for i in _REGISTRY["modulated_conv2d_act"]}
-    cand = None if named and impl not in fused_names else _pick("modulated_conv2d_act", impl, args, kw)
+              flip_weight=flip_weight, fused_modconv=fused_modconv, bias=bias, act=act, alpha=alpha, gain=gain,
+              clamp=clamp)
+    only_ops = _is_name(impl) and impl not in available("modulated_conv2d_act")  # the table's last line
+    cand = None if only_ops else _pick("modulated_conv2d_act", impl, args, kw)
     if cand is not None:
         _LAST["modulated_conv2d_act"] = cand.name
         return cand.fn(*args, **kw)
     _LAST["modulated_conv2d_act"] = "split"
     y = modulated_conv2d(x, weight, styles, noise=noise, up=up, padding=padding, resample_filter=resample_filter,
                          demodulate=demodulate, flip_weight=flip_weight, fused_modconv=fused_modconv, impl=impl)
-    return bias_act(y, None if bias is None else bias.to(y.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp, impl=impl)
+    b = None if bias is None else bias.to(y.dtype)
+    return bias_act(y, b, act=act, alpha=alpha, gain=gain, clamp=clamp, impl=impl)
 
 
 def upsample2d(x, f, up=2, impl="auto"):

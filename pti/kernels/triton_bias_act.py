@@ -23,41 +23,9 @@ import triton
 import triton.language as tl
 
 from pti.kernels import ref
+from pti.kernels._triton_common import ACTS, DTYPES, act_and_mask, reference_grads, resolve, round_to
 
 BLOCK = 1024
-ACTS = {"linear": 0, "relu": 1, "lrelu": 2}
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """float32 -> dtype, rounding to nearest even as torch does. Done by hand for bfloat16: Triton's
-    interpreter (how CI runs these kernels) truncates there even when asked for "rtne", so without this
-    the CPU tests would check another rounding than the GPU's."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
-    return x.to(dtype)
-
-
-@triton.jit
-def _act_and_mask(v, alpha, gain, clamp, ACT: tl.constexpr, CLAMP: tl.constexpr):
-    """act(v) * gain clamped, and the derivative of that with respect to v (without the clamp mask)."""
-    if ACT == 1:
-        a = tl.where(v > 0, v, 0.0)
-        da = tl.where(v > 0, 1.0, 0.0)
-    elif ACT == 2:
-        a = tl.where(v > 0, v, v * alpha)
-        da = tl.where(v > 0, 1.0, alpha)
-    else:
-        a = v
-        da = tl.full(v.shape, 1.0, tl.float32)
-    a = a * gain
-    keep = tl.full(v.shape, 1, tl.int1)
-    if CLAMP:
-        keep = (a >= -clamp) & (a <= clamp)
-        a = tl.minimum(tl.maximum(a, -clamp), clamp)
-    return a, da, keep
 
 
 @triton.jit
@@ -75,8 +43,8 @@ def _forward_kernel(x_ptr, b_ptr, y_ptr, numel, C, INNER, alpha, gain, clamp,
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     v = _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS)
-    y, _, _ = _act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
-    tl.store(y_ptr + offs, _round_to(y, y_ptr.dtype.element_ty), mask=ok)
+    y, _, _ = act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
+    tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -85,10 +53,10 @@ def _backward_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, numel, C, INNER, alpha, gain, 
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     v = _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS)
-    _, da, keep = _act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
+    _, da, keep = act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     dx = tl.where(keep, g * gain * da, 0.0)
-    tl.store(dx_ptr + offs, _round_to(dx, dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=ok)
 
 
 def _params(x, b, dim, act, alpha, gain, clamp):
@@ -98,32 +66,6 @@ def _params(x, b, dim, act, alpha, gain, clamp):
         inner *= int(s)
     return dict(C=int(x.shape[dim]), INNER=inner, alpha=alpha, gain=gain, clamp=0.0 if clamp is None else clamp,
                 HAS_BIAS=b is not None, ACT=ACTS[act], CLAMP=clamp is not None, BLOCK=BLOCK)
-
-
-def resolve(act, alpha, gain, clamp):
-    """(act, alpha, gain, clamp) with the activation's defaults filled in as floats; clamp None when off
-    (None or negative, as in the reference)."""
-    _, def_alpha, def_gain = ref.ACTIVATIONS[act]
-    return (act, float(alpha if alpha is not None else def_alpha), float(gain if gain is not None else def_gain),
-            float(clamp) if clamp is not None and clamp >= 0 else None)
-
-
-def epilogue_supported(bias, channels, act, alpha, gain) -> bool:
-    """Whether a fused layer kernel can apply this bias_act: a known activation, a positive gain (the
-    backward recovers the activation's input from the output), a per-channel bias."""
-    return (act in ACTS and (gain is None or gain > 0) and (alpha is None or alpha >= 0)
-            and (bias is None or (bias.ndim == 1 and bias.shape[0] == channels)))
-
-
-def reference_grads(fn, inputs, needs, grad):
-    """Gradients of fn(*inputs) for the inputs that need one (None for the others), with create_graph=True:
-    how the custom functions here take second-order gradients, through the reference's own graph built on
-    their saved (graph-connected) inputs."""
-    with torch.enable_grad():
-        y = fn(*inputs)
-    wrt = [t for t, need in zip(inputs, needs) if need]
-    grads = iter(torch.autograd.grad(y, wrt, grad, create_graph=True)) if wrt else iter(())
-    return [next(grads) if need else None for need in needs]
 
 
 def _launch(kernel, out, *tensors, params):
@@ -166,5 +108,5 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
 
 
 def supports(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None) -> bool:
-    return (act in ACTS and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and 0 <= dim < x.ndim
+    return (act in ACTS and x.dtype in DTYPES and 0 <= dim < x.ndim
             and (b is None or b.device == x.device))

@@ -16,9 +16,9 @@ Backward (`backward`): the input gradient is this kernel again (input scaled by 
 and flipped, output scaled by s); the weight gradient's reduction over batch and pixels is
 `torch.nn.grad.conv2d_weight` (cuDNN on a GPU); the demodulation's own gradient (through d to the weight
 and the styles) is a few [N, O] x [O, I] products. No per-sample weights anywhere, and no second
-forward pass. The layer's backward starts from its output alone (`act_backward`). Second-order
-gradients, which the recipe never takes, go through the reference's autograd. The up-sampling layers are
-in `triton_upfirdn`.
+forward pass. The layer's backward starts from its output alone (`_triton_common.act_backward`).
+Second-order gradients, which the recipe never takes, go through the reference's autograd. The
+up-sampling layers are in `triton_upfirdn`.
 
 It runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before
 this module is imported), which is how CI checks it. Registered as implementation "triton" of
@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pti.kernels import ref
-from pti.kernels.triton_bias_act import ACTS, _act_and_mask, _round_to, epilogue_supported, reference_grads, resolve
+from pti.kernels import ref, triton_upfirdn
+from pti.kernels._triton_common import (ACTS, DTYPES, act_and_mask, act_backward, demod_coefficients,
+                                        epilogue_supported, reference_grads, resolve, round_to)
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 16
 
@@ -86,16 +87,10 @@ def _modconv_kernel(
         acc = acc + nz
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if EPILOGUE:  # the layer's activation, gain and clamp (pti.kernels.triton_bias_act)
-        acc, _, _ = _act_and_mask(acc, alpha, gain, clamp, ACT, CLAMP)
+    if EPILOGUE:  # the layer's activation, gain and clamp (pti.kernels._triton_common)
+        acc, _, _ = act_and_mask(acc, alpha, gain, clamp, ACT, CLAMP)
     tl.store(y_ptr + n * syn + offs_n[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
-             _round_to(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-def demod_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
-    """[N, O] = rsqrt(s^2 @ Wsq^T + 1e-8), in float32: the reference's per-output sum of squared modulated weights."""
-    wsq = weight.float().square().sum(dim=[2, 3])                   # [O, I]
-    return (styles.float().square() @ wsq.t() + 1e-8).rsqrt()
+             round_to(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epilogue=None):
@@ -166,28 +161,6 @@ def backward(grad, x, weight, styles, noise, y, demodulate, needs=(True, True, T
     return (dx, None if dw is None else dw.to(weight.dtype), None if ds is None else ds.to(styles.dtype), dnoise)
 
 
-def act_backward(grad, y, bias, act, alpha, gain, clamp):
-    """From a fused layer's output y alone: dv, the gradient at the activation's input v, and v - b, the
-    output before bias and activation (both float32).
-
-    v is recovered from y (lrelu and linear are invertible where the gradient is not zero; relu's negative
-    side and clamped values have zero gradient), the rule NVIDIA's bias_act uses:
-    dv = g * gain * act'(y) * [|y| < clamp as stored in y's dtype]."""
-    y32 = y.float()
-    pos = y32 > 0
-    if act == "linear":
-        da, v = 1.0, y32 / gain
-    elif act == "relu":
-        da, v = pos.float(), torch.where(pos, y32 / gain, 0.0)
-    else:
-        da = torch.where(pos, 1.0, alpha)
-        v = torch.where(pos, y32 / gain, y32 / (gain * alpha) if alpha != 0 else 0.0)
-    dv = grad.float() * gain * da
-    if clamp is not None:  # clamped values were stored as float32(clamp) rounded to y's dtype (0.3 -> 0.3008 in bf16)
-        dv = dv * (y32.abs() < float(torch.tensor(clamp, dtype=torch.float32).to(y.dtype)))
-    return dv, (v if bias is None else v - bias.float()[None, :, None, None])
-
-
 def backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs):
     """Gradients of the fused layer (x, weight, styles, noise, bias) from its output y alone: `act_backward`,
     then the modulated convolution's backward with v - b in place of its own output, and db = dv summed
@@ -231,8 +204,6 @@ def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resampl
     """Same signature and result as `pti.kernels.modulated_conv2d_act`'s reference, for the inputs `supports_act`
     accepts: the stride-1 layers here, the up-sampling ones in `triton_upfirdn`."""
     if up > 1:
-        from pti.kernels import triton_upfirdn
-
         return triton_upfirdn.modulated_conv2d_up_act(x, weight, styles, noise, up, padding, resample_filter, demodulate,
                                                       flip_weight, fused_modconv, bias, act, alpha, gain, clamp)
     return ModulatedConv2dAct.apply(x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp)
@@ -241,8 +212,6 @@ def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resampl
 def supports_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
                  flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None, clamp=None) -> bool:
     if up > 1:
-        from pti.kernels import triton_upfirdn
-
         return triton_upfirdn.supports_up_act(x, weight, styles, noise, up, padding, resample_filter, demodulate,
                                               flip_weight, fused_modconv, bias, act, alpha, gain, clamp)
     return (supports(x, weight, styles, noise, up, padding, resample_filter, demodulate, flip_weight, fused_modconv)
@@ -261,5 +230,5 @@ def supports(x, weight, styles, noise=None, up=1, padding=0, resample_filter=Non
     """Stride-1 3x3 (padding 1) or 1x1 (padding 0) correlation on 4-D inputs; noise per pixel or broadcast."""
     k = weight.shape[-1]
     return (up == 1 and flip_weight and x.ndim == 4 and weight.shape[-2] == k and k in (1, 3) and padding == k // 2
-            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and x.dtype in DTYPES
             and (noise is None or noise.ndim <= 4))

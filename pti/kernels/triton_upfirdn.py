@@ -10,7 +10,7 @@ The up-sampling layer (`modulated_conv2d_act` with up=2): the styles scale the i
 stride-2 transposed convolution runs in PyTorch (cuDNN on a GPU; float32, so its result does not depend
 on how a backend accumulates in bf16/fp16), then one kernel applies the FIR filter and the whole
 epilogue: demodulation, noise, bias, activation, gain, clamp. Its backward works from the layer's output
-alone (`triton_modconv.act_backward`), sends the gradient back through the FIR kernel, and leaves the
+alone (`_triton_common.act_backward`), sends the gradient back through the FIR kernel, and leaves the
 transposed convolution and the demodulation coefficients to PyTorch's autograd.
 
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 before import).
@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from pti.kernels import ref
-from pti.kernels.triton_bias_act import ACTS, _act_and_mask, _round_to, epilogue_supported, resolve
+from pti.kernels._triton_common import (ACTS, DTYPES, act_and_mask, act_backward, demod_coefficients,
+                                        epilogue_supported, resolve, round_to)
 
 BLOCK = 256
 
@@ -68,8 +69,8 @@ def _fir_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
     if EPILOGUE:
-        acc, _, _ = _act_and_mask(acc, alpha, gain, clamp, ACT, CLAMP)
-    tl.store(y_ptr + n * syn + c * syc + oy * syh + ox * syw, _round_to(acc, y_ptr.dtype.element_ty), mask=ok)
+        acc, _, _ = act_and_mask(acc, alpha, gain, clamp, ACT, CLAMP)
+    tl.store(y_ptr + n * syn + c * syc + oy * syh + ox * syw, round_to(acc, y_ptr.dtype.element_ty), mask=ok)
 
 
 def _out_size(size, up, down, p0, p1, taps):
@@ -136,7 +137,7 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
 
 
 def supports(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1) -> bool:
-    return (x.ndim == 4 and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and up >= 1 and down >= 1
+    return (x.ndim == 4 and x.dtype in DTYPES and up >= 1 and down >= 1
             and (f is None or (f.ndim == 2 and not f.requires_grad and f.device == x.device)))
 
 
@@ -156,8 +157,6 @@ class FirAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from pti.kernels.triton_modconv import act_backward
-
         f, d, noise, bias, y = ctx.saved_tensors
         up, padding, flip_filter, (act, alpha, gain, clamp), t_shape, t_dtype = ctx.args
         dv, pre = act_backward(grad, y, bias, act, alpha, gain, clamp)   # float32, [N, C, OH, OW]
@@ -180,8 +179,6 @@ def modulated_conv2d_up_act(x, weight, styles, noise=None, up=2, padding=0, resa
                             flip_weight=False, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None,
                             clamp=None):
     """The up-sampling synthesis layer; the same result as the reference's modulated conv + bias_act."""
-    from pti.kernels.triton_modconv import demod_coefficients
-
     # The reference's fp16 overflow guard (weight and styles rescaled by their max-norms) is not needed: the
     # convolution runs in float32, and with demodulation the scale would cancel anyway.
     f = resample_filter
@@ -195,7 +192,7 @@ def modulated_conv2d_up_act(x, weight, styles, noise=None, up=2, padding=0, resa
 def supports_up_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
                     flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None,
                     clamp=None) -> bool:
-    return (up == 2 and x.ndim == 4 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return (up == 2 and x.ndim == 4 and x.dtype in DTYPES
             and resample_filter is not None and resample_filter.ndim == 2 and not resample_filter.requires_grad
             and weight.shape[-1] == weight.shape[-2] and (noise is None or noise.ndim <= 4)
             and epilogue_supported(bias, weight.shape[0], act, alpha, gain))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pti.engine.layout import Layout
 from pti.errors import PTIError
 from pti.studio.checks import Move, RequestError
 from pti.studio.worker import QUEUE, Worker
@@ -162,16 +163,12 @@ class Studio:
         return slot.person
 
     def _load(self, path: Path, name: str) -> Person:
-        from pti.engine.checkpoint import generator_hash
         from pti.engine.device import apply_cpu_threads, resolve_device
-        from pti.engine.identity import Identity, load_base
+        from pti.engine.identity import open_identity
         from pti.rendering import make_backend
 
-        ident = Identity.load(path)
         dev = resolve_device(self.device)
-        base = load_base(ident, self.network, dev)
-        base_hash = generator_hash(base)
-        G = ident.apply(base, base_hash)
+        ident, base, base_hash, G = open_identity(path, self.network, dev)
         apply_cpu_threads(G, dev, "auto")
         backend = make_backend(self._backend(), G, base, base_hash, dev, 8, base_hint=str(self.network or ident.base_hint))
         return Person(path, name, ident, backend, self._sliders(path, ident, base))
@@ -205,7 +202,7 @@ class Studio:
                     sliders.append(Slider(name, name, "preset", name, name, None, round(neutral, 2), -10, 10, layers, layers))
                 else:
                     sliders.append(Slider(name, name, "preset", name, name, None, 0.0, -5, 5, layers, None))
-        pca_path = path.parent / path.stem / GANSPACE_FILE
+        pca_path = Layout.of(path).folder / GANSPACE_FILE
         if not pca_path.is_file():
             components = min(GANSPACE_COMPONENTS, w_dim)  # a PCA of w has at most w_dim components
             E.save_ganspace(E.ganspace(base, components=components, samples=GANSPACE_SAMPLES, seed=0), pca_path)
@@ -331,7 +328,7 @@ class Studio:
         texts, shown = self.edits(person, moves)
         specs, rendered, _ = self._images(person, texts)
         line = " ".join(shown)
-        folder = person.path.parent / person.path.stem / "studio"
+        folder = Layout.of(person.path).studio
         name = _save_name(folder, [s.label(s.values[0]) for s in specs], line)
         command = self.command(person, shown)
         txt = folder / f"{name}.txt"
@@ -364,7 +361,7 @@ def _names(paths: list[Path]) -> list[str]:
 
 
 def _aligned(path: Path) -> Path:
-    return path.parent / path.stem / "aligned.png"
+    return Layout.of(path).aligned
 
 
 def _save_name(folder: Path, labels: list[str], line: str) -> str:

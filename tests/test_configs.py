@@ -1,0 +1,109 @@
+"""The configs above the engine (`RunConfig`, `RenderConfig`, `ExportConfig`) refuse bad values at construction,
+one line naming the config, the field, the rule and the value, as `InvertConfig` and `TuneConfig` do."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_accepted, assert_refused, field_names, refused_cases
+from pti.engine.invert import InvertConfig
+from pti.engine.tune import TuneConfig
+from pti.export.config import ExportConfig
+from pti.pipeline import RunConfig, Weights
+from pti.rendering import RenderConfig
+
+NAN, INF = math.nan, math.inf
+
+RUN_REFUSED = {
+    "network": [Path("ffhq.pkl"), 3],           # a str: the config travels to workers and into the identity as text
+    "device": [None, torch.device("cpu"), 0],
+    "align": [1, "yes", None],
+    "face": [-1, 1.0, True],
+    "invert_cfg": [None, {"steps": 4}, TuneConfig()],
+    "tune_cfg": [None, {"max_steps": 4}, InvertConfig()],
+    "exact": [0, None],
+    "allow_fallback": [1, "no"],
+    "threads": [True, 1.5],                     # names and numbers are checked where they are applied
+    "weights": ["~/.cache/pti", Path("cache")],
+}
+RUN_EDGES = [
+    dict(network=None, device="cpu", align=False, face=0, exact=True, allow_fallback=False, threads=None),
+    dict(network="builtin:tiny", device="cuda:1", face=7, threads="auto"),
+    dict(threads=1, face=np.int64(2)),
+]
+
+RENDER_REFUSED = {
+    "network": [3, b"ffhq.pkl"],
+    "device": [None, 0],
+    "batch": [0, -1, 8.0, True],
+    "compare": [1, None],
+    "gif_fps": [0.0, -8.0, NAN, INF, "8"],      # a frame lasts 1000 / fps ms
+    "mp4": [0, "no"],
+    "backend": ["ort", "Torch", None],
+    "engine": [3, b"dir"],
+    "precision": ["bf16", "fp64", None],        # an export's precisions: fp32, fp16
+    "threads": [True, 2.5],
+    "force": [1, None],
+}
+RENDER_EDGES = [
+    dict(batch=1, gif_fps=1e-3, backend="tensorrt", precision="fp16", network="g.pkl", engine="exports/a",
+         threads="torch"),
+    dict(batch=np.int64(256), compare=True, mp4=True, force=True, network=Path("g.pkl"), engine=Path("e"), threads=4),
+]
+
+EXPORT_REFUSED = {
+    "precision": ["bf16", "FP16", None],
+    "batch": [(0, 8, 16), (1, 16, 8), (2, 1, 4), (1, 8), [1, 8, 16], (1, 8.0, 16), (True, 8, 16)],
+    "external_data": [0, 1, "yes"],
+    "device": [None, 0],
+}
+EXPORT_EDGES = [
+    dict(precision="fp16", batch=(1, 1, 1), external_data=True, device="cuda"),
+    dict(batch=(4, 4, 1024), external_data=False),
+    dict(external_data=None, batch=(np.int64(1), 2, 3)),
+]
+
+
+@pytest.mark.parametrize("cls,refused", [(RunConfig, RUN_REFUSED), (RenderConfig, RENDER_REFUSED),
+                                         (ExportConfig, EXPORT_REFUSED)], ids=["RunConfig", "RenderConfig", "ExportConfig"])
+def test_every_field_has_refused_values(cls, refused) -> None:
+    assert set(refused) == field_names(cls)
+
+
+@pytest.mark.parametrize("name,value", refused_cases(RUN_REFUSED))
+def test_a_bad_run_config_is_refused_naming_the_field(name, value) -> None:
+    assert_refused(RunConfig, name, value)
+
+
+@pytest.mark.parametrize("name,value", refused_cases(RENDER_REFUSED))
+def test_a_bad_render_config_is_refused_naming_the_field(name, value) -> None:
+    assert_refused(RenderConfig, name, value)
+
+
+@pytest.mark.parametrize("name,value", refused_cases(EXPORT_REFUSED))
+def test_a_bad_export_config_is_refused_naming_the_field(name, value) -> None:
+    assert_refused(ExportConfig, name, value)
+
+
+@pytest.mark.parametrize("cls,edges", [(RunConfig, e) for e in RUN_EDGES] + [(RenderConfig, e) for e in RENDER_EDGES]
+                         + [(ExportConfig, e) for e in EXPORT_EDGES])
+def test_the_edges_of_each_range_are_accepted(cls, edges) -> None:
+    assert_accepted(cls, edges)
+
+
+def test_a_run_config_carries_a_registry_as_what_rebuilds_it(tmp_path) -> None:
+    from helpers import standin_registry
+
+    reg = standin_registry(tmp_path / "cache")
+    config = RunConfig(weights=Weights.of(reg))
+    rebuilt = config.registry()
+    assert rebuilt.cache_dir == reg.cache_dir and rebuilt.entries == reg.entries
+    assert RunConfig().registry() is None and Weights.of(None) is None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(config)) == config  # what a spawned worker receives
