@@ -9,7 +9,7 @@ BASE_STAMP := $(VENV)/.installed-base
 # Two workers (pytest-xdist); --dist loadfile keeps each file's tests, and its module-scoped fixtures, in one.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-.PHONY: setup demo test test-fast bench bench-threads clean
+.PHONY: setup demo lint format test test-fast bench bench-threads clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,18 @@ $(STAMP): $(BASE_STAMP)
 demo: $(BASE_STAMP)
 	$(BIN)/pti demo --out demo-out
 
-test: setup
+# ruff (pinned in the test extra): the linter, then the formatter's check; `make format` applies it.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+
+test: lint
 	$(PYTEST) tests
 
-test-fast: setup
+test-fast: lint
 	$(PYTEST) -m "not slow" tests
 
 bench: setup

@@ -1,4 +1,5 @@
-"""Render ms per image through each backend: torch eager vs ONNX Runtime vs AOTInductor (vs TensorRT, CUDA graphs on a GPU).
+"""Render ms per image through each backend: torch eager vs ONNX Runtime vs AOTInductor
+(vs TensorRT, CUDA graphs on a GPU).
 
     python -m benchmarks.bench_export [--repeats 7] [--configs tiny,paper256] [--batches 1,8] [--device auto]
 
@@ -70,7 +71,13 @@ def backends(G, dev, threads, batch_max, tmp: Path):
 
     t0 = time.perf_counter()
     export("onnx", src, tmp / "onnx", batch=(1, batch_max, batch_max))
-    out.append(("onnxruntime", OnnxBackend(tmp / "onnx", threads=threads if dev.type == "cpu" else None), time.perf_counter() - t0))
+    out.append(
+        (
+            "onnxruntime",
+            OnnxBackend(tmp / "onnx", threads=threads if dev.type == "cpu" else None),
+            time.perf_counter() - t0,
+        )
+    )
     from pti.export.aoti import AotiBackend
 
     t0 = time.perf_counter()
@@ -103,7 +110,10 @@ def main() -> None:
             runners = backends(G, dev, threads, max(batches), Path(tmp))
             for batch in batches:
                 with torch.no_grad():
-                    ws = G.mapping(torch.randn([batch, G.z_dim], generator=torch.Generator().manual_seed(0)).to(dev), truncation_psi=0.7).cpu()
+                    ws = G.mapping(
+                        torch.randn([batch, G.z_dim], generator=torch.Generator().manual_seed(0)).to(dev),
+                        truncation_psi=0.7,
+                    ).cpu()
                     want = G.synthesis(ws.to(dev), noise_mode="const", force_fp32=True).float().cpu()
                 times = {n: [] for n, _, _ in runners}
                 diffs = {n: float((b.render(ws) - want).abs().max()) for n, b, _ in runners}  # warm-up and check
@@ -119,20 +129,42 @@ def main() -> None:
                 base = statistics.median(times["torch"])
                 for n, _, setup in runners:
                     med = statistics.median(times[n])
-                    row = dict(config=name, resolution=G.img_resolution, batch=batch, backend=n,
-                               ms_per_image_median=round(med, 3), ms_min=round(min(times[n]), 3), ms_max=round(max(times[n]), 3),
-                               ratio_to_torch=round(med / base, 3), max_abs_diff_vs_torch=diffs[n],
-                               export_seconds=round(setup, 1), threads=threads if dev.type == "cpu" else None)
+                    row = dict(
+                        config=name,
+                        resolution=G.img_resolution,
+                        batch=batch,
+                        backend=n,
+                        ms_per_image_median=round(med, 3),
+                        ms_min=round(min(times[n]), 3),
+                        ms_max=round(max(times[n]), 3),
+                        ratio_to_torch=round(med / base, 3),
+                        max_abs_diff_vs_torch=diffs[n],
+                        export_seconds=round(setup, 1),
+                        threads=threads if dev.type == "cpu" else None,
+                    )
                     rows.append(row)
-                    print(f"{name:9s} batch {batch:2d} {n:24s} {med:9.2f} ms/image  x{row['ratio_to_torch']:.2f} of torch"
-                          f"  (diff {diffs[n]:.1e}; export {setup:.0f} s)", flush=True)
+                    print(
+                        f"{name:9s} batch {batch:2d} {n:24s} {med:9.2f} ms/image  x{row['ratio_to_torch']:.2f} of torch"
+                        f"  (diff {diffs[n]:.1e}; export {setup:.0f} s)",
+                        flush=True,
+                    )
     result = {
-        "what": "ms per rendered image by backend, same ws and weights, timed round-robin in one run; ratio = median / torch eager's median",
+        "what": (
+            "ms per rendered image by backend, same ws and weights, timed round-robin in one run; ratio = median / "
+            "torch eager's median"
+        ),
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-        "machine": platform.machine(), "precision": "fp32 (tensorrt rows: fp16)",
-        "implementation": "torch: reference PyTorch ops (fused modulated conv at inference); onnx/aoti: the export graph (non-fused modulated conv)",
-        "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
-        "date": time.strftime("%Y-%m-%d"), "rows": rows,
+        "machine": platform.machine(),
+        "precision": "fp32 (tensorrt rows: fp16)",
+        "implementation": (
+            "torch: reference PyTorch ops (fused modulated conv at inference); onnx/aoti: the export graph "
+            "(non-fused modulated conv)"
+        ),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "repeats": args.repeats,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
     }
     try:
         import onnxruntime

@@ -60,25 +60,49 @@ def main() -> None:
         with torch.no_grad():
             recon = res.G.synthesis(inv.pivot, noise_mode="const", force_fp32=True)
         m = image_metrics(recon, target, losses.perceptual)
-        rows[run] = dict(run=run, precision=precision, invert_seconds=round(t1 - t0, 2), tune_seconds=round(t2 - t1, 2),
-                               tune_steps=res.steps, early_stopped=res.early_stopped, mse=m["mse"], perceptual=m["perceptual"],
-                               ms_ssim=m["ms_ssim"])
-        print(f"{run}: invert {t1 - t0:.1f} s, tune {t2 - t1:.1f} s ({res.steps} steps); "
-              f"MSE {m['mse']:.5f}, perceptual {m['perceptual']:.5f}", flush=True)
+        rows[run] = dict(
+            run=run,
+            precision=precision,
+            invert_seconds=round(t1 - t0, 2),
+            tune_seconds=round(t2 - t1, 2),
+            tune_steps=res.steps,
+            early_stopped=res.early_stopped,
+            mse=m["mse"],
+            perceptual=m["perceptual"],
+            ms_ssim=m["ms_ssim"],
+        )
+        print(
+            f"{run}: invert {t1 - t0:.1f} s, tune {t2 - t1:.1f} s ({res.steps} steps); "
+            f"MSE {m['mse']:.5f}, perceptual {m['perceptual']:.5f}",
+            flush=True,
+        )
     a, b, c = rows["fp32"], rows["bf16"], rows["fp32-control"]
     rel = {k: (b[k] - a[k]) / a[k] for k in ("mse", "perceptual")}
     control = {k: (c[k] - a[k]) / a[k] for k in ("mse", "perceptual")}
     speed = (a["invert_seconds"] + a["tune_seconds"]) / (b["invert_seconds"] + b["tune_seconds"])
-    print(f"bf16 vs fp32: MSE {100 * rel['mse']:+.2f} %, perceptual {100 * rel['perceptual']:+.2f} %, speed x{speed:.2f}")
-    print(f"control (fp32, photo rounded to bf16) vs fp32: MSE {100 * control['mse']:+.2f} %, "
-          f"perceptual {100 * control['perceptual']:+.2f} %")
-    result = {"what": "full recipe (invert + tune with locality), fp32 vs bf16 autocast, same photo and seed, one run",
-              "generator": "built-in tiny (64 px)", "losses": losses.names, "official_losses": losses.official,
-              "device": str(dev), "threads": threads if dev.type == "cpu" else None, "machine": platform.machine(),
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "steps": {"invert": args.invert_steps, "tune": args.tune_steps},
-              "rows": list(rows.values()), "bf16_relative_difference": rel,
-              "control_relative_difference": control, "bf16_speedup": round(speed, 3)}
+    print(
+        f"bf16 vs fp32: MSE {100 * rel['mse']:+.2f} %, perceptual {100 * rel['perceptual']:+.2f} %, speed x{speed:.2f}"
+    )
+    print(
+        f"control (fp32, photo rounded to bf16) vs fp32: MSE {100 * control['mse']:+.2f} %, "
+        f"perceptual {100 * control['perceptual']:+.2f} %"
+    )
+    result = {
+        "what": "full recipe (invert + tune with locality), fp32 vs bf16 autocast, same photo and seed, one run",
+        "generator": "built-in tiny (64 px)",
+        "losses": losses.names,
+        "official_losses": losses.official,
+        "device": str(dev),
+        "threads": threads if dev.type == "cpu" else None,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": {"invert": args.invert_steps, "tune": args.tune_steps},
+        "rows": list(rows.values()),
+        "bf16_relative_difference": rel,
+        "control_relative_difference": control,
+        "bf16_speedup": round(speed, 3),
+    }
     out = Path(__file__).parent / "results" / f"precision_{dev.type}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

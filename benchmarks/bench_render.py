@@ -57,17 +57,32 @@ def main() -> None:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 ms.append(1000 * (time.perf_counter() - t0) / batch)
-            row = dict(config=name, resolution=G.img_resolution, batch=batch, threads=threads,
-                       ms_per_image_median=round(statistics.median(ms), 3), ms_min=round(min(ms), 3),
-                       ms_max=round(max(ms), 3), gmac_per_image=round(synthesis_macs(G) / 1e9, 2))
+            row = dict(
+                config=name,
+                resolution=G.img_resolution,
+                batch=batch,
+                threads=threads,
+                ms_per_image_median=round(statistics.median(ms), 3),
+                ms_min=round(min(ms), 3),
+                ms_max=round(max(ms), 3),
+                gmac_per_image=round(synthesis_macs(G) / 1e9, 2),
+            )
             rows.append(row)
-            print(f"{name:9s} batch {batch:2d}: {row['ms_per_image_median']:9.2f} ms/image "
-                  f"(min {row['ms_min']:.2f}, max {row['ms_max']:.2f}; {threads} thread(s))", flush=True)
+            print(
+                f"{name:9s} batch {batch:2d}: {row['ms_per_image_median']:9.2f} ms/image "
+                f"(min {row['ms_min']:.2f}, max {row['ms_max']:.2f}; {threads} thread(s))",
+                flush=True,
+            )
     result = {
         "what": "ms per rendered image, TorchBackend.render (pti render's forward pass)",
-        "device": str(dev), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads after the last config",
-        "precision": "fp32", "implementation": "reference PyTorch ops (impl=auto: no kernels registered)",
-        "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats, "rows": rows,
+        "device": str(dev),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads after the last config",
+        "precision": "fp32",
+        "implementation": "reference PyTorch ops (impl=auto: no kernels registered)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "repeats": args.repeats,
+        "rows": rows,
     }
     out = Path(__file__).parent / "results" / f"render_{dev.type}.json"
     out.parent.mkdir(exist_ok=True)

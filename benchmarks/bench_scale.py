@@ -49,8 +49,12 @@ def main() -> None:
     from pti.engine.invert import InvertConfig
     from pti.engine.tune import TuneConfig
 
-    cfg = dict(invert_cfg=InvertConfig(steps=args.invert_steps), tune_cfg=TuneConfig(max_steps=args.tune_steps, lpips_threshold=0.0),
-               device="cpu", threads="auto")
+    cfg = dict(
+        invert_cfg=InvertConfig(steps=args.invert_steps),
+        tune_cfg=TuneConfig(max_steps=args.tune_steps, lpips_threshold=0.0),
+        device="cpu",
+        threads="auto",
+    )
     rows, reference = [], None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -69,19 +73,40 @@ def main() -> None:
             if reference is None:
                 reference = tensors
             else:
-                same = all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(tensors, reference))
-            row = dict(mode=mode, photos=len(photos), done=len(done), seconds=round(seconds, 2),
-                       photos_per_hour=round(3600 * len(done) / seconds, 1), identical_to_sequential=same)
+                same = all(
+                    a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(tensors, reference)
+                )
+            row = dict(
+                mode=mode,
+                photos=len(photos),
+                done=len(done),
+                seconds=round(seconds, 2),
+                photos_per_hour=round(3600 * len(done) / seconds, 1),
+                identical_to_sequential=same,
+            )
             rows.append(row)
-            print(f"{mode:9s} {len(done)}/{len(photos)} photos in {seconds:7.1f} s  {row['photos_per_hour']:8.1f} photos/hour"
-                  + ("" if same is None else f"  identical to sequential: {same}"), flush=True)
+            print(
+                f"{mode:9s} {len(done)}/{len(photos)} photos in {seconds:7.1f} s  "
+                f"{row['photos_per_hour']:8.1f} photos/hour"
+                + ("" if same is None else f"  identical to sequential: {same}"),
+                flush=True,
+            )
     base = rows[0]["photos_per_hour"]
     for r in rows:
         r["ratio_to_first"] = round(r["photos_per_hour"] / base, 2)
-    result = {"what": "photos per hour, pti.tune over a folder; wall time includes starting workers / the local Ray cluster",
-              "device": "cpu", "cpus": os.cpu_count(), "machine": platform.machine(), "generator": "built-in tiny (64 px)",
-              "steps": {"invert": args.invert_steps, "tune": args.tune_steps}, "precision": "fp32",
-              "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    result = {
+        "what": "photos per hour, pti.tune over a folder; wall time includes starting workers / the local Ray cluster",
+        "device": "cpu",
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "generator": "built-in tiny (64 px)",
+        "steps": {"invert": args.invert_steps, "tune": args.tune_steps},
+        "precision": "fp32",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
     out = Path(__file__).parent / "results" / "scale_cpu.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

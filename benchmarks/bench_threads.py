@@ -29,8 +29,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "threads_cpu.json"
 POLICIES = {"pti": {}, "torch": {"PTI_THREADS": "torch"}, "one": {"PTI_THREADS": "1"}}
-PAPER256 = dict(z_dim=512, w_dim=512, img_resolution=256, img_channels=3,
-                synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=0, conv_clamp=256))
+PAPER256 = dict(
+    z_dim=512,
+    w_dim=512,
+    img_resolution=256,
+    img_channels=3,
+    synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=0, conv_clamp=256),
+)
 
 
 def pti_exe() -> str:
@@ -52,8 +57,21 @@ def make_inputs(tmp: Path) -> dict[str, list[str]]:
     save_generator(Generator(**PAPER256), tmp / "paper256.safetensors")
     return {
         "demo": [pti_exe(), "demo", "--out", str(tmp / "demo"), "--device", "cpu"],
-        "paper256": [pti_exe(), "tune", str(photo), "-n", str(tmp / "paper256.safetensors"), "-o", str(tmp / "p256"),
-                     "--invert-steps", "10", "--tune-steps", "5", "--device", "cpu"],
+        "paper256": [
+            pti_exe(),
+            "tune",
+            str(photo),
+            "-n",
+            str(tmp / "paper256.safetensors"),
+            "-o",
+            str(tmp / "p256"),
+            "--invert-steps",
+            "10",
+            "--tune-steps",
+            "5",
+            "--device",
+            "cpu",
+        ],
     }
 
 
@@ -111,17 +129,33 @@ def main() -> None:
     medians = {}
     for r in runs:
         medians.setdefault((r["workload"], r["load"], r["policy"]), []).append(r["seconds"])
-    rows = [dict(workload=w, load=l, policy=p, median_seconds=round(statistics.median(v), 2),
-                 min_seconds=round(min(v), 2), max_seconds=round(max(v), 2), n=len(v))
-            for (w, l, p), v in medians.items()]
+    rows = [
+        dict(
+            workload=w,
+            load=ld,
+            policy=p,
+            median_seconds=round(statistics.median(v), 2),
+            min_seconds=round(min(v), 2),
+            max_seconds=round(max(v), 2),
+            n=len(v),
+        )
+        for (w, ld, p), v in medians.items()
+    ]
     result = {
         "what": "wall seconds of whole pti runs per CPU-thread policy, idle and with one core busy",
         "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, no GPU",
-        "device": "cpu", "precision": "fp32", "implementation": "reference PyTorch ops",
-        "python": platform.python_version(), "torch": torch.__version__,
-        "policies": {"pti": "OMP_WAIT_POLICY=PASSIVE; 1 thread below 2 G multiply-adds per image",
-                     "torch": "PTI_THREADS=torch: torch defaults", "one": "PTI_THREADS=1"},
-        "rows": rows, "runs": runs,
+        "device": "cpu",
+        "precision": "fp32",
+        "implementation": "reference PyTorch ops",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "policies": {
+            "pti": "OMP_WAIT_POLICY=PASSIVE; 1 thread below 2 G multiply-adds per image",
+            "torch": "PTI_THREADS=torch: torch defaults",
+            "one": "PTI_THREADS=1",
+        },
+        "rows": rows,
+        "runs": runs,
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")

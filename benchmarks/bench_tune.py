@@ -51,7 +51,8 @@ PHASES = ("invert step", "tune step", "tune step + locality")
 
 
 def losses(kind: str, tmp: Path):
-    """(projector metric, perceptual) for `kind`: 'weight-free' or 'nets' (random-weight LPIPS-alex + VGG16 stand-in)."""
+    """(projector metric, perceptual) for `kind`: 'weight-free' or 'nets'
+    (random-weight LPIPS-alex + VGG16 stand-in)."""
     from pti.engine.losses import VGGProjectorMetric, WeightFreePerceptual, WeightFreeProjectorMetric
     from pti.engine.perceptual import VGG16Metric
 
@@ -74,8 +75,15 @@ class _Clock:
         wall = [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])][warmup:]
         cpu = [b[1] - a[1] for a, b in zip(self.marks, self.marks[1:])][warmup:]
         med = statistics.median(wall)
-        return {"median_s": med, "min_s": min(wall), "max_s": max(wall), "spread": (max(wall) - min(wall)) / med,
-                "cpu_median_s": statistics.median(cpu), "steps": len(wall), "all_s": wall}
+        return {
+            "median_s": med,
+            "min_s": min(wall),
+            "max_s": max(wall),
+            "spread": (max(wall) - min(wall)) / med,
+            "cpu_median_s": statistics.median(cpu),
+            "steps": len(wall),
+            "all_s": wall,
+        }
 
 
 def run_phase(G, phase: str, metric, perceptual, steps: int, warmup: int) -> dict:
@@ -84,8 +92,9 @@ def run_phase(G, phase: str, metric, perceptual, steps: int, warmup: int) -> dic
 
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        target = G.synthesis(G.mapping(torch.randn([1, G.z_dim], generator=g), truncation_psi=0.7),
-                             noise_mode="const", force_fp32=True)
+        target = G.synthesis(
+            G.mapping(torch.randn([1, G.z_dim], generator=g), truncation_psi=0.7), noise_mode="const", force_fp32=True
+        )
         pivot = G.mapping(torch.randn([1, G.z_dim], generator=g), truncation_psi=0.5)
     clock, n = _Clock(), steps + warmup
     if phase == "invert step":
@@ -163,8 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
         for loss_kind in args.losses.split(","):
             metric, perceptual = losses(loss_kind, tmp)
             for phase in PHASES:
-                row = {"config": cfg_name, "losses": loss_kind, "phase": phase,
-                       "ours": run_phase(G, phase, metric, perceptual, args.steps, args.warmup)}
+                row = {
+                    "config": cfg_name,
+                    "losses": loss_kind,
+                    "phase": phase,
+                    "ours": run_phase(G, phase, metric, perceptual, args.steps, args.warmup),
+                }
                 row["implementation"] = pti.kernels.chosen()
                 if G_ref is not None:
                     row["reference"] = run_phase(G_ref, phase, metric, perceptual, args.steps, args.warmup)
@@ -180,27 +193,39 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "load_average_after": os.getloadavg(),
         "python": platform.python_version(),
-        "steps": args.steps, "warmup": args.warmup,
-        "reference": os.environ.get("PTI_SG2ADA_PATH") and "NVlabs stylegan2-ada-pytorch training.networks (CPU, ref ops)",
-        "notes": ("nets = LPIPS-alex v0.1 (random weights, real architecture) + the 2-conv VGG16 stand-in; "
-                  "NVIDIA's real vgg16.pt is about 20 G MACs per 256 px image, so real inversion steps cost more. "
-                  "Wall seconds per step; cpu_median_s is process CPU time (all threads)."),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "reference": os.environ.get("PTI_SG2ADA_PATH")
+        and "NVlabs stylegan2-ada-pytorch training.networks (CPU, ref ops)",
+        "notes": (
+            "nets = LPIPS-alex v0.1 (random weights, real architecture) + the 2-conv VGG16 stand-in; "
+            "NVIDIA's real vgg16.pt is about 20 G MACs per 256 px image, so real inversion steps cost more. "
+            "Wall seconds per step; cpu_median_s is process CPU time (all threads)."
+        ),
         "total_seconds": time.perf_counter() - started,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{result['machine']}, torch {result['torch']}, {result['threads']} threads, fp32; "
-          f"wrote {args.out} ({result['total_seconds']:.0f} s)")
+    print(
+        f"\n{result['machine']}, torch {result['torch']}, {result['threads']} threads, fp32; "
+        f"wrote {args.out} ({result['total_seconds']:.0f} s)"
+    )
     return result
 
 
 def _line(row: dict) -> str:
     o = row["ours"]
-    s = f"{row['config']:>9} {row['losses']:>11} {row['phase']:<21} {o['median_s']:8.3f} s/step [{o['min_s']:.3f}-{o['max_s']:.3f}] cpu {o['cpu_median_s']:.3f}"
+    s = (
+        f"{row['config']:>9} {row['losses']:>11} {row['phase']:<21} {o['median_s']:8.3f} s/step "
+        f"[{o['min_s']:.3f}-{o['max_s']:.3f}] cpu {o['cpu_median_s']:.3f}"
+    )
     if "reference" in row:
         r = row["reference"]
-        s += f" | ref {r['median_s']:8.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}] ours/ref {row['ratio_ours_over_reference']:.2f}"
+        s += (
+            f" | ref {r['median_s']:8.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}] ours/ref "
+            f"{row['ratio_ours_over_reference']:.2f}"
+        )
     return s
 
 

@@ -28,23 +28,23 @@ class TuneInterrupted(Interrupted):
 
 def tune(
     photos: Sequence[str | Path],
-    network: str | Path | None = None,          # checkpoint path; None = the built-in tiny generator
-    out: str | Path = "pti-out",                # output directory
+    network: str | Path | None = None,  # checkpoint path; None = the built-in tiny generator
+    out: str | Path = "pti-out",  # output directory
     *,
     device: str = "auto",
-    align: bool = True,                          # False: photos are already aligned crops (--no-align)
-    face: int | None = None,                     # which face when a photo has several (largest = 0)
-    joint: bool = False,                         # tune one generator for all photos (multi-ID PTI)
+    align: bool = True,  # False: photos are already aligned crops (--no-align)
+    face: int | None = None,  # which face when a photo has several (largest = 0)
+    joint: bool = False,  # tune one generator for all photos (multi-ID PTI)
     invert_cfg: InvertConfig = InvertConfig(),
     tune_cfg: TuneConfig = TuneConfig(),
-    exact: bool = False,                         # store exact fp32 weights instead of fp16 deltas
-    allow_fallback: bool = True,                 # weight-free losses when the official weights are absent
+    exact: bool = False,  # store exact fp32 weights instead of fp16 deltas
+    allow_fallback: bool = True,  # weight-free losses when the official weights are absent
     progress: ProgressFn | None = None,
-    registry=None,                               # weights registry (default: the user's cache)
-    threads: str | int | None = None,            # CPU threads: None = torch's as set, "auto" = pti's policy, N
-    workers: int = 1,                            # photos in parallel processes (single-ID runs)
-    ray: str | None = None,                      # "auto" or a Ray cluster address: one task per photo (pti[ray])
-    force: bool = False,                         # redo photos the manifest says are done; allow other settings
+    registry=None,  # weights registry (default: the user's cache)
+    threads: str | int | None = None,  # CPU threads: None = torch's as set, "auto" = pti's policy, N
+    workers: int = 1,  # photos in parallel processes (single-ID runs)
+    ray: str | None = None,  # "auto" or a Ray cluster address: one task per photo (pti[ray])
+    force: bool = False,  # redo photos the manifest says are done; allow other settings
 ) -> list[PhotoResult]:
     """Align, invert and tune each photo (or all jointly); write `<out>/<name>.pti` and a folder per photo.
 
@@ -63,9 +63,18 @@ def tune(
         raise PTIError(f"workers must be 1 or more, not {workers}")
     if joint and (workers > 1 or ray):
         raise PTIError("--joint tunes one generator for all photos in one process; it cannot use --workers or --ray")
-    config = RunConfig(network=str(network) if network is not None else None, device=str(device), align=align,
-                       face=face, invert_cfg=invert_cfg, tune_cfg=tune_cfg, exact=exact, allow_fallback=allow_fallback,
-                       threads=threads, weights=Weights.of(registry))
+    config = RunConfig(
+        network=str(network) if network is not None else None,
+        device=str(device),
+        align=align,
+        face=face,
+        invert_cfg=invert_cfg,
+        tune_cfg=tune_cfg,
+        exact=exact,
+        allow_fallback=allow_fallback,
+        threads=threads,
+        weights=Weights.of(registry),
+    )
     start = mark()
     try:
         pipeline = Pipeline.build(config, out, progress=progress, device=dev)
@@ -88,8 +97,14 @@ def _tune_joint(pipeline: Pipeline, paths: list[Path], names: list[str], force: 
     for res in results:
         pipeline.save_aligned(res)
         pipeline.invert(res)
-    tuned = tune_generator(pipeline.G, [r.target for r in results], [r.pivot for r in results],
-                           pipeline.losses.perceptual, pipeline.config.tune_cfg, pipeline.progress)
+    tuned = tune_generator(
+        pipeline.G,
+        [r.target for r in results],
+        [r.pivot for r in results],
+        pipeline.losses.perceptual,
+        pipeline.config.tune_cfg,
+        pipeline.progress,
+    )
     for res in results:
         pipeline.finish(res, tuned, [r.name for r in results if r is not res])
     return results

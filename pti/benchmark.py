@@ -34,12 +34,39 @@ from typing import Callable
 
 import torch
 
+from pti.engine.checkpoint import generator_hash
+from pti.engine.device import apply_cpu_threads, synthesis_macs
+from pti.engine.generator import Generator, tiny_generator
+from pti.engine.invert import InvertConfig, invert
+from pti.engine.losses import WeightFreePerceptual, WeightFreeProjectorMetric
+from pti.engine.tune import TuneConfig, tune
+from pti.errors import first_line
+from pti.export import export
+from pti.export.config import ExportConfig
+from pti.export.contract import Source
+from pti.export.contract import environment as versions_and_device
+from pti.rendering import make_backend
+
 CONFIGS = {
     "tiny": None,  # the built-in tiny generator
-    "paper256": dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=256, img_channels=3, mapping_kwargs=dict(num_layers=8),
-                     synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=0, conv_clamp=256)),
-    "ffhq1024": dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=1024, img_channels=3, mapping_kwargs=dict(num_layers=8),
-                     synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256)),
+    "paper256": dict(
+        z_dim=512,
+        c_dim=0,
+        w_dim=512,
+        img_resolution=256,
+        img_channels=3,
+        mapping_kwargs=dict(num_layers=8),
+        synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=0, conv_clamp=256),
+    ),
+    "ffhq1024": dict(
+        z_dim=512,
+        c_dim=0,
+        w_dim=512,
+        img_resolution=1024,
+        img_channels=3,
+        mapping_kwargs=dict(num_layers=8),
+        synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256),
+    ),
 }
 # Dense peak TFLOP/s by device name (fp32 without tensor cores, bf16/fp16 with), from the vendors' sheets.
 PEAK_TFLOPS = {
@@ -52,8 +79,6 @@ RECIPE = {"invert": 450, "tune": 350}
 
 
 def build(config: str, device="cpu"):
-    from pti.engine.generator import Generator, tiny_generator
-
     if CONFIGS[config] is None:
         return tiny_generator(device)
     torch.manual_seed(0)
@@ -85,9 +110,6 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> list[
 
 
 def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=print) -> list[dict]:
-    from pti.engine.checkpoint import generator_hash
-    from pti.engine.device import synthesis_macs
-
     flop = 2 * synthesis_macs(G)
     top = peak(device, precision)
     rows = []
@@ -102,6 +124,7 @@ def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=p
                     return G.synthesis(ws, noise_mode="const", force_fp32=True, impl=impl)
                 with dtype_ctx():
                     return G.synthesis(ws, noise_mode="const", force_fp32=True, impl=impl)
+
         return run
 
     for impl in impls:
@@ -119,17 +142,19 @@ def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=p
             compiled = torch.compile(G.synthesis)
             runners[impl] = lambda ws, c=compiled: c(ws, noise_mode="const", force_fp32=True, impl="ref")
         elif impl in ("onnx", "aoti"):
-            from pti.rendering import make_backend
-
             tmp = tempfile.mkdtemp(prefix=f"pti-bench-{impl}-")
-            backend = make_backend(impl, G, G, generator_hash(G), device, max(batches), engine=_export(impl, G, device, tmp, max(batches)))
+            backend = make_backend(
+                impl, G, G, generator_hash(G), device, max(batches), engine=_export(impl, G, device, tmp, max(batches))
+            )
             runners[impl] = backend.render
         else:
             raise ValueError(f"unknown implementation {impl!r}")
         setup[impl] = time.perf_counter() - t0
     for batch in batches:
         with torch.no_grad():
-            ws = G.mapping(torch.randn([batch, G.z_dim], generator=torch.Generator().manual_seed(0)).to(device), truncation_psi=0.7)
+            ws = G.mapping(
+                torch.randn([batch, G.z_dim], generator=torch.Generator().manual_seed(0)).to(device), truncation_psi=0.7
+            )
         base = None
         for impl, run in runners.items():
             if device.type == "cuda":
@@ -137,25 +162,35 @@ def render_rows(G, device, batches, impls, repeats, precision="fp32", progress=p
             try:
                 times = _time(lambda: run(ws), device, repeats)
             except Exception as e:  # noqa: BLE001  one implementation failing must not end the suite
-                from pti.errors import first_line
-
                 progress(f"{impl} batch {batch}: failed ({first_line(e, 120)})")
                 continue
             med = statistics.median(times)
             base = base if base is not None else med if impl == "reference" else None
             achieved = flop * batch / med / 1e9
-            row = dict(kind="render", implementation=impl, precision=precision, batch=batch,
-                       images_per_second=round(batch / med, 2), ms_per_image=round(1000 * med / batch, 3),
-                       gflops_achieved=round(achieved, 1), gflop_per_image=round(flop / 1e9, 2),
-                       percent_of_peak=None if top is None else round(100 * achieved / (1000 * top), 2),
-                       speedup_vs_reference=None if base is None else round(base / med, 3),
-                       setup_seconds=round(setup.get(impl, 0.0), 1),
-                       peak_memory_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None)
+            row = dict(
+                kind="render",
+                implementation=impl,
+                precision=precision,
+                batch=batch,
+                images_per_second=round(batch / med, 2),
+                ms_per_image=round(1000 * med / batch, 3),
+                gflops_achieved=round(achieved, 1),
+                gflop_per_image=round(flop / 1e9, 2),
+                percent_of_peak=None if top is None else round(100 * achieved / (1000 * top), 2),
+                speedup_vs_reference=None if base is None else round(base / med, 3),
+                setup_seconds=round(setup.get(impl, 0.0), 1),
+                peak_memory_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+                if device.type == "cuda"
+                else None,
+            )
             rows.append(row)
-            progress(f"render {impl:10s} {precision} batch {batch:3d}: {row['images_per_second']:9.2f} img/s "
-                     f"({row['ms_per_image']:.2f} ms/img, {row['gflops_achieved']:.0f} GFLOP/s"
-                     + ("" if row["percent_of_peak"] is None else f", {row['percent_of_peak']:.1f} % of peak")
-                     + ("" if base is None or impl == "reference" else f", {compared(base / med)}") + ")")
+            progress(
+                f"render {impl:10s} {precision} batch {batch:3d}: {row['images_per_second']:9.2f} img/s "
+                f"({row['ms_per_image']:.2f} ms/img, {row['gflops_achieved']:.0f} GFLOP/s"
+                + ("" if row["percent_of_peak"] is None else f", {row['percent_of_peak']:.1f} % of peak")
+                + ("" if base is None or impl == "reference" else f", {compared(base / med)}")
+                + ")"
+            )
     return rows
 
 
@@ -196,12 +231,9 @@ def cuda_graphed(fn: Callable, device: torch.device) -> Callable:
 
 
 def _export(kind, G, device, tmp, batch):
-    from pti.engine.checkpoint import generator_hash
-    from pti.export import export
-    from pti.export.config import ExportConfig
-    from pti.export.contract import Source
-
-    return export(kind, Source(G, generator_hash(G), "bench"), tmp, ExportConfig(batch=(1, batch, batch), device=device)).parent
+    return export(
+        kind, Source(G, generator_hash(G), "bench"), tmp, ExportConfig(batch=(1, batch, batch), device=device)
+    ).parent
 
 
 def tune_rows(G, device, precisions, steps, progress=print, impls=("reference",)) -> list[dict]:
@@ -210,8 +242,13 @@ def tune_rows(G, device, precisions, steps, progress=print, impls=("reference",)
     precision."""
     rows = []
     with torch.no_grad():
-        target = G.synthesis(G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)).to(device)), noise_mode="const")
-        pivot = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(2)).to(device), truncation_psi=0.7)
+        target = G.synthesis(
+            G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)).to(device)),
+            noise_mode="const",
+        )
+        pivot = G.mapping(
+            torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(2)).to(device), truncation_psi=0.7
+        )
     tuned = ["reference"] + (["triton"] if "triton" in impls and device.type == "cuda" else [])
     runs = [(impl, precision) for impl in tuned for precision in precisions]
     saved_impl = G.impl
@@ -225,10 +262,6 @@ def tune_rows(G, device, precisions, steps, progress=print, impls=("reference",)
 
 
 def _tune_rows_one(G, device, impl, precision, steps, target, pivot, progress) -> list[dict]:
-    from pti.engine.invert import InvertConfig, invert
-    from pti.engine.losses import WeightFreePerceptual, WeightFreeProjectorMetric
-    from pti.engine.tune import TuneConfig, tune
-
     rows = []
     per = {}
     for phase in ("invert", "tune", "tune+locality"):
@@ -242,28 +275,62 @@ def _tune_rows_one(G, device, impl, precision, steps, target, pivot, progress) -
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if phase == "invert":
-            invert(G, target, WeightFreeProjectorMetric(), InvertConfig(steps=steps + 1, w_avg_samples=64, precision=precision), progress=tick)
+            invert(
+                G,
+                target,
+                WeightFreeProjectorMetric(),
+                InvertConfig(steps=steps + 1, w_avg_samples=64, precision=precision),
+                progress=tick,
+            )
         else:
-            tune(G, target, pivot, WeightFreePerceptual(), TuneConfig(max_steps=steps + 1, lpips_threshold=0.0, precision=precision,
-                                                                      locality=phase == "tune+locality"), progress=tick)
+            tune(
+                G,
+                target,
+                pivot,
+                WeightFreePerceptual(),
+                TuneConfig(
+                    max_steps=steps + 1, lpips_threshold=0.0, precision=precision, locality=phase == "tune+locality"
+                ),
+                progress=tick,
+            )
         per[phase] = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
         mem = round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
-        rows.append(dict(kind="tune", implementation=impl, phase=phase, precision=precision,
-                         seconds_per_step=round(per[phase], 4), peak_memory_gb=mem))
-        progress(f"tune {impl:9s} {phase:14s} {precision}: {per[phase] * 1000:9.1f} ms/step" + ("" if mem is None else f", peak {mem:.2f} GB"))
+        rows.append(
+            dict(
+                kind="tune",
+                implementation=impl,
+                phase=phase,
+                precision=precision,
+                seconds_per_step=round(per[phase], 4),
+                peak_memory_gb=mem,
+            )
+        )
+        progress(
+            f"tune {impl:9s} {phase:14s} {precision}: {per[phase] * 1000:9.1f} ms/step"
+            + ("" if mem is None else f", peak {mem:.2f} GB")
+        )
     for locality in (False, True):
         total = RECIPE["invert"] * per["invert"] + RECIPE["tune"] * per["tune+locality" if locality else "tune"]
-        rows.append(dict(kind="recipe", implementation=impl, precision=precision, locality=locality,
-                         projected_seconds=round(total, 2), from_steps=steps))
-        progress(f"full recipe {impl} {precision} {'with' if locality else 'without'} locality: {total:.1f} s per image (projected)")
+        rows.append(
+            dict(
+                kind="recipe",
+                implementation=impl,
+                precision=precision,
+                locality=locality,
+                projected_seconds=round(total, 2),
+                from_steps=steps,
+            )
+        )
+        progress(
+            f"full recipe {impl} {precision} {'with' if locality else 'without'} locality: {total:.1f} s per image "
+            "(projected)"
+        )
     return rows
 
 
 def environment(device: torch.device) -> dict:
     """The versions, machine and device (`pti.export.contract.environment`, with Triton's version when it is
     installed), the date, and the GPU and CUDA version or the CPU threads."""
-    from pti.export.contract import environment as versions_and_device
-
     env = {**versions_and_device(device, packages=("triton",)), "date": time.strftime("%Y-%m-%d")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -273,20 +340,39 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run(config: str, device: torch.device, batches: list[int], impls: list[str], precisions: list[str], repeats: int,
-        tune_steps: int, progress=print) -> dict:
-    from pti.engine.device import apply_cpu_threads
-
+def run(
+    config: str,
+    device: torch.device,
+    batches: list[int],
+    impls: list[str],
+    precisions: list[str],
+    repeats: int,
+    tune_steps: int,
+    progress=print,
+) -> dict:
     G = build(config, device)
     apply_cpu_threads(G, device, "auto")
     rows = []
     for precision in precisions:
-        rows += render_rows(G, device, batches, impls if precision == "fp32" else [i for i in impls if "onnx" != i != "aoti"],
-                            repeats, precision, progress)
+        rows += render_rows(
+            G,
+            device,
+            batches,
+            impls if precision == "fp32" else [i for i in impls if "onnx" != i != "aoti"],
+            repeats,
+            precision,
+            progress,
+        )
     if tune_steps:
         rows += tune_rows(G, device, precisions, tune_steps, progress, impls)
-    return {"what": "pti bench: render throughput and tuning time per implementation and precision", "config": config,
-            "resolution": G.img_resolution, "environment": environment(device), "repeats": repeats, "rows": rows}
+    return {
+        "what": "pti bench: render throughput and tuning time per implementation and precision",
+        "config": config,
+        "resolution": G.img_resolution,
+        "environment": environment(device),
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 def default_out(device: torch.device) -> Path:

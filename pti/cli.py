@@ -58,7 +58,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors (accepted anywhere on the command line)."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks for errors (accepted anywhere on the command line)."
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),

@@ -80,4 +80,3 @@ class Interrupted(PTIError):
 
 class ExportError(PTIError):
     """An export cannot be made, loaded or used: missing runtime, wrong base, version or device, batch out of range."""
-

@@ -21,8 +21,10 @@ import atexit
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -41,8 +43,19 @@ _PENDING: set[Path] = set()
 
 # errnos that mean "this storage cannot take the file", as opposed to errors of whatever the caller
 # reads while writing (a dropped connection, say), which pass through unchanged.
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                   errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+_STORAGE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+}
 
 
 def mark() -> int:
@@ -92,8 +105,6 @@ def staged_folder(dest: str | os.PathLike, last: Iterable[str] = ()) -> Iterator
     block finishes, move each file (top level only) into `dest` by an atomic rename, the names in `last`
     after the others (a manifest written last means "the rest is complete"), and record them in the
     ledger. An error, Ctrl-C or SIGTERM removes the staging folder and leaves `dest` as it was."""
-    import shutil
-
     dest = ensure_writable_dir(dest)
     stage = _reserve(dest, "", folder=True)
     try:
@@ -150,8 +161,6 @@ def _reserve(path: Path, suffix: str, folder: bool) -> Path:
 def discard_pending() -> None:
     """Remove the temporary files and staging folders an interrupted write left (see `_PENDING`).
     Only for the end of a command, when no write of this process is still in progress."""
-    import shutil
-
     for tmp in list(_PENDING):
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -181,8 +190,6 @@ def plain(obj: Any, other: Callable[[Any], Any] = str) -> Any:
 
 def write_json(obj, path: str | os.PathLike) -> Path:
     """`obj` as indented JSON (Paths and other objects as their str), atomically."""
-    import json
-
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
@@ -256,7 +263,6 @@ def _chmod_like_open(path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
-
 
 
 # ---------------------------------------------------------------------------- hashing and the user cache

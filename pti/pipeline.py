@@ -48,8 +48,8 @@ class Weights:
     """What rebuilds a weights registry in another process (a registry object need not pickle): its
     entries and its cache folder."""
 
-    entries: tuple[WeightEntry, ...]    # the known files, with their checksums
-    cache_dir: Path                     # where they are cached
+    entries: tuple[WeightEntry, ...]  # the known files, with their checksums
+    cache_dir: Path  # where they are cached
 
     @classmethod
     def of(cls, registry: Registry | None) -> "Weights | None":
@@ -67,32 +67,35 @@ class RunConfig:
     """What a photo run needs, in any process: which generator and weights, and how to align, invert,
     tune and store. The devices, threads and weights are named, not held, so each process resolves them."""
 
-    network: str | None = None          # the generator: a checkpoint path (absolute: the identity records it) or a
-                                        # builtin name; None = the built-in tiny generator
-    device: str = "auto"                # "auto", "cpu", "cuda", "cuda:N": each process resolves it
-    align: bool = True                  # False: photos are already aligned square crops, only resized (--no-align)
-    face: int | None = None             # which face when a photo has several (0 = largest; None = the largest)
-    invert_cfg: InvertConfig = InvertConfig()   # step 1, the inversion to a pivot
-    tune_cfg: TuneConfig = TuneConfig()         # step 2, the pivotal tuning
-    exact: bool = False                 # store exact fp32 tuned weights instead of fp16 deltas
-    allow_fallback: bool = True         # weight-free losses when the official weights are not cached
-    threads: str | int | None = None    # CPU threads: None or "torch" = torch's as set, "auto" = pti's policy, N
-                                        # (checked where it is applied: $PTI_THREADS is a user's setting)
-    weights: Weights | None = None      # the weights registry to load the losses from; None = the user's cache
+    network: str | None = None  # the generator: a checkpoint path (absolute: the identity records it) or a
+    # builtin name; None = the built-in tiny generator
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N": each process resolves it
+    align: bool = True  # False: photos are already aligned square crops, only resized (--no-align)
+    face: int | None = None  # which face when a photo has several (0 = largest; None = the largest)
+    invert_cfg: InvertConfig = InvertConfig()  # step 1, the inversion to a pivot
+    tune_cfg: TuneConfig = TuneConfig()  # step 2, the pivotal tuning
+    exact: bool = False  # store exact fp32 tuned weights instead of fp16 deltas
+    allow_fallback: bool = True  # weight-free losses when the official weights are not cached
+    threads: str | int | None = None  # CPU threads: None or "torch" = torch's as set, "auto" = pti's policy, N
+    # (checked where it is applied: $PTI_THREADS is a user's setting)
+    weights: Weights | None = None  # the weights registry to load the losses from; None = the user's cache
 
     def __post_init__(self):
-        check_fields(self, {
-            "network": instance_of(str, optional=True),
-            "device": instance_of(str),
-            "align": one_of(True, False),
-            "face": whole(0, optional=True),
-            "invert_cfg": instance_of(InvertConfig),
-            "tune_cfg": instance_of(TuneConfig),
-            "exact": one_of(True, False),
-            "allow_fallback": one_of(True, False),
-            "threads": instance_of(str, int, optional=True),
-            "weights": instance_of(Weights, optional=True),
-        })
+        check_fields(
+            self,
+            {
+                "network": instance_of(str, optional=True),
+                "device": instance_of(str),
+                "align": one_of(True, False),
+                "face": whole(0, optional=True),
+                "invert_cfg": instance_of(InvertConfig),
+                "tune_cfg": instance_of(TuneConfig),
+                "exact": one_of(True, False),
+                "allow_fallback": one_of(True, False),
+                "threads": instance_of(str, int, optional=True),
+                "weights": instance_of(Weights, optional=True),
+            },
+        )
 
     @property
     def base_hint(self) -> str:
@@ -110,16 +113,16 @@ class RunConfig:
 class PhotoResult:
     photo: Path
     name: str
-    identity: Path | None = None                    # the .pti file
+    identity: Path | None = None  # the .pti file
     files: dict[str, Path] = field(default_factory=dict)  # aligned, pivot, reconstruction, report, contact
     report: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    target: Any = field(default=None, repr=False)   # [1, 3, R, R] in [-1, 1], the aligned photo
-    pivot: Any = field(default=None, repr=False)    # [1, num_ws, w_dim]
+    target: Any = field(default=None, repr=False)  # [1, 3, R, R] in [-1, 1], the aligned photo
+    pivot: Any = field(default=None, repr=False)  # [1, num_ws, w_dim]
     aligned: Any = field(default=None, repr=False)  # the aligned photo (PIL), until it is written
-    status: str = "done"                            # done | skipped (resumed: done before) | failed
-    error: str | None = None                        # the one-line reason, when failed
-    seconds: float = 0.0                            # wall time for this photo in this run
+    status: str = "done"  # done | skipped (resumed: done before) | failed
+    error: str | None = None  # the one-line reason, when failed
+    seconds: float = 0.0  # wall time for this photo in this run
 
     @classmethod
     def failed(cls, photo: Path, name: str, error: str) -> "PhotoResult":
@@ -150,16 +153,24 @@ class Pipeline:
     """One photo's steps on a generator and losses loaded once per process (see `build`)."""
 
     config: RunConfig
-    G: Any = field(repr=False)          # the base generator, on `device`
+    G: Any = field(repr=False)  # the base generator, on `device`
     losses: Losses = field(repr=False)  # the inversion's metric and the tuning's perceptual term
-    out: Path                           # the run's output folder (see `Layout`)
+    out: Path  # the run's output folder (see `Layout`)
     device: torch.device
-    base_hash: str                      # the generator's content hash, recorded in every identity
+    base_hash: str  # the generator's content hash, recorded in every identity
     progress: ProgressFn | None = None
 
     @classmethod
-    def build(cls, config: RunConfig, out: str | Path, *, progress: ProgressFn | None = None, workers: int = 1,
-              device: torch.device | None = None, shared: tuple[Any, Losses, str] | None = None) -> "Pipeline":
+    def build(
+        cls,
+        config: RunConfig,
+        out: str | Path,
+        *,
+        progress: ProgressFn | None = None,
+        workers: int = 1,
+        device: torch.device | None = None,
+        shared: tuple[Any, Losses, str] | None = None,
+    ) -> "Pipeline":
         """Load the generator and the losses once, on `device` (default: the config's, resolved here).
 
         `shared` is (generator, losses, base hash) already loaded elsewhere (Ray's object store); they
@@ -186,8 +197,9 @@ class Pipeline:
         """One photo, start to end (single-ID): align, invert, tune, write."""
         res = self.align(path, name)
         self.invert(res)
-        tuned = tune_generator(self.G, [res.target], [res.pivot], self.losses.perceptual, self.config.tune_cfg,
-                               self.progress)
+        tuned = tune_generator(
+            self.G, [res.target], [res.pivot], self.losses.perceptual, self.config.tune_cfg, self.progress
+        )
         self.finish(res, tuned, [])
         return res
 
@@ -215,8 +227,13 @@ class Pipeline:
         if save:
             self.save_aligned(res)
         res.target = from_uint8(np.asarray(aligned.convert("RGB")), self.device)
-        res.report = {"photo": str(path), "photo_path": str(path.resolve()), "photo_sha256": sha256_file(path),
-                      "faces_found": faces, "seconds": {"align": time.perf_counter() - t0}}
+        res.report = {
+            "photo": str(path),
+            "photo_path": str(path.resolve()),
+            "photo_sha256": sha256_file(path),
+            "faces_found": faces,
+            "seconds": {"align": time.perf_counter() - t0},
+        }
         _log(self.progress, "align", 1, 1, photo=str(path), faces=faces)
         return res
 
@@ -249,21 +266,51 @@ class Pipeline:
         rep["joint_with"] = joint_with
         rep["curves"].update({f"tune_{k}": v for k, v in tuned.curves.items()})
         rep.update(
-            network=cfg.base_hint, base_hash=self.base_hash, device=str(self.device), precision=cfg.tune_cfg.precision,
+            network=cfg.base_hint,
+            base_hash=self.base_hash,
+            device=str(self.device),
+            precision=cfg.tune_cfg.precision,
             threads=torch.get_num_threads() if self.device.type == "cpu" else None,
-            losses=self.losses.names, official_losses=self.losses.official, notice=self.losses.notice,
-            invert_config=asdict(cfg.invert_cfg), tune_config=asdict(cfg.tune_cfg), versions=versions(),
+            losses=self.losses.names,
+            official_losses=self.losses.official,
+            notice=self.losses.notice,
+            invert_config=asdict(cfg.invert_cfg),
+            tune_config=asdict(cfg.tune_cfg),
+            versions=versions(),
         )
         rep["identity_similarity"] = _id_similarity(res.files["aligned"], recon)
-        meta = {k: rep[k] for k in ("seconds", "steps", "early_stopped", "curves", "invert_config", "tune_config",
-                                     "versions", "losses", "official_losses", "photo", "photo_path", "photo_sha256",
-                                     "joint_with", "device",
-                                     "precision", "before_tuning", "after_tuning", "identity_similarity")}
-        ident = Identity.from_tuning(self.G, tuned.G, res.pivot, self.base_hash, cfg.base_hint, exact=cfg.exact,
-                                     meta=meta)
+        meta = {
+            k: rep[k]
+            for k in (
+                "seconds",
+                "steps",
+                "early_stopped",
+                "curves",
+                "invert_config",
+                "tune_config",
+                "versions",
+                "losses",
+                "official_losses",
+                "photo",
+                "photo_path",
+                "photo_sha256",
+                "joint_with",
+                "device",
+                "precision",
+                "before_tuning",
+                "after_tuning",
+                "identity_similarity",
+            )
+        }
+        ident = Identity.from_tuning(
+            self.G, tuned.G, res.pivot, self.base_hash, cfg.base_hint, exact=cfg.exact, meta=meta
+        )
         res.identity = ident.save(layout.identity)
-        rep["identity_file"] = {"path": str(res.identity), "bytes": res.identity.stat().st_size,
-                                "encoding": "weight-fp32" if cfg.exact else "delta-fp16"}
+        rep["identity_file"] = {
+            "path": str(res.identity),
+            "bytes": res.identity.stat().st_size,
+            "encoding": "weight-fp32" if cfg.exact else "delta-fp16",
+        }
         res.files["report"] = write_json(rep, layout.report)
         res.files["contact"] = _contact_sheet(res, layout.contact)
 
@@ -284,8 +331,9 @@ def _aligned(path: Path, size: int, align: bool, face: int | None):
     res = align_photo(img, output_size=size, face=face, name=str(path))
     warning = None
     if len(res.faces) > 1:
-        warning = (f"{path}: {len(res.faces)} faces found; tuned face {res.chosen_index} "
-                   "(largest is 0; choose with --face N)")
+        warning = (
+            f"{path}: {len(res.faces)} faces found; tuned face {res.chosen_index} (largest is 0; choose with --face N)"
+        )
     return res.image, warning, len(res.faces)
 
 
@@ -300,7 +348,10 @@ def _id_similarity(aligned_path: Path, recon) -> float | None:
 def _contact_sheet(res: PhotoResult, path: Path) -> Path:
     """input | aligned | pivot | reconstruction, labelled, one row a person can open."""
     aligned = Image.open(res.files["aligned"]).convert("RGB")
-    tiles = [("input", load_photo(res.photo)), ("aligned", aligned),
-             ("pivot (before tuning)", Image.open(res.files["pivot"])),
-             ("reconstruction (after)", Image.open(res.files["reconstruction"]))]
+    tiles = [
+        ("input", load_photo(res.photo)),
+        ("aligned", aligned),
+        ("pivot (before tuning)", Image.open(res.files["pivot"])),
+        ("reconstruction (after)", Image.open(res.files["reconstruction"])),
+    ]
     return save_photo_atomic(labelled_sheet([tiles], size=max(aligned.size[0], 256)), path)

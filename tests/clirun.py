@@ -33,14 +33,27 @@ def env_with(**extra: str) -> dict[str, str]:
 
 
 def run_pti(*args: str, cwd=None, env=None, timeout: float = 300, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([pti_bin(), *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=env or env_with(), timeout=timeout, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [pti_bin(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env or env_with(),
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )
 
 
 def start_pti(*args: str, cwd=None, env=None, wrapper: list[str] | None = None) -> subprocess.Popen:
     """Start `pti ARGS` (or `python interrupt_at.py ... ARGS` when `wrapper` is given) without waiting."""
-    cmd = [sys.executable, str(TESTS / "interrupt_at.py"), *wrapper, *map(str, args)] if wrapper else [pti_bin(), *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env or env_with())
+    cmd = (
+        [sys.executable, str(TESTS / "interrupt_at.py"), *wrapper, *map(str, args)]
+        if wrapper
+        else [pti_bin(), *map(str, args)]
+    )
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env or env_with()
+    )
 
 
 def wait_until(predicate, proc: subprocess.Popen | None = None, timeout: float = 120, what: str = "condition") -> None:

@@ -35,8 +35,11 @@ def reaches(func, names: frozenset[str] = CONSOLE_SCRIPT, _seen: set | None = No
             if name in names:
                 return True
             callee = func.__globals__.get(name)
-            if inspect.isfunction(callee) and Path(callee.__code__.co_filename).parent == TESTS \
-                    and reaches(callee, names, seen):
+            if (
+                inspect.isfunction(callee)
+                and Path(callee.__code__.co_filename).parent == TESTS
+                and reaches(callee, names, seen)
+            ):
                 return True
         todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))  # nested functions, lambdas
     return False

@@ -36,7 +36,11 @@ from pti.engine.tune import image_metrics
 
 # 16 px, 2 mapping layers, fp16 at the last resolution and conv_clamp: every code path, small and fast.
 SMALL = dict(
-    z_dim=32, c_dim=0, w_dim=32, img_resolution=16, img_channels=3,
+    z_dim=32,
+    c_dim=0,
+    w_dim=32,
+    img_resolution=16,
+    img_channels=3,
     mapping_kwargs=dict(num_layers=2),
     synthesis_kwargs=dict(channel_base=256, channel_max=32, num_fp16_res=1, conv_clamp=256),
 )
@@ -121,8 +125,10 @@ def random_lpips_state_dicts(net: str = "alex", seed: int = 0) -> tuple[dict, di
     """Random LPIPS weights in the official formats: a torchvision trunk (He-scaled, plus a classifier
     key that loading must ignore) and lpips v0.1 heads (nonnegative, as trained heads are)."""
     g = torch.Generator().manual_seed(seed)
-    trunk = {k: torch.randn(t.shape, generator=g) * (2.0 / max(1, t[0].numel())) ** 0.5
-             for k, t in P.Trunk(net).state_dict().items()}
+    trunk = {
+        k: torch.randn(t.shape, generator=g) * (2.0 / max(1, t[0].numel())) ** 0.5
+        for k, t in P.Trunk(net).state_dict().items()
+    }
     trunk["classifier.1.weight"] = torch.zeros(4, 4)
     heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(P.CHANNELS[net])}
     return trunk, heads
@@ -130,13 +136,16 @@ def random_lpips_state_dicts(net: str = "alex", seed: int = 0) -> tuple[dict, di
 
 def random_lpips(seed: int = 1) -> LPIPSPerceptual:
     """LPIPS-alex v0.1 with `random_lpips_state_dicts` weights, as the tuning loss."""
-    return LPIPSPerceptual(P.LPIPS.from_state_dicts("alex", *random_lpips_state_dicts("alex", seed)),
-                           name="lpips-alex (random weights)")
+    return LPIPSPerceptual(
+        P.LPIPS.from_state_dicts("alex", *random_lpips_state_dicts("alex", seed)), name="lpips-alex (random weights)"
+    )
 
 
 def standin_registry(cache: Path) -> W.Registry:
     """The real weight entries with their checksums dropped, so files the tests make can be imported."""
-    return W.Registry([replace(e, sha256=None, sha256_prefix=None, size=None) for e in W.DEFAULT_ENTRIES], cache_dir=cache)
+    return W.Registry(
+        [replace(e, sha256=None, sha256_prefix=None, size=None) for e in W.DEFAULT_ENTRIES], cache_dir=cache
+    )
 
 
 # ---------------------------------------------------------------------------- reconstruction
@@ -206,8 +215,12 @@ def fake_nvidia_modules():
     util = types.ModuleType("dnnlib.util")
     EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
     util.EasyDict = EasyDict
-    names = {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
-             "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}
+    names = {
+        "torch_utils": types.ModuleType("torch_utils"),
+        "torch_utils.persistence": persistence,
+        "dnnlib": types.ModuleType("dnnlib"),
+        "dnnlib.util": util,
+    }
     saved = {k: sys.modules.get(k) for k in names}
     sys.modules.update(names)
     try:
@@ -224,7 +237,10 @@ class Persistent:
     """Pickles exactly as a `torch_utils.persistence` object does."""
 
     def __init__(self, hook, class_name: str, state: dict, module_src: str = HARMLESS_SRC):
-        self.hook, self.meta = hook, dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
+        self.hook, self.meta = (
+            hook,
+            dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state),
+        )
 
     def __reduce__(self):
         return self.hook, (self.meta,)
@@ -240,7 +256,9 @@ def as_persistent(module: torch.nn.Module, fake, init_kwargs=None, module_src=HA
         "_backward_hooks": collections.OrderedDict(),
         "_forward_hooks": collections.OrderedDict(),
         "_modules": collections.OrderedDict(
-            ((rename or {}).get(k, k), as_persistent(m, fake, module_src=module_src)) for k, m in module._modules.items()),
+            ((rename or {}).get(k, k), as_persistent(m, fake, module_src=module_src))
+            for k, m in module._modules.items()
+        ),
         "_init_args": (),
         "_init_kwargs": init_kwargs if init_kwargs is not None else {},
         "weight_gain": np.float64(0.125),  # NVIDIA modules keep numpy scalars as attributes
@@ -253,16 +271,28 @@ def easy(fake, d: dict):
     return fake.EasyDict({k: easy(fake, v) if isinstance(v, dict) else v for k, v in d.items()})
 
 
-def write_nvidia_pickle(path: Path, G: Generator, protocol: int = 3, module_src: str = HARMLESS_SRC,
-                        kwargs_override: dict | None = None, rename=None, snapshot: bool = True) -> Path:
+def write_nvidia_pickle(
+    path: Path,
+    G: Generator,
+    protocol: int = 3,
+    module_src: str = HARMLESS_SRC,
+    kwargs_override: dict | None = None,
+    rename=None,
+    snapshot: bool = True,
+) -> Path:
     """A network-snapshot-like pickle: dict(G, D, G_ema, training_set_kwargs, augment_pipe)."""
     with fake_nvidia_modules() as fake:
         init_kwargs = easy(fake, {**G.init_kwargs, **(kwargs_override or {})})
         G_p = as_persistent(G, fake, init_kwargs, module_src, rename=rename)
         if snapshot:
             D = Persistent(fake.reconstruct, "Discriminator", {"_parameters": {"w": torch.ones(3)}, "_modules": {}})
-            obj = dict(G=G_p, D=D, G_ema=G_p, training_set_kwargs=easy(fake, dict(path="ffhq.zip", resolution=16)),
-                       augment_pipe=None)
+            obj = dict(
+                G=G_p,
+                D=D,
+                G_ema=G_p,
+                training_set_kwargs=easy(fake, dict(path="ffhq.zip", resolution=16)),
+                augment_pipe=None,
+            )
         else:
             obj = dict(G_ema=G_p)
         path.write_bytes(pickle.dumps(obj, protocol=protocol))
@@ -327,13 +357,28 @@ def tuned_tiny(seed: int = 3, steps: int = 12):
         pivot = base.mapping(torch.randn(1, base.z_dim, generator=g), truncation_psi=0.7)
         other = base.mapping(torch.randn(1, base.z_dim, generator=g), truncation_psi=0.7)
         target = base.synthesis(other, noise_mode="const", force_fp32=True)
-    res = tune(base, target, pivot, WeightFreePerceptual(),
-               TuneConfig(max_steps=steps, lr=3e-3, locality=False, lpips_threshold=0.0))
+    res = tune(
+        base,
+        target,
+        pivot,
+        WeightFreePerceptual(),
+        TuneConfig(max_steps=steps, lr=3e-3, locality=False, lpips_threshold=0.0),
+    )
     return base, res.G, pivot
 
 
 def ffhq_shaped_generator(seed: int = 0) -> Generator:
     """ws shaped like FFHQ's [18, 512] (1024 px, w_dim 512) at a few channels, so FFHQ directions fit."""
     torch.manual_seed(seed)
-    return Generator(z_dim=512, w_dim=512, img_resolution=1024, img_channels=3, mapping_kwargs=dict(num_layers=2),
-                     synthesis_kwargs=dict(channel_base=4096, channel_max=4, num_fp16_res=0)).eval().requires_grad_(False)
+    return (
+        Generator(
+            z_dim=512,
+            w_dim=512,
+            img_resolution=1024,
+            img_channels=3,
+            mapping_kwargs=dict(num_layers=2),
+            synthesis_kwargs=dict(channel_base=4096, channel_max=4, num_fp16_res=0),
+        )
+        .eval()
+        .requires_grad_(False)
+    )

@@ -60,8 +60,16 @@ class Studio:
     def origin(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def call(self, method: str, path: str, body=None, headers: dict | None = None, auth: bool = True,
-             json_body: bool = True, timeout: float = 120) -> Reply:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        headers: dict | None = None,
+        auth: bool = True,
+        json_body: bool = True,
+        timeout: float = 120,
+    ) -> Reply:
         """One request. A dict/list `body` is sent as JSON with `Content-Type: application/json` (unless
         `json_body` is False or `headers` name a Content-Type); bytes are sent as they are. `auth` adds
         the cookie the first visit set."""
@@ -119,8 +127,10 @@ def start_studio(*args, cwd: Path, env=None, timeout: float = 120) -> Studio:
     port = free_port()
     proc = start_pti("studio", *args, "--port", port, cwd=cwd, env=env or env_with(PTI_HOME=str(cwd / "home")))
     s = Studio(proc, port, None, Path(cwd))
-    s._readers = [threading.Thread(target=_drain, args=(stream, sink), daemon=True)
-                  for stream, sink in ((proc.stdout, s.out), (proc.stderr, s.err))]
+    s._readers = [
+        threading.Thread(target=_drain, args=(stream, sink), daemon=True)
+        for stream, sink in ((proc.stdout, s.out), (proc.stderr, s.err))
+    ]
     for t in s._readers:
         t.start()
     deadline = time.monotonic() + timeout

@@ -28,7 +28,6 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PTI_HOME", str(tmp_path / "pti-home"))  # never read the user's cache
 
 
-
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> Path:
     from PIL import Image

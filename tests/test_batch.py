@@ -56,7 +56,11 @@ def _manifest(out: Path) -> list[dict]:
 
 def _same_identity(p: Path, q: Path) -> bool:
     a, b = Identity.load(p), Identity.load(q)
-    return torch.equal(a.pivot, b.pivot) and a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    return (
+        torch.equal(a.pivot, b.pivot)
+        and a.tensors.keys() == b.tensors.keys()
+        and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    )
 
 
 def _temporaries(out: Path) -> list[str]:
@@ -77,21 +81,37 @@ def sequential(photos, tmp_path_factory):
 
 def test_failures_are_recorded_and_the_rest_go_on(sequential):
     out, results = sequential
-    assert [(r.name, r.status) for r in results] == [("a", "done"), ("b", "done"), ("c_noface", "failed"), ("d_broken", "failed")]
+    assert [(r.name, r.status) for r in results] == [
+        ("a", "done"),
+        ("b", "done"),
+        ("c_noface", "failed"),
+        ("d_broken", "failed"),
+    ]
     assert "no face found" in results[2].error and "not an image" in results[3].error
     assert (out / "a.pti").is_file() and (out / "b.pti").is_file()
     lines = _manifest(out)
-    assert [(Path(r["photo"]).name, r["status"]) for r in lines] == [("a.png", "done"), ("b.png", "done"),
-                                                                     ("c_noface.png", "failed"), ("d_broken.jpg", "failed")]
+    assert [(Path(r["photo"]).name, r["status"]) for r in lines] == [
+        ("a.png", "done"),
+        ("b.png", "done"),
+        ("c_noface.png", "failed"),
+        ("d_broken.jpg", "failed"),
+    ]
     done = lines[0]
     from pti.fsutil import sha256_file
 
-    assert done["identity_sha256"] == sha256_file(out / "a.pti") and done["photo_sha256"] == sha256_file(Path(done["photo"]))
+    assert done["identity_sha256"] == sha256_file(out / "a.pti") and done["photo_sha256"] == sha256_file(
+        Path(done["photo"])
+    )
     assert done["metrics"]["after_tuning"]["mse"] < done["metrics"]["before_tuning"]["mse"]
     assert done["settings"]["invert"]["steps"] == 4 and lines[2]["error"].startswith("no face found")
     assert "weight-free" in done["settings"]["losses"]["perceptual"]  # official losses later would be "other settings"
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert [(r["name"], r["status"]) for r in rows] == [("a", "done"), ("b", "done"), ("c_noface", "failed"), ("d_broken", "failed")]
+    assert [(r["name"], r["status"]) for r in rows] == [
+        ("a", "done"),
+        ("b", "done"),
+        ("c_noface", "failed"),
+        ("d_broken", "failed"),
+    ]
     assert float(rows[0]["mse_after"]) == pytest.approx(done["metrics"]["after_tuning"]["mse"])
     assert _temporaries(out) == []
 
@@ -125,12 +145,27 @@ def test_other_settings_are_refused_unless_forced(photos, tmp_path):
     env = env_with(PTI_HOME=str(tmp_path / "home"))
     assert run_pti("tune", photos / "a.png", "-o", out, *CLI_SMALL, env=env).returncode == 0
     stamp = (out / "a.pti").stat().st_mtime_ns
-    other = run_pti("tune", photos / "a.png", "-o", out, "--invert-steps", "5", "--tune-steps", "3", "--device", "cpu", env=env)
+    other = run_pti(
+        "tune", photos / "a.png", "-o", out, "--invert-steps", "5", "--tune-steps", "3", "--device", "cpu", env=env
+    )
     assert other.returncode == 1 and no_traceback(other)
     (line,) = error_lines(other.stderr)
     assert "other settings (invert.steps was 4, now 5)" in line and "--force" in line
     assert (out / "a.pti").stat().st_mtime_ns == stamp
-    forced = run_pti("tune", photos / "a.png", "-o", out, "--invert-steps", "5", "--tune-steps", "3", "--device", "cpu", "--force", env=env)
+    forced = run_pti(
+        "tune",
+        photos / "a.png",
+        "-o",
+        out,
+        "--invert-steps",
+        "5",
+        "--tune-steps",
+        "3",
+        "--device",
+        "cpu",
+        "--force",
+        env=env,
+    )
     assert forced.returncode == 0 and (out / "a.pti").stat().st_mtime_ns != stamp
     assert Identity.load(out / "a.pti").meta["steps"]["invert"] == 5
 
@@ -200,6 +235,7 @@ def test_joint_cannot_use_workers(photos, tmp_path):
 
 try:
     import ray  # noqa: F401
+
     HAVE_RAY = True
 except ImportError:
     HAVE_RAY = False
@@ -223,8 +259,17 @@ def _ray_workers_running_a_photo() -> list[int]:
 @needs_ray
 def test_ray_equals_the_sequential_run_and_records_failures(photos, sequential, tmp_path):
     out = tmp_path / "out"
-    p = run_pti("tune", photos, "-o", out, *CLI_SMALL, "--ray", "auto", env=env_with(PTI_HOME=str(tmp_path / "home")),
-                timeout=600)
+    p = run_pti(
+        "tune",
+        photos,
+        "-o",
+        out,
+        *CLI_SMALL,
+        "--ray",
+        "auto",
+        env=env_with(PTI_HOME=str(tmp_path / "home")),
+        timeout=600,
+    )
     assert p.returncode == 1 and "4 photos: 2 done, 0 skipped, 2 failed" in p.stdout, p.stderr
     assert len(error_lines(p.stderr)) == 1 and no_traceback(p)
     for name in ("a", "b"):
@@ -238,8 +283,22 @@ def test_ray_equals_the_sequential_run_and_records_failures(photos, sequential, 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds Ray's workers through /proc (Linux)")
 def test_ray_retries_a_photo_whose_worker_is_killed(photos, sequential, tmp_path):
     out = tmp_path / "out"
-    proc = start_pti("tune", photos / "a.png", photos / "b.png", "-o", out, "--invert-steps", "300", "--tune-steps", "3",
-                     "--device", "cpu", "--ray", "auto", env=env_with(PTI_HOME=str(tmp_path / "home")))
+    proc = start_pti(
+        "tune",
+        photos / "a.png",
+        photos / "b.png",
+        "-o",
+        out,
+        "--invert-steps",
+        "300",
+        "--tune-steps",
+        "3",
+        "--device",
+        "cpu",
+        "--ray",
+        "auto",
+        env=env_with(PTI_HOME=str(tmp_path / "home")),
+    )
     deadline = time.monotonic() + 240
     while not _ray_workers_running_a_photo():
         assert proc.poll() is None, proc.communicate()
@@ -263,10 +322,31 @@ def test_interrupting_worker_processes_keeps_what_they_finished(photos, tmp_path
     from clirun import handlers_installed, wait_until
 
     out = tmp_path / "out"
-    proc = start_pti("tune", photos / "a.png", photos / "b.png", "-o", out, "--invert-steps", "3000", "--tune-steps", "3",
-                     "--device", "cpu", "--workers", "2", env=env_with(PTI_HOME=str(tmp_path / "home")))
-    wait_until(lambda: handlers_installed(proc.pid) and (out / "a" / "aligned.png").exists() and (out / "b" / "aligned.png").exists(),
-               proc, what="both workers to align their photo")
+    proc = start_pti(
+        "tune",
+        photos / "a.png",
+        photos / "b.png",
+        "-o",
+        out,
+        "--invert-steps",
+        "3000",
+        "--tune-steps",
+        "3",
+        "--device",
+        "cpu",
+        "--workers",
+        "2",
+        env=env_with(PTI_HOME=str(tmp_path / "home")),
+    )
+    wait_until(
+        lambda: (
+            handlers_installed(proc.pid)
+            and (out / "a" / "aligned.png").exists()
+            and (out / "b" / "aligned.png").exists()
+        ),
+        proc,
+        what="both workers to align their photo",
+    )
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

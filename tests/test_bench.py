@@ -12,18 +12,41 @@ from clirun import can_drop_dac, drop_dac, error_lines, no_traceback, run_pti
 
 def test_bench_writes_render_and_tune_rows(tmp_path):
     out = tmp_path / "b.json"
-    p = run_pti("bench", "--config", "tiny", "--impl", "reference,triton,cudagraph", "--batches", "1,2", "--repeats", "1",
-                "--tune-steps", "2", "--device", "cpu", "-o", out)
+    p = run_pti(
+        "bench",
+        "--config",
+        "tiny",
+        "--impl",
+        "reference,triton,cudagraph",
+        "--batches",
+        "1,2",
+        "--repeats",
+        "1",
+        "--tune-steps",
+        "2",
+        "--device",
+        "cpu",
+        "-o",
+        out,
+    )
     assert p.returncode == 0, p.stderr
     assert "triton: needs a CUDA device; skipped" in p.stdout and "cudagraph: needs a CUDA device; skipped" in p.stdout
     result = json.loads(out.read_text())
     render = [r for r in result["rows"] if r["kind"] == "render"]
     assert [(r["implementation"], r["batch"]) for r in render] == [("reference", 1), ("reference", 2)]
-    assert all(r["images_per_second"] > 0 and r["speedup_vs_reference"] == 1.0 and r["gflop_per_image"] > 0 for r in render)
+    assert all(
+        r["images_per_second"] > 0 and r["speedup_vs_reference"] == 1.0 and r["gflop_per_image"] > 0 for r in render
+    )
     phases = [(r["implementation"], r["phase"]) for r in result["rows"] if r["kind"] == "tune"]
-    assert phases == [("reference", "invert"), ("reference", "tune"), ("reference", "tune+locality")]  # no triton on CPU
+    assert phases == [
+        ("reference", "invert"),
+        ("reference", "tune"),
+        ("reference", "tune+locality"),
+    ]  # no triton on CPU
     recipe = [r for r in result["rows"] if r["kind"] == "recipe"]
-    assert [r["locality"] for r in recipe] == [False, True] and recipe[1]["projected_seconds"] > recipe[0]["projected_seconds"]
+    assert [r["locality"] for r in recipe] == [False, True] and recipe[1]["projected_seconds"] > recipe[0][
+        "projected_seconds"
+    ]
     assert result["environment"]["device"] == "cpu"
 
 
@@ -52,11 +75,25 @@ def test_cuda_graph_replays_the_same_images():
             assert torch.equal(got, want), (batch, seed, (got - want).abs().max().item())
 
 
-FAST = ["--config", "tiny", "--impl", "reference", "--batches", "1", "--repeats", "1", "--tune-steps", "0", "--device", "cpu"]
+FAST = [
+    "--config",
+    "tiny",
+    "--impl",
+    "reference",
+    "--batches",
+    "1",
+    "--repeats",
+    "1",
+    "--tune-steps",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 def test_bench_checks_its_output_before_measuring(tmp_path):
-    """A folder given as the JSON file, a file where a folder must be, a read-only folder: one line, no benchmark run."""
+    """A folder given as the JSON file, a file where a folder must be, a read-only folder: one line, no
+    benchmark run."""
     (tmp_path / "a-file").write_text("x")
     cases = [(tmp_path, "it is a folder"), (tmp_path / "a-file" / "b.json", "is a file, not a folder")]
     if can_drop_dac():
@@ -76,8 +113,23 @@ def test_bench_says_faster_or_slower_as_measured(tmp_path):
     """The printed comparison matches the JSON: speedup = reference time / this time, > 1 is faster."""
     pytest.importorskip("onnxruntime")
     out = tmp_path / "b.json"
-    p = run_pti("bench", "--config", "tiny", "--impl", "reference,onnx", "--batches", "1,2", "--repeats", "1",
-                "--tune-steps", "0", "--device", "cpu", "-o", out)
+    p = run_pti(
+        "bench",
+        "--config",
+        "tiny",
+        "--impl",
+        "reference,onnx",
+        "--batches",
+        "1,2",
+        "--repeats",
+        "1",
+        "--tune-steps",
+        "0",
+        "--device",
+        "cpu",
+        "-o",
+        out,
+    )
     assert p.returncode == 0, p.stderr
     assert " of reference" not in p.stdout, p.stdout
     render = [r for r in json.loads(out.read_text())["rows"] if r["kind"] == "render"]
@@ -89,7 +141,11 @@ def test_bench_says_faster_or_slower_as_measured(tmp_path):
         # images/s are rounded to 0.01 and the speedup to 0.001: the two ratios agree within those roundings
         slack = 5e-4 + s * 5e-3 * (1 / r["images_per_second"] + 1 / base["images_per_second"]) + 1e-9
         assert abs(s - r["images_per_second"] / base["images_per_second"]) <= slack, (r, base)
-        line = next(line for line in p.stdout.splitlines() if re.match(rf"render {r['implementation']}\s.*batch\s+{r['batch']}:", line))
+        line = next(
+            line
+            for line in p.stdout.splitlines()
+            if re.match(rf"render {r['implementation']}\s.*batch\s+{r['batch']}:", line)
+        )
         said = re.search(r"(\d+\.\d\d)x (faster|slower) than reference|(same speed as) reference", line)
         assert said, line
         if said.group(3):

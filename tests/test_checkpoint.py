@@ -51,7 +51,7 @@ def test_one_file_holds_config_and_hash(tmp_path, G):
     save_generator(G, tmp_path / "g.safetensors")
     data = (tmp_path / "g.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8:8 + n])["__metadata__"]
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
     assert meta["format"] == "pti.generator" and meta["format_version"] == "1"
     assert json.loads(meta["config"]) == G.init_kwargs
     assert meta["content_hash"] == generator_hash(G)
@@ -100,13 +100,16 @@ def test_summary(G):
     assert s.content_hash == generator_hash(G)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("photo.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "is a PNG image, not a generator checkpoint"),
-    ("notes.txt", b"hello, I am not a network\n", "is a text file, not a generator checkpoint"),
-    ("empty.pkl", b"", "is empty"),
-    ("noise.bin", bytes(range(200, 256)) * 2, "unrecognized binary file"),
-    ("cut.safetensors", struct.pack("<Q", 10_000) + b'{"a":', "truncated safetensors"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("photo.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "is a PNG image, not a generator checkpoint"),
+        ("notes.txt", b"hello, I am not a network\n", "is a text file, not a generator checkpoint"),
+        ("empty.pkl", b"", "is empty"),
+        ("noise.bin", bytes(range(200, 256)) * 2, "unrecognized binary file"),
+        ("cut.safetensors", struct.pack("<Q", 10_000) + b'{"a":', "truncated safetensors"),
+    ],
+)
 def test_not_a_checkpoint(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(CheckpointError, match=message) as e:
@@ -162,8 +165,10 @@ def _tolerances(G, img: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]
     """
     fan_in, depth = fan_in_and_depth(G)
     positions = img.shape[0] * img.shape[2] * img.shape[3]
-    return (fp32_reorder_tolerance(float(img.abs().max()), fan_in, depth),
-            fp32_reorder_tolerance(float(grad.norm()), max(fan_in, positions), 2 * depth))
+    return (
+        fp32_reorder_tolerance(float(img.abs().max()), fan_in, depth),
+        fp32_reorder_tolerance(float(grad.norm()), max(fan_in, positions), 2 * depth),
+    )
 
 
 def _tf32(G):

@@ -23,6 +23,7 @@ from pti.engine.checkpoint import load_checkpoint, load_generator
 from pti.engine.generator import Generator
 from pti.errors import CheckpointError
 
+
 @pytest.fixture(scope="module")
 def G_small() -> Generator:
     return small_generator()
@@ -52,8 +53,14 @@ def test_takes_G_when_there_is_no_G_ema(tmp_path, G_small):
 
 def test_positional_init_args(tmp_path, G_small):
     with fake_nvidia_modules() as fake:
-        p = as_persistent(G_small, fake, {"mapping_kwargs": easy(fake, SMALL["mapping_kwargs"]),
-                                          "synthesis_kwargs": easy(fake, SMALL["synthesis_kwargs"])})
+        p = as_persistent(
+            G_small,
+            fake,
+            {
+                "mapping_kwargs": easy(fake, SMALL["mapping_kwargs"]),
+                "synthesis_kwargs": easy(fake, SMALL["synthesis_kwargs"]),
+            },
+        )
         p.meta["state"]["_init_args"] = (32, 0, 32, 16, 3)
         (tmp_path / "pos.pkl").write_bytes(pickle.dumps({"G_ema": p}))
     assert load_generator(tmp_path / "pos.pkl").init_kwargs == G_small.init_kwargs
@@ -70,12 +77,16 @@ class _Reduce:
         return self.fn, self.args
 
 
-@pytest.mark.parametrize("make_payload", [
-    lambda s: _Reduce(os.system, (f"touch {s}",)),
-    lambda s: _Reduce(builtins.eval, (f"open({str(s)!r}, 'w').write('pwned')",)),
-    lambda s: _Reduce(builtins.exec, (f"open({str(s)!r}, 'w').write('pwned')",)),
-    lambda s: _Reduce(subprocess.Popen, (["touch", str(s)],)),
-], ids=["os.system", "builtins.eval", "builtins.exec", "subprocess.Popen"])
+@pytest.mark.parametrize(
+    "make_payload",
+    [
+        lambda s: _Reduce(os.system, (f"touch {s}",)),
+        lambda s: _Reduce(builtins.eval, (f"open({str(s)!r}, 'w').write('pwned')",)),
+        lambda s: _Reduce(builtins.exec, (f"open({str(s)!r}, 'w').write('pwned')",)),
+        lambda s: _Reduce(subprocess.Popen, (["touch", str(s)],)),
+    ],
+    ids=["os.system", "builtins.eval", "builtins.exec", "subprocess.Popen"],
+)
 def test_hostile_callable_is_refused_and_nothing_runs(tmp_path, make_payload):
     sentinel = tmp_path / "SENTINEL"
     blob = pickle.dumps({"G_ema": make_payload(sentinel)})

@@ -94,19 +94,22 @@ def rosinality_forward(sd, z, latent_avg, truncation):
     w = latent_avg + truncation * (rosinality_mapping(sd, z) - latent_avg)
 
     def modconv(x, prefix, style, demod, up):
-        weight = sd[f"{prefix}.conv.weight"][0]                       # [O, I, k, k]
+        weight = sd[f"{prefix}.conv.weight"][0]  # [O, I, k, k]
         o, i, k, _ = weight.shape
-        s = style @ (sd[f"{prefix}.conv.modulation.weight"] / math.sqrt(STYLE_DIM)).t() + sd[f"{prefix}.conv.modulation.bias"]
-        wt = weight[None] / math.sqrt(i * k * k) * s[:, None, :, None, None]   # [N, O, I, k, k]
+        s = (
+            style @ (sd[f"{prefix}.conv.modulation.weight"] / math.sqrt(STYLE_DIM)).t()
+            + sd[f"{prefix}.conv.modulation.bias"]
+        )
+        wt = weight[None] / math.sqrt(i * k * k) * s[:, None, :, None, None]  # [N, O, I, k, k]
         if demod:
             wt = wt * torch.rsqrt(wt.pow(2).sum([2, 3, 4]) + 1e-8)[:, :, None, None, None]
         outs = []
         for n in range(x.shape[0]):
             if up:  # transposed conv, stride 2, then a [1,3,3,1] blur padded by 1
-                y = F.conv_transpose2d(x[n:n + 1], wt[n].transpose(0, 1), stride=2)
+                y = F.conv_transpose2d(x[n : n + 1], wt[n].transpose(0, 1), stride=2)
                 y = F.conv2d(F.pad(y, [1, 1, 1, 1]), _blur_kernel().expand(o, 1, 4, 4), groups=o)
             else:
-                y = F.conv2d(x[n:n + 1], wt[n], padding=k // 2)
+                y = F.conv2d(x[n : n + 1], wt[n], padding=k // 2)
             outs.append(y)
         return torch.cat(outs)
 
@@ -232,14 +235,19 @@ def test_training_checkpoint_without_latent_avg(tmp_path, sd):
     # Ours maps each z in float32 (2 layers of 32 terms), then takes a float32 mean of 10000 of them,
     # which torch sums in blocks (pairwise): about eps * log2(N) more, at the scale of the w's averaged.
     scale = float(ws.abs().max())
-    tol = fp32_reorder_tolerance(scale, STYLE_DIM, N_MLP) + torch.finfo(torch.float32).eps * math.log2(W_AVG_SAMPLES) * scale
+    tol = (
+        fp32_reorder_tolerance(scale, STYLE_DIM, N_MLP)
+        + torch.finfo(torch.float32).eps * math.log2(W_AVG_SAMPLES) * scale
+    )
     assert float((loaded.generator.mapping.w_avg.double() - w).abs().max()) <= tol
     other_seed = torch.randn([W_AVG_SAMPLES, STYLE_DIM], generator=torch.Generator().manual_seed(W_AVG_SEED + 1))
     assert float((rosinality_mapping(sd, other_seed).mean(0).double() - w).abs().max()) > 10 * tol  # the seed matters
 
 
 def test_legacy_torch_serialization(tmp_path, sd):
-    torch.save({"g_ema": sd, "latent_avg": torch.zeros(STYLE_DIM)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    torch.save(
+        {"g_ema": sd, "latent_avg": torch.zeros(STYLE_DIM)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False
+    )
     assert load_generator(tmp_path / "old.pt").img_resolution == SIZE
 
 

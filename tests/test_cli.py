@@ -25,7 +25,19 @@ def test_help_lists_commands_without_importing_torch():
 
 
 def test_generate_writes_one_png_per_seed_and_a_grid(tmp_path):
-    res = run_pti("generate", "--seeds", "0-2,5", "--trunc", "0.7", "--noise-mode", "const", "--outdir", tmp_path, "--device", "cpu")
+    res = run_pti(
+        "generate",
+        "--seeds",
+        "0-2,5",
+        "--trunc",
+        "0.7",
+        "--noise-mode",
+        "const",
+        "--outdir",
+        tmp_path,
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stderr
     assert "not a trained model" in res.stdout
     assert files_under(tmp_path) == ["grid.png", "seed0000.png", "seed0001.png", "seed0002.png", "seed0005.png"]
@@ -47,8 +59,19 @@ def tuned(tmp_path_factory):
     photo = tmp / "astronaut_with_a_long_file_name_for_the_summary.png"
     Image.fromarray(skimage.data.astronaut()).save(photo)
     out = tmp / "out"
-    res = run_pti("tune", photo, "-o", out, "--invert-steps", "4", "--tune-steps", "3", "--device", "cpu",
-                  env=env_with(PTI_HOME=str(tmp / "cache")))  # empty cache: weight-free losses, said plainly
+    res = run_pti(
+        "tune",
+        photo,
+        "-o",
+        out,
+        "--invert-steps",
+        "4",
+        "--tune-steps",
+        "3",
+        "--device",
+        "cpu",
+        env=env_with(PTI_HOME=str(tmp / "cache")),
+    )  # empty cache: weight-free losses, said plainly
     assert res.returncode == 0, res.stderr
     return photo, out, res
 
@@ -57,8 +80,10 @@ def test_tune_writes_identity_report_and_renders(tuned):
     photo, out, res = tuned
     name = photo.stem
     assert "WEIGHT-FREE" in res.stdout
-    assert files_under(out) == sorted([f"{name}.pti", "manifest.jsonl", "summary.csv"] + [f"{name}/{f}" for f in
-                                       ("aligned.png", "pivot.png", "reconstruction.png", "contact.png", "report.json")])
+    assert files_under(out) == sorted(
+        [f"{name}.pti", "manifest.jsonl", "summary.csv"]
+        + [f"{name}/{f}" for f in ("aligned.png", "pivot.png", "reconstruction.png", "contact.png", "report.json")]
+    )
     report = json.loads((out / name / "report.json").read_text())
     assert report["steps"] == {"invert": 4, "tune": 3}
     assert report["device"] == "cpu" and report["precision"] == "fp32"
@@ -97,9 +122,14 @@ def test_info_on_an_identity_file(tuned):
     assert text.returncode == 0
     rows = dict(re.match(r"(\S.*?)\s{2,}(.*)", line).groups() for line in text.stdout.splitlines())  # "key   value"
     assert rows["base generator"] == "builtin:tiny (found)" and rows["base hash"] == report["base_hash"]
-    for needle in ( "pivot", "[10, 64] float32",
-                   "fp16 deltas", "locality on", f"{report['before_tuning']['mse']:.4f} -> {report['after_tuning']['mse']:.4f}",
-                   f"pti {report['versions']['pti']}"):
+    for needle in (
+        "pivot",
+        "[10, 64] float32",
+        "fp16 deltas",
+        "locality on",
+        f"{report['before_tuning']['mse']:.4f} -> {report['after_tuning']['mse']:.4f}",
+        f"pti {report['versions']['pti']}",
+    ):
         assert needle in text.stdout, (needle, text.stdout)
 
 

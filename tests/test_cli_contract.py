@@ -22,8 +22,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clirun import (can_drop_dac, drop_dac, env_with, error_lines, files_under, handlers_installed, no_traceback,
-                    run_pti, start_pti, temp_files_under, wait_until)
+from clirun import (
+    can_drop_dac,
+    drop_dac,
+    env_with,
+    error_lines,
+    files_under,
+    handlers_installed,
+    no_traceback,
+    run_pti,
+    start_pti,
+    temp_files_under,
+    wait_until,
+)
 
 POSIX = os.name == "posix"
 LINUX = sys.platform.startswith("linux")
@@ -41,11 +52,11 @@ def astronaut(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------ usage errors
 
 USAGE_ERRORS = [
-    ([], "Usage: pti"),                                                     # no command: help, exit 2
-    (["weights"], "Usage: pti weights"),                                    # group without subcommand
+    ([], "Usage: pti"),  # no command: help, exit 2
+    (["weights"], "Usage: pti weights"),  # group without subcommand
     (["tune", "--bogus"], "No such option"),
     (["tune", "x.png", "--bogus"], "No such option"),
-    (["align", "x.png"], "Missing option"),                                 # -o is required
+    (["align", "x.png"], "Missing option"),  # -o is required
     (["convert", "builtin:tiny"], "Missing argument"),
     (["tune", "x.png", "--invert-steps", "abc"], "--invert-steps"),
     (["tune", "x.png", "--invert-steps", "0"], "--invert-steps"),
@@ -88,6 +99,7 @@ def test_help_is_exit_0_on_stdout():
 
 # ------------------------------------------------------------------------------------ one-line errors
 
+
 def test_pti_errors_are_one_line_exit_1(tmp_path):
     (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)
     cases = [
@@ -126,14 +138,17 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------------------ file-system errors
 
+
 @pytest.mark.parametrize("command", ["align", "generate", "tune", "demo"])
 def test_output_folder_that_is_a_file(command, tmp_path, astronaut):
     blocker = tmp_path / "results"
     blocker.write_text("not a folder")
-    args = {"align": ["align", astronaut, "-o", blocker, "--no-align"],
-            "generate": ["generate", "--seeds", "0", "--outdir", blocker, "--device", "cpu"],
-            "tune": ["tune", astronaut, "-o", blocker, "--device", "cpu"],
-            "demo": ["demo", "-o", blocker / "sub", "--device", "cpu"]}[command]
+    args = {
+        "align": ["align", astronaut, "-o", blocker, "--no-align"],
+        "generate": ["generate", "--seeds", "0", "--outdir", blocker, "--device", "cpu"],
+        "tune": ["tune", astronaut, "-o", blocker, "--device", "cpu"],
+        "demo": ["demo", "-o", blocker / "sub", "--device", "cpu"],
+    }[command]
     proc = run_pti(*args, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     lines = error_lines(proc.stderr)
@@ -159,15 +174,19 @@ def test_missing_parent_folders_are_created(tmp_path):
     assert files_under(out) == ["grid.png", "seed0000.png", "seed0001.png"]
 
 
-@pytest.mark.skipif(not POSIX or not can_drop_dac(), reason="needs POSIX permissions that bind (root without CAP_SETPCAP)")
+@pytest.mark.skipif(
+    not POSIX or not can_drop_dac(), reason="needs POSIX permissions that bind (root without CAP_SETPCAP)"
+)
 def test_read_only_output_folder(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        for args in (["generate", "--seeds", "0", "--outdir", ro, "--device", "cpu"],
-                     ["generate", "--seeds", "0", "--outdir", ro / "sub", "--device", "cpu"],
-                     ["convert", "builtin:tiny", ro / "g.safetensors"]):
+        for args in (
+            ["generate", "--seeds", "0", "--outdir", ro, "--device", "cpu"],
+            ["generate", "--seeds", "0", "--outdir", ro / "sub", "--device", "cpu"],
+            ["convert", "builtin:tiny", ro / "g.safetensors"],
+        ):
             proc = run_pti(*args, preexec_fn=drop_dac)
             assert proc.returncode == 1, proc.stderr
             lines = error_lines(proc.stderr)
@@ -180,7 +199,9 @@ def test_read_only_output_folder(tmp_path):
 def _small_tmpfs_available() -> bool:
     if not LINUX or shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True
+    )
     return probe.returncode == 0
 
 
@@ -188,11 +209,33 @@ def _small_tmpfs_available() -> bool:
 def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    script = f'mount -t tmpfs -o size=48k tmpfs "{disk}" && "$0" "$@"; rc=$?; ls -A "{disk}" > "{tmp_path}/left.txt"; exit $rc'
+    script = (
+        f'mount -t tmpfs -o size=48k tmpfs "{disk}" && "$0" "$@"; rc=$?; '
+        f'ls -A "{disk}" > "{tmp_path}/left.txt"; exit $rc'
+    )
     from clirun import pti_bin
 
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script, pti_bin(), "generate", "--seeds", "0-100",
-                           "--outdir", str(disk), "--device", "cpu"], capture_output=True, text=True, env=env_with(), timeout=300)
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            pti_bin(),
+            "generate",
+            "--seeds",
+            "0-100",
+            "--outdir",
+            str(disk),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env_with(),
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "no space left" in lines[0], proc.stderr
@@ -217,6 +260,7 @@ def test_file_size_limit_mid_write_is_one_line_and_leaves_no_partial_file(tmp_pa
 
 
 # ------------------------------------------------------------------------------------ interrupts
+
 
 def _lists_kept(line: str, root: Path, kept: list[str]) -> bool:
     """The message names every kept file, or says how many there are in `root`."""
@@ -266,8 +310,17 @@ def test_interrupting_align_over_a_folder(tmp_path, astronaut):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_tune_mid_inversion(sig, tmp_path, astronaut):
     out = tmp_path / "out"
-    proc = start_pti("tune", astronaut, "-o", out, "--invert-steps", "100000", "--device", "cpu",
-                     env=env_with(PTI_HOME=str(tmp_path / "cache")))
+    proc = start_pti(
+        "tune",
+        astronaut,
+        "-o",
+        out,
+        "--invert-steps",
+        "100000",
+        "--device",
+        "cpu",
+        env=env_with(PTI_HOME=str(tmp_path / "cache")),
+    )
     wait_until(lambda: (out / "astronaut" / "aligned.png").exists(), proc, what="the aligned photo")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -340,13 +393,24 @@ def test_interrupting_a_download_leaves_no_partial_file(tmp_path):
     cache = tmp_path / "cache"
     url = f"http://127.0.0.1:{server.server_address[1]}/lpips_v0.1_alex.pth"
     # The real fetch code, with the lpips-alex entry's URL pointed at the loopback server.
-    code = ("import sys, dataclasses, pti.engine.weights as W; "
-            f"W.DEFAULT_ENTRIES = tuple(dataclasses.replace(e, url={url!r}, size=None) if e.name == 'lpips-alex' else e "
-            "for e in W.DEFAULT_ENTRIES); from pti.__main__ import main; main(['weights', 'fetch', 'lpips-alex'])")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env_with(PTI_HOME=str(cache)))
+    code = (
+        "import sys, dataclasses, pti.engine.weights as W; "
+        f"W.DEFAULT_ENTRIES = tuple(dataclasses.replace(e, url={url!r}, size=None) if e.name == 'lpips-alex' else e "
+        "for e in W.DEFAULT_ENTRIES); from pti.__main__ import main; main(['weights', 'fetch', 'lpips-alex'])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_with(PTI_HOME=str(cache)),
+    )
     try:
-        wait_until(lambda: cache.exists() and any(p.suffix == ".part" for p in cache.iterdir()), proc, what="a partial download")
+        wait_until(
+            lambda: cache.exists() and any(p.suffix == ".part" for p in cache.iterdir()),
+            proc,
+            what="a partial download",
+        )
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

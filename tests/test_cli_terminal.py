@@ -14,7 +14,6 @@ import select
 import struct
 import subprocess
 import termios
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,8 +64,24 @@ def summary_table(text: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- help texts
 
-COMMANDS = ["demo", "tune", "render", "export", "studio", "directions", "directions ganspace", "align", "generate",
-            "info", "convert", "weights", "weights list", "weights fetch", "weights import", "bench"]
+COMMANDS = [
+    "demo",
+    "tune",
+    "render",
+    "export",
+    "studio",
+    "directions",
+    "directions ganspace",
+    "align",
+    "generate",
+    "info",
+    "convert",
+    "weights",
+    "weights list",
+    "weights fetch",
+    "weights import",
+    "bench",
+]
 
 
 def test_help_prints_pip_extras_as_written():
@@ -96,8 +111,14 @@ def bracketed(tmp_path_factory):
     env = env_with(PTI_HOME=str(tmp / "cache"), TERM="xterm")
     code, text = run_in_terminal("tune", photo, "-o", tmp / "out", *STEPS, env=env)
     assert code == 0, text
-    return dict(tmp=tmp, photo=photo, out=tmp / "out", env=env, text=text,
-                report=json.loads((tmp / "out" / "a[b]c" / "report.json").read_text()))
+    return dict(
+        tmp=tmp,
+        photo=photo,
+        out=tmp / "out",
+        env=env,
+        text=text,
+        report=json.loads((tmp / "out" / "a[b]c" / "report.json").read_text()),
+    )
 
 
 @pytest.mark.slow
@@ -122,14 +143,25 @@ def test_a_warning_that_names_an_extra_prints_intact(bracketed, tmp_path):
     (missing / "imageio_ffmpeg").mkdir(parents=True)
     (missing / "imageio_ffmpeg" / "__init__.py").write_text("raise ImportError('imageio_ffmpeg is not installed')\n")
     env = {**bracketed["env"], "PYTHONPATH": str(missing)}
-    p = run_pti("render", bracketed["out"] / "a[b]c.pti", "--edit", f"{dirs}:0=-1:1:3", "--mp4", "-o", tmp_path / "r",
-                "--device", "cpu", env=env)
+    p = run_pti(
+        "render",
+        bracketed["out"] / "a[b]c.pti",
+        "--edit",
+        f"{dirs}:0=-1:1:3",
+        "--mp4",
+        "-o",
+        tmp_path / "r",
+        "--device",
+        "cpu",
+        env=env,
+    )
     assert p.returncode == 0, p.stderr
     assert "pip install 'pti[video]'" in p.stdout, p.stdout
     assert "a[b]c.pti" in p.stdout and "ac.pti" not in p.stdout, p.stdout
 
 
 # ------------------------------------------------------------------------------------- tables at 80
+
 
 def test_tune_summary_fits_80_columns_without_splitting_a_value(bracketed):
     rep, lines = bracketed["report"], summary_table(bracketed["text"])
@@ -160,7 +192,9 @@ def cache(tmp_path):
     piped = run_pti("weights", "list", env=env)
     assert piped.returncode == 0, piped.stderr
     head, *rows = [line.split("\t") for line in piped.stdout.splitlines()]
-    return dict(env=env, home=tmp_path / "cache", entries=W.DEFAULT_ENTRIES, rows={r[0]: dict(zip(head, r)) for r in rows})
+    return dict(
+        env=env, home=tmp_path / "cache", entries=W.DEFAULT_ENTRIES, rows={r[0]: dict(zip(head, r)) for r in rows}
+    )
 
 
 def test_weights_list_fits_80_columns_and_never_splits_a_value(cache):
@@ -184,14 +218,21 @@ def test_weights_list_fits_80_columns_and_never_splits_a_value(cache):
 
 
 def test_weights_list_json_keeps_every_value_whole(cache):
-    for code, out in (run_in_terminal("weights", "list", "--json", env=cache["env"]),
-                      (lambda p: (p.returncode, p.stdout))(run_pti("weights", "list", "--json", env=cache["env"]))):
+    for code, out in (
+        run_in_terminal("weights", "list", "--json", env=cache["env"]),
+        (lambda p: (p.returncode, p.stdout))(run_pti("weights", "list", "--json", env=cache["env"])),
+    ):
         assert code == 0, out
         listed = {w["name"]: w for w in json.loads(out)["weights"]}
         assert set(listed) == {e.name for e in cache["entries"]}
         for e in cache["entries"]:
             w, row = listed[e.name], cache["rows"][e.name]
-            assert (w["source"], w["license"], w["used_by"], w["status"]) == (e.url, e.license, e.used_by, row["status"])
+            assert (w["source"], w["license"], w["used_by"], w["status"]) == (
+                e.url,
+                e.license,
+                e.used_by,
+                row["status"],
+            )
             assert w["path"] == row["path"] and w["format"] == row["format"] and w["checksum"] == row["checksum"]
             if re.fullmatch(r"[0-9a-f]{64}", row["sha256"]):
                 assert w["sha256"] == row["sha256"]

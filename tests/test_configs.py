@@ -20,7 +20,7 @@ from pti.rendering import RenderConfig
 NAN, INF = math.nan, math.inf
 
 RUN_REFUSED = {
-    "network": [Path("ffhq.pkl"), 3],           # a str: the config travels to workers and into the identity as text
+    "network": [Path("ffhq.pkl"), 3],  # a str: the config travels to workers and into the identity as text
     "device": [None, torch.device("cpu"), 0],
     "align": [1, "yes", None],
     "face": [-1, 1.0, True],
@@ -28,7 +28,7 @@ RUN_REFUSED = {
     "tune_cfg": [None, {"max_steps": 4}, InvertConfig()],
     "exact": [0, None],
     "allow_fallback": [1, "no"],
-    "threads": [True, 1.5],                     # names and numbers are checked where they are applied
+    "threads": [True, 1.5],  # names and numbers are checked where they are applied
     "weights": ["~/.cache/pti", Path("cache")],
 }
 RUN_EDGES = [
@@ -42,17 +42,24 @@ RENDER_REFUSED = {
     "device": [None, 0],
     "batch": [0, -1, 8.0, True],
     "compare": [1, None],
-    "gif_fps": [0.0, -8.0, NAN, INF, "8"],      # a frame lasts 1000 / fps ms
+    "gif_fps": [0.0, -8.0, NAN, INF, "8"],  # a frame lasts 1000 / fps ms
     "mp4": [0, "no"],
     "backend": ["ort", "Torch", None],
     "engine": [3, b"dir"],
-    "precision": ["bf16", "fp64", None],        # an export's precisions: fp32, fp16
+    "precision": ["bf16", "fp64", None],  # an export's precisions: fp32, fp16
     "threads": [True, 2.5],
     "force": [1, None],
 }
 RENDER_EDGES = [
-    dict(batch=1, gif_fps=1e-3, backend="tensorrt", precision="fp16", network="g.pkl", engine="exports/a",
-         threads="torch"),
+    dict(
+        batch=1,
+        gif_fps=1e-3,
+        backend="tensorrt",
+        precision="fp16",
+        network="g.pkl",
+        engine="exports/a",
+        threads="torch",
+    ),
     dict(batch=np.int64(256), compare=True, mp4=True, force=True, network=Path("g.pkl"), engine=Path("e"), threads=4),
 ]
 
@@ -69,8 +76,11 @@ EXPORT_EDGES = [
 ]
 
 
-@pytest.mark.parametrize("cls,refused", [(RunConfig, RUN_REFUSED), (RenderConfig, RENDER_REFUSED),
-                                         (ExportConfig, EXPORT_REFUSED)], ids=["RunConfig", "RenderConfig", "ExportConfig"])
+@pytest.mark.parametrize(
+    "cls,refused",
+    [(RunConfig, RUN_REFUSED), (RenderConfig, RENDER_REFUSED), (ExportConfig, EXPORT_REFUSED)],
+    ids=["RunConfig", "RenderConfig", "ExportConfig"],
+)
 def test_every_field_has_refused_values(cls, refused) -> None:
     assert set(refused) == field_names(cls)
 
@@ -90,8 +100,12 @@ def test_a_bad_export_config_is_refused_naming_the_field(name, value) -> None:
     assert_refused(ExportConfig, name, value)
 
 
-@pytest.mark.parametrize("cls,edges", [(RunConfig, e) for e in RUN_EDGES] + [(RenderConfig, e) for e in RENDER_EDGES]
-                         + [(ExportConfig, e) for e in EXPORT_EDGES])
+@pytest.mark.parametrize(
+    "cls,edges",
+    [(RunConfig, e) for e in RUN_EDGES]
+    + [(RenderConfig, e) for e in RENDER_EDGES]
+    + [(ExportConfig, e) for e in EXPORT_EDGES],
+)
 def test_the_edges_of_each_range_are_accepted(cls, edges) -> None:
     assert_accepted(cls, edges)
 

@@ -31,6 +31,7 @@ def _close(got: torch.Tensor, want: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------ reference formulas
 
+
 def interfacegan_ref(w: np.ndarray, d: np.ndarray, a: float, first: int, last: int) -> np.ndarray:
     out = w.astype(np.float64).copy()
     d = np.broadcast_to(d.astype(np.float64), w.shape)
@@ -39,7 +40,9 @@ def interfacegan_ref(w: np.ndarray, d: np.ndarray, a: float, first: int, last: i
     return out
 
 
-def ganspace_ref(w: np.ndarray, mean: np.ndarray, comp: np.ndarray, std: float, a: float, first: int, last: int) -> np.ndarray:
+def ganspace_ref(
+    w: np.ndarray, mean: np.ndarray, comp: np.ndarray, std: float, a: float, first: int, last: int
+) -> np.ndarray:
     """The authors' get_delta: coordinate of layer 0 in sd units, moved to `a` on layers first..last."""
     w = w.astype(np.float64)
     coord = float(np.sum((w[0] - mean) * comp)) / std
@@ -65,17 +68,23 @@ def files(tmp_path_factory):
     comp = np.linalg.qr(rs.randn(C, 6))[0].T.astype(np.float32)  # 6 orthonormal rows
     mean, std = rs.randn(C).astype(np.float32), np.array([3.0, 2.5, 2.0, 1.5, 1.0, 0.5], np.float32)
     torch.save(torch.from_numpy(d)[None], tmp / "d_1c.pt")
-    np.save(tmp / "d_c.npy", d.astype(np.float64))                       # the original InterFaceGAN .npy is float64
+    np.save(tmp / "d_c.npy", d.astype(np.float64))  # the original InterFaceGAN .npy is float64
     torch.save(torch.from_numpy(per_layer)[None], tmp / "d_1lc.pt")
     np.save(tmp / "d_lc.npy", per_layer)
-    torch.save({"mean": torch.from_numpy(mean)[None], "comp": torch.from_numpy(comp)[:, None], "std": torch.from_numpy(std)}, tmp / "pca.pt")
+    torch.save(
+        {"mean": torch.from_numpy(mean)[None], "comp": torch.from_numpy(comp)[:, None], "std": torch.from_numpy(std)},
+        tmp / "pca.pt",
+    )
     np.savez(tmp / "pca.npz", lat_mean=mean[None], lat_comp=comp[:, None], lat_stdev=std, var_ratio=std**2)
     return dict(dir=tmp, d=d, per_layer=per_layer, comp=comp, mean=mean, std=std)
 
 
 # ------------------------------------------------------------------------------------ arithmetic
 
-@pytest.mark.parametrize("name,layers", [("d_1c.pt", None), ("d_c.npy", None), ("d_1c.pt", (0, 3)), ("d_c.npy", (4, 4))])
+
+@pytest.mark.parametrize(
+    "name,layers", [("d_1c.pt", None), ("d_c.npy", None), ("d_1c.pt", (0, 3)), ("d_c.npy", (4, 4))]
+)
 def test_interfacegan_is_additive_on_the_layers(files, pivot, name, layers):
     spec = E.parse_edit(f"{files['dir'] / name}=+2.5" + (f"@{layers[0]}-{layers[1]}" if layers else ""))
     direction = E.resolve(spec, L, C)
@@ -110,13 +119,17 @@ def test_ganspace_moves_the_coordinate_to_the_target(files, pivot, name, k, a, l
 
 
 def test_several_edits_sum_each_from_the_pivot(files, pivot):
-    specs = E.parse_edits([f"{files['dir'] / 'd_1c.pt'}=+2@0-4", f"{files['dir'] / 'pca.pt'}:1=+3", f"{files['dir'] / 'd_lc.npy'}=-1"])
+    specs = E.parse_edits(
+        [f"{files['dir'] / 'd_1c.pt'}=+2@0-4", f"{files['dir'] / 'pca.pt'}:1=+3", f"{files['dir'] / 'd_lc.npy'}=-1"]
+    )
     (frame,) = E.frames(pivot, specs, [E.resolve(s, L, C) for s in specs])
     p = pivot.numpy()
-    want = (p.astype(np.float64)
-            + (interfacegan_ref(p, files["d"][None], 2.0, 0, 4) - p)
-            + (ganspace_ref(p, files["mean"], files["comp"][1], float(files["std"][1]), 3.0, 0, L - 1) - p)
-            + (interfacegan_ref(p, files["per_layer"], -1.0, 0, L - 1) - p))
+    want = (
+        p.astype(np.float64)
+        + (interfacegan_ref(p, files["d"][None], 2.0, 0, 4) - p)
+        + (ganspace_ref(p, files["mean"], files["comp"][1], float(files["std"][1]), 3.0, 0, L - 1) - p)
+        + (interfacegan_ref(p, files["per_layer"], -1.0, 0, L - 1) - p)
+    )
     _close(frame.ws, want)
     assert frame.label == "d_1c.pt+2@0-4_pca.pt_1+3_d_lc.npy-1"
 
@@ -140,29 +153,44 @@ def test_no_edit_is_the_pivot(pivot):
 
 # ------------------------------------------------------------------------------------ grammar
 
-@pytest.mark.parametrize("text,target,component,values,layers", [
-    ("age=+3", "age", None, (3.0,), None),
-    ("age=-1.5", "age", None, (-1.5,), None),
-    ("smile=2e-1", "smile", None, (0.2,), None),
-    ("age=+3@0-8", "age", None, (3.0,), (0, 8)),
-    ("age=+3@4", "age", None, (3.0,), (4, 4)),
-    ("age=-3:3:7", "age", None, (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0), None),
-    ("./dirs.pt:3=+2", "./dirs.pt", 3, (2.0,), None),
-    ("./dirs.pt:3=-1:1:3@2-5", "./dirs.pt", 3, (-1.0, 0.0, 1.0), (2, 5)),
-    ("/a=b/c.npy=+1", "/a=b/c.npy", None, (1.0,), None),  # '=' in a path: the last one separates
-])
+
+@pytest.mark.parametrize(
+    "text,target,component,values,layers",
+    [
+        ("age=+3", "age", None, (3.0,), None),
+        ("age=-1.5", "age", None, (-1.5,), None),
+        ("smile=2e-1", "smile", None, (0.2,), None),
+        ("age=+3@0-8", "age", None, (3.0,), (0, 8)),
+        ("age=+3@4", "age", None, (3.0,), (4, 4)),
+        ("age=-3:3:7", "age", None, (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0), None),
+        ("./dirs.pt:3=+2", "./dirs.pt", 3, (2.0,), None),
+        ("./dirs.pt:3=-1:1:3@2-5", "./dirs.pt", 3, (-1.0, 0.0, 1.0), (2, 5)),
+        ("/a=b/c.npy=+1", "/a=b/c.npy", None, (1.0,), None),  # '=' in a path: the last one separates
+    ],
+)
 def test_grammar(text, target, component, values, layers):
     spec = E.parse_edit(text)
     assert (spec.target, spec.component, spec.values, spec.layers) == (target, component, values, layers)
     assert spec.sweep == (len(values) > 1)
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("age", "NAME=VALUE"), ("=3", "NAME=VALUE"), ("age=", "NAME=VALUE"),
-    ("age=three", "not a number"), ("age=+3x", "not a number"), ("age=1:2", "START:STOP:N"),
-    ("age=-3:3:1", "from 2 to"), ("age=-3:3:x", "from 2 to"), ("age=-3:3:100000", "from 2 to"),
-    ("age=+1@8-2", "empty"), ("age=+1@a-b", "A-B"), ("age=+1@", "A-B"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("age", "NAME=VALUE"),
+        ("=3", "NAME=VALUE"),
+        ("age=", "NAME=VALUE"),
+        ("age=three", "not a number"),
+        ("age=+3x", "not a number"),
+        ("age=1:2", "START:STOP:N"),
+        ("age=-3:3:1", "from 2 to"),
+        ("age=-3:3:x", "from 2 to"),
+        ("age=-3:3:100000", "from 2 to"),
+        ("age=+1@8-2", "empty"),
+        ("age=+1@a-b", "A-B"),
+        ("age=+1@", "A-B"),
+    ],
+)
 def test_grammar_errors(text, needle):
     with pytest.raises(E.EditSyntaxError, match=needle) as info:
         E.parse_edit(text)
@@ -222,7 +250,9 @@ def test_an_uncached_preset_says_how_to_get_it(tmp_path):
 
 # ------------------------------------------------------------------------------------ the real FFHQ files
 
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is absent (it ships beside the repo, not in it)")
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(), reason=f"{FIXTURES} is absent (it ships beside the repo, not in it)"
+)
 
 
 @needs_fixtures
@@ -240,7 +270,11 @@ def test_real_direction_files_have_the_documented_layouts():
 @needs_fixtures
 def test_presets_resolve_through_the_registry_and_apply_the_authors_edits(tmp_path):
     reg = W.Registry(cache_dir=tmp_path / "cache")
-    for entry, name in (("interfacegan-age", "age.pt"), ("interfacegan-rotation", "rotation.pt"), ("ganspace-ffhq", "ffhq_pca.pt")):
+    for entry, name in (
+        ("interfacegan-age", "age.pt"),
+        ("interfacegan-rotation", "rotation.pt"),
+        ("ganspace-ffhq", "ffhq_pca.pt"),
+    ):
         reg.import_file(FIXTURES / name, name=entry)  # the registry's published checksums must match
     G = ffhq_shaped_generator()
     with torch.no_grad():
@@ -253,12 +287,17 @@ def test_presets_resolve_through_the_registry_and_apply_the_authors_edits(tmp_pa
     rot = torch.load(FIXTURES / "rotation.pt", weights_only=True).numpy()
     pca = {k: v.numpy() for k, v in torch.load(FIXTURES / "ffhq_pca.pt", weights_only=True).items()}
     p = pivot.numpy()
-    want = (p.astype(np.float64) + (interfacegan_ref(p, age, 3.0, 0, 17) - p) + (interfacegan_ref(p, rot, -1.0, 0, 17) - p)
-            + (ganspace_ref(p, pca["mean"][0], pca["comp"][54, 0], float(pca["std"][54]), 5.0, 7, 7) - p))
+    want = (
+        p.astype(np.float64)
+        + (interfacegan_ref(p, age, 3.0, 0, 17) - p)
+        + (interfacegan_ref(p, rot, -1.0, 0, 17) - p)
+        + (ganspace_ref(p, pca["mean"][0], pca["comp"][54, 0], float(pca["std"][54]), 5.0, 7, 7) - p)
+    )
     _close(frame.ws, want)
 
 
 # ------------------------------------------------------------------------------------ GANSpace
+
 
 @pytest.fixture(scope="module")
 def tiny_pca():
@@ -289,7 +328,9 @@ def test_ganspace_same_seed_same_file_and_another_seed_differs(tmp_path, tiny_pc
     for k in tiny_pca:
         torch.testing.assert_close(again[k], tiny_pca[k], rtol=0, atol=1e-6 * float(tiny_pca[k].abs().max()))
     a = E.save_ganspace(tiny_pca, tmp_path / "a.pt")
-    b = E.save_ganspace(E.ganspace(tiny_generator(), components=16, samples=5000, seed=3, batch=1024), tmp_path / "b.pt")
+    b = E.save_ganspace(
+        E.ganspace(tiny_generator(), components=16, samples=5000, seed=3, batch=1024), tmp_path / "b.pt"
+    )
     assert a.read_bytes() == b.read_bytes()
     other = E.ganspace(tiny_generator(), components=16, samples=5000, seed=4, batch=1024)
     assert not torch.allclose(other["mean"], tiny_pca["mean"])

@@ -105,7 +105,9 @@ def test_onnx_runtime_matches_torch_fp32_at_every_batch_from_one_graph(people, b
 
 
 def test_initializer_names_are_the_same_for_every_identity(people, tmp_path):
-    base = onnx.load(str(export_onnx(load_source(None), tmp_path / "base").parent / "model.onnx"), load_external_data=False)
+    base = onnx.load(
+        str(export_onnx(load_source(None), tmp_path / "base").parent / "model.onnx"), load_external_data=False
+    )
     a = onnx.load(str(people["onnx_a"] / "model.onnx"), load_external_data=False)
     assert [i.name for i in base.graph.initializer] == [i.name for i in a.graph.initializer]
 
@@ -153,8 +155,17 @@ def test_a_graph_whose_weights_were_folded_is_refused(people, tmp_path):
 
     module = ExportSynthesis(people["G_a"])
     path = tmp_path / "folded.onnx"
-    torch.onnx.export(module, (_ws(2),), str(path), dynamo=True, input_names=["ws"], output_names=["images"],
-                      opset_version=18, optimize=True, external_data=False)
+    torch.onnx.export(
+        module,
+        (_ws(2),),
+        str(path),
+        dynamo=True,
+        input_names=["ws"],
+        output_names=["images"],
+        opset_version=18,
+        optimize=True,
+        external_data=False,
+    )
     with pytest.raises(ExportError, match="folded .* tuned weights"):
         _check_graph(onnx, path, module, 18)
 
@@ -182,8 +193,17 @@ def test_onnx_1024px_config_f_matches_torch(tmp_path):
     from pti.engine.generator import Generator
 
     torch.manual_seed(0)
-    G = Generator(z_dim=512, w_dim=512, img_resolution=1024, img_channels=3,
-                  synthesis_kwargs=dict(num_fp16_res=4, conv_clamp=256)).eval().requires_grad_(False)
+    G = (
+        Generator(
+            z_dim=512,
+            w_dim=512,
+            img_resolution=1024,
+            img_channels=3,
+            synthesis_kwargs=dict(num_fp16_res=4, conv_clamp=256),
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     folder = export_onnx(Source(G, generator_hash(G), "random config-f"), tmp_path / "big", batch=(1, 2, 2)).parent
     ws = torch.randn(2, 18, 512, generator=torch.Generator().manual_seed(0))
     got, want = OnnxBackend(folder, G).render(ws), _torch(G, ws)
@@ -208,7 +228,12 @@ def test_render_backend_onnx_gives_the_torch_pixels(people, tmp_path):
     got = pti.render(people["b"], edit, tmp_path / "onnx", device="cpu", backend="onnx", engine=people["onnx_a"])
     assert got.report["backend"] == "onnx"
     for label in ref.labels:  # one 8-bit level at most: fp32 rounding (1e-4 << 1/127.5) at a rounding boundary
-        assert np.abs(_u8(tmp_path / "torch" / "frames" / f"{label}.png") - _u8(tmp_path / "onnx" / "frames" / f"{label}.png")).max() <= 1
+        assert (
+            np.abs(
+                _u8(tmp_path / "torch" / "frames" / f"{label}.png") - _u8(tmp_path / "onnx" / "frames" / f"{label}.png")
+            ).max()
+            <= 1
+        )
 
 
 def test_render_backend_exports_the_base_once_into_the_cache(people, tmp_path, monkeypatch):
@@ -226,7 +251,9 @@ def test_render_backend_exports_the_base_once_into_the_cache(people, tmp_path, m
     want = _u8(tmp_path / "o2" / "reconstruction.png")
     from pti.engine.images import to_uint8
 
-    assert np.abs(want - to_uint8(_torch(people["G_b"], Identity.load(people["b"]).pivot[None]))[0].astype(int)).max() <= 1
+    assert (
+        np.abs(want - to_uint8(_torch(people["G_b"], Identity.load(people["b"]).pivot[None]))[0].astype(int)).max() <= 1
+    )
     assert res.report["engine"] == str(folder)
 
 
@@ -251,11 +278,14 @@ def test_info_describes_an_export_folder(people, tmp_path):
     assert p.returncode == 1 and "is a folder" in p.stderr and no_traceback(p)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "onnnx"], "onnnx"),
-    (["--refit", "x"], "--refit is for --format tensorrt"),
-    (["--max-batch", "0"], "max-batch"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "onnnx"], "onnnx"),
+        (["--refit", "x"], "--refit is for --format tensorrt"),
+        (["--max-batch", "0"], "max-batch"),
+    ],
+)
 def test_cli_export_usage_errors_exit_2(people, tmp_path, args, message):
     p = run_pti("export", people["a"], "-o", tmp_path / "x", *args)
     assert p.returncode == 2 and message in p.stderr and no_traceback(p)
@@ -274,10 +304,38 @@ def test_cli_errors_are_one_line(people, tmp_path):
     cases = [
         (["export", people["a"], "--network", other, "-o", tmp_path / "e1"], "tuned on generator"),
         (["render", people["a"], "--backend", "onnx", "--engine", tmp_path / "nowhere"], "no contract.json"),
-        (["render", people["a"], "--backend", "onnx", "--engine", people["onnx_a"], "--batch", "32", "-e", f"{people['dirs']}:0=-1:1:20",
-          "-o", tmp_path / "r"], "outside the export's batch profile"),
-        (["render", people["a"], "--backend", "onnx", "--engine", people["onnx_a"], "--network", other, "-o", tmp_path / "r2"],
-         "tuned on generator"),
+        (
+            [
+                "render",
+                people["a"],
+                "--backend",
+                "onnx",
+                "--engine",
+                people["onnx_a"],
+                "--batch",
+                "32",
+                "-e",
+                f"{people['dirs']}:0=-1:1:20",
+                "-o",
+                tmp_path / "r",
+            ],
+            "outside the export's batch profile",
+        ),
+        (
+            [
+                "render",
+                people["a"],
+                "--backend",
+                "onnx",
+                "--engine",
+                people["onnx_a"],
+                "--network",
+                other,
+                "-o",
+                tmp_path / "r2",
+            ],
+            "tuned on generator",
+        ),
     ]
     for args, message in cases:
         p = run_pti(*args)
@@ -352,7 +410,10 @@ def test_aoti_package_of_another_torch_or_device_is_refused(aoti_a, tmp_path):
 
     from pti.export.aoti import AotiBackend
 
-    for field, value, message in (("torch", "2.0.0", "compiled by torch 2.0.0"), ("device", "cuda: NVIDIA H100 sm_90", "compiled for cuda")):
+    for field, value, message in (
+        ("torch", "2.0.0", "compiled by torch 2.0.0"),
+        ("device", "cuda: NVIDIA H100 sm_90", "compiled for cuda"),
+    ):
         folder = tmp_path / field
         shutil.copytree(aoti_a, folder)
         c = json.loads((folder / "contract.json").read_text())
@@ -380,6 +441,7 @@ def test_render_backend_aoti_gives_the_torch_pixels(people, aoti_a, tmp_path):
 def test_tensorrt_without_tensorrt_is_one_line(people, tmp_path):
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("tensorrt is installed here; this checks the message where it is not")
     except ImportError:
         pass
@@ -398,4 +460,6 @@ def test_tensorrt_engine_refits_identities(people, tmp_path):
     assert (TensorRTBackend(folder).render(ws) - _torch(people["G_a"], ws)).abs().max() / 2 <= 1e-2
     b_folder = refit(folder, load_source(people["b"], device="cuda"), tmp_path / "b-trt").parent
     assert (TensorRTBackend(b_folder).render(ws) - _torch(people["G_b"], ws)).abs().max() / 2 <= 1e-2
-    assert (TensorRTBackend(folder, people["G_b"].clone().cuda(), cuda_graph=True).render(ws) - _torch(people["G_b"], ws)).abs().max() / 2 <= 1e-2
+    assert (
+        TensorRTBackend(folder, people["G_b"].clone().cuda(), cuda_graph=True).render(ws) - _torch(people["G_b"], ws)
+    ).abs().max() / 2 <= 1e-2

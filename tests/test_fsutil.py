@@ -58,8 +58,12 @@ def test_no_temporary_survives_an_interrupt_at_any_moment(tmp_path):
         time.sleep(rng.random() * 0.02)
         proc.send_signal(signal.SIGINT if r % 2 else signal.SIGTERM)
         assert proc.wait(timeout=60) == 130
-        left = [os.path.relpath(os.path.join(d, n), out) for d, dirs, files in os.walk(out)
-                for n in dirs + files if n.startswith(".")]
+        left = [
+            os.path.relpath(os.path.join(d, n), out)
+            for d, dirs, files in os.walk(out)
+            for n in dirs + files
+            if n.startswith(".")
+        ]
         if left:
             leftovers.append((r, left))
         for f in (out / "staged").glob("[!.]*"):

@@ -79,7 +79,7 @@ _spec.loader.exec_module(parity)
 GOLDEN = parity.read_golden(ROOT / "tests/data/sg2ada_golden.npz")
 
 K_NORM = 2.0  # rel_norm: measured draw-to-draw spread of NVIDIA's own error 0.43-1.54x (module docstring)
-K_MAX = 4.0   # rel_max: measured spread 0.28-2.09x
+K_MAX = 4.0  # rel_max: measured spread 0.28-2.09x
 UNIT_ROUNDOFF = {"fp32": torch.finfo(torch.float32).eps / 2, "fp16": torch.finfo(torch.float16).eps / 2}
 
 
@@ -98,10 +98,14 @@ def golden_violations(G, name: str) -> list[str]:
         for i, (metric, k) in enumerate((("rel_norm", K_NORM), ("rel_max", K_MAX))):
             bound = k * nv[i] + u
             if not ours[i] <= bound:  # also catches NaN
-                bad.append(f"{q} ({prec}) {metric} {ours[i]:.3e} > {bound:.3e} = {k:g} x NVIDIA's {nv[i]:.3e} + u {u:.1e}")
+                bad.append(
+                    f"{q} ({prec}) {metric} {ours[i]:.3e} > {bound:.3e} = {k:g} x NVIDIA's {nv[i]:.3e} + u {u:.1e}"
+                )
         if prec == "fp16" and not ours[0] >= nv[0] / K_NORM:
-            bad.append(f"{q} (fp16) rel_norm {ours[0]:.3e} < NVIDIA's {nv[0]:.3e} / {K_NORM:g}: "
-                       "far more accurate than fp16, are the fp16 blocks running in float32?")
+            bad.append(
+                f"{q} (fp16) rel_norm {ours[0]:.3e} < NVIDIA's {nv[0]:.3e} / {K_NORM:g}: "
+                "far more accurate than fp16, are the fp16 blocks running in float32?"
+            )
     return bad
 
 
@@ -141,6 +145,7 @@ def _scale(obj, attr, factor):
                 value.mul_(factor)
         else:
             mp.setattr(target, attr, value * factor)
+
     return apply
 
 
@@ -149,24 +154,29 @@ def _each_layer(fn):
         for m in G.synthesis.modules():
             if type(m).__name__ == "SynthesisLayer":
                 fn(m, mp)
+
     return apply
 
 
 def _mapping_args(change):
     """Wrap G.mapping.forward, changing its truncation arguments (psi, cutoff) -> (psi, cutoff)."""
+
     def apply(G, mp):
         orig = G.mapping.forward
 
         def forward(z, c=None, truncation_psi=1.0, truncation_cutoff=None, **kw):
             psi, cutoff = change(truncation_psi, truncation_cutoff)
             return orig(z, c, truncation_psi=psi, truncation_cutoff=cutoff, **kw)
+
         mp.setattr(G.mapping, "forward", forward)
+
     return apply
 
 
 def _demod(eps=1e-8, detach=False):
     """Replace the float32 demodulation by one written here from its definition,
     d = rsqrt(sum_ikk (w * s)^2 + eps), optionally detached from the backward pass."""
+
     def apply(G, mp):
         orig = ref.modulated_conv2d
 
@@ -178,12 +188,15 @@ def _demod(eps=1e-8, detach=False):
                 d = d.detach()
             y = orig(x, weight, styles, demodulate=False, fused_modconv=fused_modconv, **kw) * d[:, :, None, None]
             return y if noise is None else y + noise
+
         mp.setattr(ref, "modulated_conv2d", modulated_conv2d)
+
     return apply
 
 
 def _backward_scale(layer, factor):
     """Forward unchanged, gradient through one layer's styles scaled: a kernel whose backward is off."""
+
     def apply(G, mp):
         affine = layer(G).affine
         orig = affine.forward
@@ -191,7 +204,9 @@ def _backward_scale(layer, factor):
         def forward(x, impl="auto"):
             y = orig(x, impl=impl)
             return y.detach() + (y - y.detach()) * factor
+
         mp.setattr(affine, "forward", forward)
+
     return apply
 
 
@@ -201,7 +216,9 @@ def _lrelu_slope(slope):
 
         def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
             return orig(x, b, dim=dim, act=act, alpha=slope if act == "lrelu" else alpha, gain=gain, clamp=clamp)
+
         mp.setattr(ref, "bias_act", bias_act)
+
     return apply
 
 
@@ -211,6 +228,7 @@ def _fused_batch_swap(G, mp):
 
     def modulated_conv2d(x, weight, styles, fused_modconv=True, **kw):
         return orig(x, weight, styles.flip(0) if fused_modconv else styles, fused_modconv=fused_modconv, **kw)
+
     mp.setattr(ref, "modulated_conv2d", modulated_conv2d)
 
 
@@ -219,6 +237,7 @@ def _fp16(flag_for_res):
         for res in G.synthesis.block_resolutions:
             block = getattr(G.synthesis, f"b{res}")
             mp.setattr(block, "use_fp16", flag_for_res(res, block.use_fp16))
+
     return apply
 
 
@@ -231,6 +250,7 @@ def _guard_on_torgb(G, mp):
             weight = weight / (weight[0].numel() ** 0.5 * weight.abs().amax(dim=[1, 2, 3], keepdim=True))
             styles = styles / styles.abs().amax(dim=1, keepdim=True)
         return orig(x, weight, styles, demodulate=demodulate, **kw)
+
     mp.setattr(ref, "modulated_conv2d", modulated_conv2d)
 
 
@@ -246,27 +266,49 @@ def _set_clamp(value, layers=True, torgb=True):
             kind = type(m).__name__
             if (layers and kind == "SynthesisLayer") or (torgb and kind == "ToRGBLayer"):
                 mp.setattr(m, "conv_clamp", value(m.conv_clamp))
+
     return apply
 
 
 CLAMPED = "fp16_64px_clamp"
 MUTANTS = {
     # id: (config, mutation)                                  the bug it stands for
-    "affine_gain_1pct": (CLAMPED, _scale(lambda G: G.synthesis.b8.conv0.affine, "weight_gain", 1.01)),  # one style affine's weight gain +1 %
-    "torgb_gain_1pct": (CLAMPED, _scale(lambda G: G.synthesis.b16.torgb, "weight_gain", 1.01)),  # one toRGB weight gain +1 %
-    "mapping_gain_1pct": ("fp32_32px", _scale(lambda G: G.mapping.fc3, "weight_gain", 1.01)),  # one mapping layer's lr-multiplied gain +1 %
-    "mapping_bias_gain_1": ("fp32_32px", _scale(lambda G: G.mapping.fc5, "bias_gain", 100)),  # bias gain 1, lr multiplier forgotten
-    "act_gain_1_414": (CLAMPED, _each_layer(lambda m, mp: mp.setattr(m, "act_gain", 1.414))),  # sqrt(2) written as 1.414
+    "affine_gain_1pct": (
+        CLAMPED,
+        _scale(lambda G: G.synthesis.b8.conv0.affine, "weight_gain", 1.01),
+    ),  # one style affine's weight gain +1 %
+    "torgb_gain_1pct": (
+        CLAMPED,
+        _scale(lambda G: G.synthesis.b16.torgb, "weight_gain", 1.01),
+    ),  # one toRGB weight gain +1 %
+    "mapping_gain_1pct": (
+        "fp32_32px",
+        _scale(lambda G: G.mapping.fc3, "weight_gain", 1.01),
+    ),  # one mapping layer's lr-multiplied gain +1 %
+    "mapping_bias_gain_1": (
+        "fp32_32px",
+        _scale(lambda G: G.mapping.fc5, "bias_gain", 100),
+    ),  # bias gain 1, lr multiplier forgotten
+    "act_gain_1_414": (
+        CLAMPED,
+        _each_layer(lambda m, mp: mp.setattr(m, "act_gain", 1.414)),
+    ),  # sqrt(2) written as 1.414
     "lrelu_slope_0_01": (CLAMPED, _lrelu_slope(0.01)),  # PyTorch's default leaky-ReLU slope instead of 0.2
     "demod_eps_1e-3": ("fp32_32px", _demod(eps=1e-3)),  # demodulation epsilon 1e-3 instead of 1e-8
     "demod_detached": (CLAMPED, _demod(detach=True)),  # demodulation coefficients treated as constants in backward
     "noise_strength_1pct": (CLAMPED, _scale(lambda G: G.synthesis.b32.conv0, "noise_strength", 1.01)),  # one layer
     "noise_map_transposed": (CLAMPED, _transpose_noise),  # one layer's constant noise read as [W, H]
     "truncation_reversed": ("fp32_32px", _mapping_args(lambda psi, cut: (1 - psi, cut))),  # lerp(w, w_avg, psi)
-    "truncation_cutoff_off_by_one": ("fp32_32px", _mapping_args(lambda psi, cut: (psi, None if cut is None else cut + 1))),
+    "truncation_cutoff_off_by_one": (
+        "fp32_32px",
+        _mapping_args(lambda psi, cut: (psi, None if cut is None else cut + 1)),
+    ),
     "truncation_ignores_cutoff": ("fp32_32px", _mapping_args(lambda psi, cut: (psi, None))),
     "w_avg_1pct": ("fp32_32px", _scale(lambda G: G.mapping, "w_avg", 1.01)),  # a stale or mis-loaded w_avg
-    "skip_fir_gain_1pct": (CLAMPED, _scale(lambda G: G.synthesis.b32, "resample_filter", 1.01)),  # one block's skip up-sampling
+    "skip_fir_gain_1pct": (
+        CLAMPED,
+        _scale(lambda G: G.synthesis.b32, "resample_filter", 1.01),
+    ),  # one block's skip up-sampling
     "fused_batch_misaligned": (CLAMPED, _fused_batch_swap),  # grouped conv weights of another sample
     "clamp_ignored": (CLAMPED, _set_clamp(lambda c: None)),  # conv_clamp dropped everywhere
     "clamp_ignored_in_torgb": (CLAMPED, _set_clamp(lambda c: None, layers=False)),
@@ -285,13 +327,16 @@ def test_mutant_generator_fails_golden(mutant, monkeypatch):
     assert golden_violations(G, name), f"the golden test did not notice: {mutant}"
 
 
-@pytest.mark.parametrize("name,wrapper", [
-    pytest.param("fp32_32px", _demod(), id="demod_fp32_32px"),
-    pytest.param(CLAMPED, _demod(), id="demod_clamped"),
-    pytest.param(CLAMPED, _lrelu_slope(0.2), id="lrelu_slope"),
-    pytest.param("fp32_32px", _mapping_args(lambda psi, cut: (psi, cut)), id="mapping_args"),
-    pytest.param(CLAMPED, _backward_scale(lambda G: G.synthesis.b16.conv0, 1.0), id="backward_scale"),
-])
+@pytest.mark.parametrize(
+    "name,wrapper",
+    [
+        pytest.param("fp32_32px", _demod(), id="demod_fp32_32px"),
+        pytest.param(CLAMPED, _demod(), id="demod_clamped"),
+        pytest.param(CLAMPED, _lrelu_slope(0.2), id="lrelu_slope"),
+        pytest.param("fp32_32px", _mapping_args(lambda psi, cut: (psi, cut)), id="mapping_args"),
+        pytest.param(CLAMPED, _backward_scale(lambda G: G.synthesis.b16.conv0, 1.0), id="backward_scale"),
+    ],
+)
 def test_faithful_wrappers_pass_golden(name, wrapper, monkeypatch):
     # The mutants' wrappers at the correct values change nothing the test can see: their failures
     # above come from the mutation, not from the wrapping.
@@ -300,7 +345,9 @@ def test_faithful_wrappers_pass_golden(name, wrapper, monkeypatch):
     assert golden_violations(G, name) == []
 
 
-@pytest.mark.skipif(not os.environ.get("PTI_SG2ADA_PATH"), reason="set PTI_SG2ADA_PATH to a stylegan2-ada-pytorch checkout")
+@pytest.mark.skipif(
+    not os.environ.get("PTI_SG2ADA_PATH"), reason="set PTI_SG2ADA_PATH to a stylegan2-ada-pytorch checkout"
+)
 def test_live_side_by_side():
     nv_net = parity.import_nvidia(os.environ["PTI_SG2ADA_PATH"])
     for kw in parity.GOLDEN_CONFIGS.values():
@@ -361,8 +408,13 @@ def test_tiny_generator_is_deterministic():
 
 def test_config_f_layout():
     # The 1024 px FFHQ layout: 18 w's, fp16 on the 4 highest resolutions, 28.27 M synthesis params.
-    G = Generator(z_dim=512, w_dim=512, img_resolution=1024, img_channels=3,
-                  synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256))
+    G = Generator(
+        z_dim=512,
+        w_dim=512,
+        img_resolution=1024,
+        img_channels=3,
+        synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256),
+    )
     assert G.num_ws == 18
     assert G.synthesis.fp16_resolutions == [128, 256, 512, 1024]
     n_syn = sum(p.numel() for p in G.synthesis.parameters())
@@ -370,11 +422,14 @@ def test_config_f_layout():
     assert round(n_syn / 1e6, 2) == 28.27 and round(n_map / 1e6, 2) == 2.10
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(c_dim=10), "conditional"),
-    (dict(synthesis_kwargs=dict(architecture="resnet")), "architecture"),
-    (dict(synthesis_kwargs=dict(magnitude_ema_beta=0.99)), "unsupported synthesis"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(c_dim=10), "conditional"),
+        (dict(synthesis_kwargs=dict(architecture="resnet")), "architecture"),
+        (dict(synthesis_kwargs=dict(magnitude_ema_beta=0.99)), "unsupported synthesis"),
+    ],
+)
 def test_unsupported_configs_are_refused(kwargs, match):
     base = dict(z_dim=8, w_dim=8, img_resolution=8, img_channels=3)
     with pytest.raises(CheckpointError, match=match):

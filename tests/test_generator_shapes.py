@@ -45,13 +45,17 @@ def test_features_at_the_wrong_resolution_are_refused(G):
         G.synthesis.b8.conv0(x, ws[:, 1], noise_mode="none")
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda G, ws: G.synthesis.b8(torch.randn(2, 32, 4, 4), None, ws[:, 1:3]), r"block's ws must be \[N, 3, 32\]"),
-    (lambda G, ws: G.synthesis.b8.conv1(torch.randn(2, 16, 8, 8), ws[:, 2]), r"layer's x must be \[N, 32, 8, 8\]"),
-    (lambda G, ws: G.synthesis.b8.conv1(torch.randn(2, 32, 8, 8), ws[:, 2, :16]), r"layer's w must be \[N, 32\]"),
-    (lambda G, ws: G.synthesis.b8.torgb(torch.randn(2, 16, 8, 8), ws[:, 3]), r"toRGB's x must be \[N, 32, N, N\]"),
-    (lambda G, ws: G.synthesis.b8.torgb(torch.randn(32, 8, 8), ws[:, 3]), r"toRGB's x must be \[N, 32, N, N\]"),
-], ids=["block-ws", "layer-x-channels", "layer-w", "torgb-x-channels", "torgb-x-3d"])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda G, ws: G.synthesis.b8(torch.randn(2, 32, 4, 4), None, ws[:, 1:3]), r"block's ws must be \[N, 3, 32\]"),
+        (lambda G, ws: G.synthesis.b8.conv1(torch.randn(2, 16, 8, 8), ws[:, 2]), r"layer's x must be \[N, 32, 8, 8\]"),
+        (lambda G, ws: G.synthesis.b8.conv1(torch.randn(2, 32, 8, 8), ws[:, 2, :16]), r"layer's w must be \[N, 32\]"),
+        (lambda G, ws: G.synthesis.b8.torgb(torch.randn(2, 16, 8, 8), ws[:, 3]), r"toRGB's x must be \[N, 32, N, N\]"),
+        (lambda G, ws: G.synthesis.b8.torgb(torch.randn(32, 8, 8), ws[:, 3]), r"toRGB's x must be \[N, 32, N, N\]"),
+    ],
+    ids=["block-ws", "layer-x-channels", "layer-w", "torgb-x-channels", "torgb-x-3d"],
+)
 def test_each_layer_names_the_shape_it_takes(G, call, message):
     with pytest.raises(ValueError, match=message):
         call(G, _ws(G))

@@ -50,7 +50,9 @@ def _render(G, pivot) -> torch.Tensor:
 @pytest.mark.parametrize("exact", [True, False])
 def test_rendering_from_the_file_matches_the_tuned_generator(tmp_path, base, base_hash, tuned, exact) -> None:
     G_tuned, pivot = tuned
-    path = Identity.from_tuning(base, G_tuned, pivot, base_hash, "builtin:tiny", exact=exact, meta={"steps": 12}).save(tmp_path / "me.pti")
+    path = Identity.from_tuning(base, G_tuned, pivot, base_hash, "builtin:tiny", exact=exact, meta={"steps": 12}).save(
+        tmp_path / "me.pti"
+    )
     ident = Identity.load(path)
     assert ident.exact is exact and ident.base_hash == base_hash and ident.base_hint == "builtin:tiny"
     assert ident.meta == {"steps": 12}
@@ -89,8 +91,15 @@ def test_a_different_base_generator_is_refused(tmp_path, base, base_hash, tuned)
     with pytest.raises(IdentityError, match="tuned on generator"):
         ident.apply(other)
     with pytest.raises(IdentityError, match="same --network"):
-        ident.apply(Generator(z_dim=64, w_dim=64, img_resolution=64, mapping_kwargs=dict(num_layers=4),
-                              synthesis_kwargs=dict(channel_base=2048, channel_max=128)))
+        ident.apply(
+            Generator(
+                z_dim=64,
+                w_dim=64,
+                img_resolution=64,
+                mapping_kwargs=dict(num_layers=4),
+                synthesis_kwargs=dict(channel_base=2048, channel_max=128),
+            )
+        )
     with pytest.raises(IdentityError):
         ident.apply(base, base_hash="0" * 64)
     ident.apply(base, base_hash=base_hash)  # the right base is accepted
@@ -100,7 +109,7 @@ def _bad_files(tmp_path: Path, good: Path) -> dict[str, Path]:
     data = good.read_bytes()
     files = {
         "truncated": data[: len(data) // 2],
-        "header only": data[:8 + int.from_bytes(data[:8], "little")],
+        "header only": data[: 8 + int.from_bytes(data[:8], "little")],
         "empty": b"",
         "flipped header": data[:8] + bytes(b ^ 0xFF for b in data[8:40]) + data[40:],
         "huge header length": (2**40).to_bytes(8, "little") + data[8:],
@@ -175,8 +184,14 @@ def test_1024px_config_f_identity_is_about_56_mb(tmp_path) -> None:
     `nbytes` is checked against the file written to disk: its size less the safetensors header
     (8 length bytes, then the JSON header of that length) is the tensor data.
     """
-    G = Generator(z_dim=512, w_dim=512, img_resolution=1024, img_channels=3, mapping_kwargs=dict(num_layers=8),
-                  synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256))
+    G = Generator(
+        z_dim=512,
+        w_dim=512,
+        img_resolution=1024,
+        img_channels=3,
+        mapping_kwargs=dict(num_layers=8),
+        synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256),
+    )
     assert sum(p.numel() for p in G.synthesis.parameters()) == pytest.approx(28.27e6, rel=1e-3)  # the published count
     ident = Identity.from_tuning(G, G, torch.zeros(1, G.num_ws, G.w_dim), "hash")
     del G
@@ -193,11 +208,14 @@ def test_1024px_config_f_identity_is_about_56_mb(tmp_path) -> None:
     assert exact / 1e6 == pytest.approx(113.1, abs=0.3)
 
 
-@pytest.mark.parametrize("tamper,match", [
-    (lambda t: {**t, "evil.synthesis.b4.const": next(iter(t.values()))}, "does not fit"),
-    (lambda t: {k: (v[:1] if i == 0 else v) for i, (k, v) in enumerate(t.items())}, "shape"),
-    (lambda t: dict(list(t.items())[1:]), "lacks"),
-])
+@pytest.mark.parametrize(
+    "tamper,match",
+    [
+        (lambda t: {**t, "evil.synthesis.b4.const": next(iter(t.values()))}, "does not fit"),
+        (lambda t: {k: (v[:1] if i == 0 else v) for i, (k, v) in enumerate(t.items())}, "shape"),
+        (lambda t: dict(list(t.items())[1:]), "lacks"),
+    ],
+)
 def test_tampered_identity_tensors_are_refused(base, base_hash, tuned, tamper, match) -> None:
     G, pivot = tuned
     ident = Identity.from_tuning(base, G, pivot, base_hash)

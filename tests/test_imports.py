@@ -29,17 +29,19 @@ import pti
 
 PTI_DIR = Path(pti.__file__).parent
 
-# The floors, bottom to top (the README's architecture section). A module may import from its own floor
-# or below. Inside one floor any direction is fine (`pti.engine.*` among themselves, `pti.kernels.*`
+# The floors, bottom to top (as in the README's architecture section). A module may import from its own
+# floor or below. Inside one floor any direction is fine (`pti.engine.*` among themselves, `pti.kernels.*`
 # among themselves), as long as it makes no cycle. A name covers that module and, for a package, every
-# module under it; `pti` alone is the package's own __init__.py (the lazy public API: pti.tune,
+# module under it; the longest name that covers a module decides (pti.export.contract is on 5, the rest
+# of pti.export on 5.5); `pti` alone is the package's own __init__.py (the lazy public API: pti.tune,
 # pti.render, pti.load_generator). A module that no entry covers fails the test: give it a floor here.
-FLOORS: dict[int, tuple[str, ...]] = {
+FLOORS: dict[float, tuple[str, ...]] = {
     1: ("pti._version", "pti.errors", "pti.signals"),  # leaves
     2: ("pti.fsutil",),  # atomic writes, the ledger of completed files, hashing
     3: ("pti.kernels",),  # reference ops, the impl= dispatch, Triton kernels
     4: ("pti.engine",),  # generator, checkpoints, losses, invert, tune, identity, edits, align, weights
-    5: ("pti.export", "pti.pipeline"),  # exports and their contract; one photo, start to end
+    5: ("pti.export.contract",),  # the export contract (names, shapes, profiles, checks): below every format
+    5.5: ("pti.export", "pti.pipeline"),  # the export formats and backends; one photo, start to end
     6: ("pti.batch", "pti.rendering"),  # many photos; edits rendered through a backend
     7: ("pti", "pti.api", "pti.studio", "pti.benchmark"),  # the public API, the web app, pti bench
     8: ("pti.commands", "pti.cli", "pti.__main__"),  # the console script
@@ -101,8 +103,13 @@ class _Statements(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         f = node.func
         name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
-        if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str) and not (name == "import_module" and len(node.args) > 1):
+        if (
+            name in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and not (name == "import_module" and len(node.args) > 1)
+        ):
             self.found.append((node, self._scope()))
         self.generic_visit(node)
 
@@ -122,9 +129,13 @@ def _defined_names(tree: ast.Module) -> set[str] | None:
                 return None
             names |= {a.asname or a.name.split(".")[0] for a in node.names}
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.For, ast.With)):
-            for target in ([*node.targets] if isinstance(node, ast.Assign) else
-                           [i.optional_vars for i in node.items if i.optional_vars] if isinstance(node, ast.With) else
-                           [node.target]):
+            for target in (
+                [*node.targets]
+                if isinstance(node, ast.Assign)
+                else [i.optional_vars for i in node.items if i.optional_vars]
+                if isinstance(node, ast.With)
+                else [node.target]
+            ):
                 names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
         if isinstance(node, (ast.If, ast.For, ast.While, ast.With, ast.Try)):
             for field in ("body", "orelse", "finalbody", "handlers"):
@@ -248,12 +259,13 @@ def describe_cycles(graph: dict[str, set[str]], imports: list[Import]) -> str:
     tangles = find_tangles(graph)
     lines = [f"{len(tangles)} import cycle(s); every import counts, lazy ones included:"]
     for tangle, cycle in zip(tangles, find_cycles(graph)):
-        lines.append("  " + " -> ".join(cycle) + (f"  (the tangle: {', '.join(sorted(tangle))})" if len(tangle) > 2 else ""))
+        whole = f"  (the tangle: {', '.join(sorted(tangle))})" if len(tangle) > 2 else ""
+        lines.append("  " + " -> ".join(cycle) + whole)
         lines += [f"      {imp}" for imp in imports if imp.source in tangle and imp.target in tangle]
     return "\n".join(lines)
 
 
-def floor_of(module: str, floors: dict[int, tuple[str, ...]], package: str) -> int | None:
+def floor_of(module: str, floors: dict[float, tuple[str, ...]], package: str) -> float | None:
     """The floor of a module: its longest covering entry (`package` alone covers only its __init__.py)."""
     best = None
     for floor, names in floors.items():
@@ -264,8 +276,9 @@ def floor_of(module: str, floors: dict[int, tuple[str, ...]], package: str) -> i
     return best and best[0]
 
 
-def floor_violations(package_dir: Path, package: str, floors: dict[int, tuple[str, ...]],
-                     leaves: tuple[str, ...] = ()) -> list[str]:
+def floor_violations(
+    package_dir: Path, package: str, floors: dict[float, tuple[str, ...]], leaves: tuple[str, ...] = ()
+) -> list[str]:
     """Each import that points up a floor or out of a leaf, and each module without a floor, as one line."""
     out = []
     for module in module_names(package_dir, package):
@@ -276,8 +289,10 @@ def floor_violations(package_dir: Path, package: str, floors: dict[int, tuple[st
         if imp.source in leaves:
             out.append(f"{imp.where} ({imp.scope}): {imp.source} is a leaf and imports {imp.target}: {imp.statement}")
         elif mine is not None and theirs is not None and theirs > mine:
-            out.append(f"{imp.where} ({imp.scope}): {imp.source} (floor {mine}) imports {imp.target} (floor {theirs}), "
-                       f"a floor above it: {imp.statement}")
+            out.append(
+                f"{imp.where} ({imp.scope}): {imp.source} (floor {mine}) imports {imp.target} (floor {theirs}), "
+                f"a floor above it: {imp.statement}"
+            )
     return out
 
 
@@ -302,8 +317,9 @@ _IMPORT_EACH = textwrap.dedent("""
 
 
 def import_each_fresh(package: str, where: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH, package, str(where)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, package, str(where)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -322,8 +338,10 @@ def test_pti_has_no_import_cycle() -> None:
 def test_pti_imports_only_from_its_own_floor_or_below() -> None:
     violations = floor_violations(PTI_DIR, "pti", FLOORS, LEAVES)
     if violations:
-        pytest.fail(f"{len(violations)} import(s) against the floors (FLOORS in {__name__}):\n" + "\n".join(violations),
-                    pytrace=False)
+        pytest.fail(
+            f"{len(violations)} import(s) against the floors (FLOORS in {__name__}):\n" + "\n".join(violations),
+            pytrace=False,
+        )
 
 
 def test_every_pti_import_names_a_module_or_name_that_exists() -> None:
@@ -388,12 +406,18 @@ def test_a_cycle_is_found_and_every_kind_of_import_is_an_edge(tmp_path) -> None:
 
 
 def test_a_cycle_through_lazy_imports_only_is_reported_with_file_and_line(tmp_path) -> None:
-    pkg = _write_package(tmp_path, {
-        "lz/__init__.py": "",
-        "lz/api.py": "import os\n\ndef tune():\n    from lz.batch import tune_many\n    return tune_many\n",
-        "lz/batch.py": "def tune_many():\n    import lz.api as api\n    return api\n",
-        "lz/ok.py": "def f():\n    from lz import api\n",  # one way only: no cycle
-    }) / "lz"
+    pkg = (
+        _write_package(
+            tmp_path,
+            {
+                "lz/__init__.py": "",
+                "lz/api.py": "import os\n\ndef tune():\n    from lz.batch import tune_many\n    return tune_many\n",
+                "lz/batch.py": "def tune_many():\n    import lz.api as api\n    return api\n",
+                "lz/ok.py": "def f():\n    from lz import api\n",  # one way only: no cycle
+            },
+        )
+        / "lz"
+    )
     assert import_each_fresh("lz", tmp_path)["errors"] == {}  # nothing breaks at import time...
     graph = import_graph(pkg, "lz")
     assert find_cycles(graph) == [["lz.api", "lz.batch", "lz.api"]]  # ...and still the cycle is found
@@ -404,14 +428,20 @@ def test_a_cycle_through_lazy_imports_only_is_reported_with_file_and_line(tmp_pa
 
 
 def test_two_tangles_give_two_cycles_and_a_dynamic_import_by_literal_counts(tmp_path) -> None:
-    pkg = _write_package(tmp_path, {
-        "tg/__init__.py": "",
-        "tg/k1.py": "def f():\n    from tg import k2\n",
-        "tg/k2.py": "import importlib\ndef g():\n    return importlib.import_module('tg.k1')\n",
-        "tg/e1.py": "from tg.e2 import Y\nclass C:\n    def m(self):\n        from tg.e3 import Z\n",
-        "tg/e2.py": "Y = 1\n",
-        "tg/e3.py": "Z = 1\ndef h():\n    return __import__('tg.e1')\n",
-    }) / "tg"
+    pkg = (
+        _write_package(
+            tmp_path,
+            {
+                "tg/__init__.py": "",
+                "tg/k1.py": "def f():\n    from tg import k2\n",
+                "tg/k2.py": "import importlib\ndef g():\n    return importlib.import_module('tg.k1')\n",
+                "tg/e1.py": "from tg.e2 import Y\nclass C:\n    def m(self):\n        from tg.e3 import Z\n",
+                "tg/e2.py": "Y = 1\n",
+                "tg/e3.py": "Z = 1\ndef h():\n    return __import__('tg.e1')\n",
+            },
+        )
+        / "tg"
+    )
     graph = import_graph(pkg, "tg")
     assert find_cycles(graph) == [["tg.e1", "tg.e3", "tg.e1"], ["tg.k1", "tg.k2", "tg.k1"]]
     message = describe_cycles(graph, package_imports(pkg, "tg")[0])
@@ -438,12 +468,14 @@ def test_a_floor_violation_is_reported_with_file_and_line(tmp_path) -> None:
     violations = floor_violations(pkg, "fl", FLOORED_FLOORS, leaves=("fl.errors",))
     assert violations == [
         f"fl.stray has no floor: give it one in FLOORS ({__name__})",
-        "fl/engine/b.py:2 (in f()): fl.engine.b (floor 3) imports fl.top (floor 4), a floor above it: from fl.top import run",
+        "fl/engine/b.py:2 (in f()): fl.engine.b (floor 3) imports fl.top (floor 4), a floor above it: "
+        "from fl.top import run",
         "fl/errors.py:2 (in describe()): fl.errors is a leaf and imports fl.io: from fl.io import write",
     ]
     assert floor_of("fl", FLOORED_FLOORS, "fl") == 4 and floor_of("fl.engine.a", FLOORED_FLOORS, "fl") == 3
     assert floor_of("fl.stray", FLOORED_FLOORS, "fl") is None  # `fl` covers only fl/__init__.py
     assert floor_of("fl.io", {1: ("fl.i",)}, "fl") is None  # an entry covers whole names only
+    assert floor_of("pti.export.contract", FLOORS, "pti") == 5 < floor_of("pti.export.onnx", FLOORS, "pti")  # longest
     fixed = {1: ("fl.errors",), 2: ("fl.io", "fl.stray"), 3: ("fl.engine",), 4: ("fl", "fl.top")}
     (pkg / "errors.py").write_text("")
     (pkg / "engine" / "b.py").write_text("")
@@ -451,37 +483,51 @@ def test_a_floor_violation_is_reported_with_file_and_line(tmp_path) -> None:
 
 
 def test_an_import_of_something_moved_away_is_reported(tmp_path) -> None:
-    pkg = _write_package(tmp_path, {
-        "mv/__init__.py": "from mv.a import X\n",
-        "mv/a.py": "X = 1\ntry:\n    import json as J\nexcept ImportError:\n    J = None\nclass K: pass\n",
-        "mv/b.py": "from mv.a import X, J, K\nfrom . import a\ndef f():\n    from mv.a import gone\n    from mv.old import Y\n"
-                   "    from mv import X\n",
-        "mv/c.py": "def __getattr__(name):\n    return 1\n",
-        "mv/d.py": "from mv.c import anything\n",  # a module-level __getattr__ may define anything
-    }) / "mv"
+    pkg = (
+        _write_package(
+            tmp_path,
+            {
+                "mv/__init__.py": "from mv.a import X\n",
+                "mv/a.py": "X = 1\ntry:\n    import json as J\nexcept ImportError:\n    J = None\nclass K: pass\n",
+                "mv/b.py": "from mv.a import X, J, K\nfrom . import a\n"
+                "def f():\n    from mv.a import gone\n    from mv.old import Y\n    from mv import X\n",
+                "mv/c.py": "def __getattr__(name):\n    return 1\n",
+                "mv/d.py": "from mv.c import anything\n",  # a module-level __getattr__ may define anything
+            },
+        )
+        / "mv"
+    )
     assert package_imports(pkg, "mv")[1] == [
         "mv/b.py:4 (in f()): from mv.a import gone: mv.a defines no gone",
         "mv/b.py:5 (in f()): from mv.old import Y: there is no module mv.old",
     ]
 
 
-def test_a_lazy_import_planted_in_a_copy_of_pti_is_caught(tmp_path) -> None:
-    """The real floors table on the real tree: one lazy import up from the kernels is a cycle and a violation."""
+@pytest.mark.parametrize(
+    "module, planted",
+    [
+        ("pti.kernels.ref", "from pti.engine.generator import Generator"),  # kernels -> engine -> kernels
+        ("pti.export.contract", "from pti.export.onnx import export_onnx"),  # a back-up import inside export
+        ("pti.errors", "from pti.fsutil import atomic_path"),  # a leaf that imports
+    ],
+    ids=["up-a-floor", "inside-export", "leaf"],
+)
+def test_a_lazy_import_planted_in_a_copy_of_pti_is_caught(tmp_path, module, planted) -> None:
+    """The real floors table on the real tree: one lazy import, and both checks fail, saying where it is."""
     copy = tmp_path / "pti"
     shutil.copytree(PTI_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     before = floor_violations(copy, "pti", FLOORS, LEAVES)
-    ref = copy / "kernels" / "ref.py"
-    lines = ref.read_text().splitlines()
-    ref.write_text("\n".join(lines + ["", "", "def _planted():", "    from pti.engine.generator import Generator", ""]))
-    where = f"pti/kernels/ref.py:{len(lines) + 4} (in _planted()): "
-    violations = floor_violations(copy, "pti", FLOORS, LEAVES)
-    assert set(violations) - set(before) == {where + "pti.kernels.ref (floor 3) imports pti.engine.generator (floor 4), "
-                                                      "a floor above it: from pti.engine.generator import Generator"}
+    path = copy.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + ["", "", "def _planted():", f"    {planted}", ""]))
+    where = f"{path.relative_to(tmp_path).as_posix()}:{len(lines) + 4} (in _planted()): "
+    target = planted.split()[1]
+    new = set(floor_violations(copy, "pti", FLOORS, LEAVES)) - set(before)
+    assert len(new) == 1 and next(iter(new)).startswith(where + module) and next(iter(new)).endswith(planted)
+    assert target in next(iter(new))
     graph = import_graph(copy, "pti")
-    assert "pti.kernels.ref" in graph["pti.engine.generator"] or "pti.kernels" in graph["pti.engine.generator"]
-    tangle = next(t for t in find_tangles(graph) if "pti.kernels.ref" in t)
-    assert "pti.engine.generator" in tangle
-    assert where + "from pti.engine.generator import Generator" in describe_cycles(graph, package_imports(copy, "pti")[0])
+    assert any({module, target} <= tangle for tangle in find_tangles(graph))
+    assert where + planted in describe_cycles(graph, package_imports(copy, "pti")[0])
 
 
 def test_a_cycle_that_breaks_at_run_time_is_reported(tmp_path) -> None:

@@ -115,7 +115,8 @@ def test_progress_reports_every_step(G, target) -> None:
 
 
 def _recipe_lr(step: int, steps: int) -> float:
-    """REFERENCE §1, written out: t = step/steps; r = min(1, (1-t)/0.25); r = 0.5 - 0.5 cos(pi r); r *= min(1, t/0.05)."""
+    """REFERENCE §1, written out:
+    t = step/steps; r = min(1, (1-t)/0.25); r = 0.5 - 0.5 cos(pi r); r *= min(1, t/0.05)."""
     t = step / steps
     r = min(1.0, (1.0 - t) / 0.25)
     r = 0.5 - 0.5 * math.cos(math.pi * r)
@@ -169,18 +170,29 @@ INVERT_REFUSED = {
     "steps": [0, -5, 10.0, True],
     "space": ["z", "W", None],
     "w_avg_samples": [0, 600.5],
-    "w_avg_seed": [-1, 2**32, 1.5],            # numpy's RandomState takes 32-bit seeds
+    "w_avg_seed": [-1, 2**32, 1.5],  # numpy's RandomState takes 32-bit seeds
     "initial_lr": [0.0, -0.01, NAN, INF],
-    "lr_rampup": [0.0, 1.5, NAN],              # divides t
-    "lr_rampdown": [0.0, -0.25, 2.0],          # divides 1 - t
+    "lr_rampup": [0.0, 1.5, NAN],  # divides t
+    "lr_rampdown": [0.0, -0.25, 2.0],  # divides 1 - t
     "initial_noise_factor": [-0.05, INF],
-    "noise_ramp": [0.0, -0.75, NAN],           # divides t
+    "noise_ramp": [0.0, -0.75, NAN],  # divides t
     "noise_reg_weight": [-1.0, INF],
     "seed": [-1, 2**64, "0"],
 }
 INVERT_EDGES = [
-    dict(steps=1, space="w+", w_avg_samples=1, w_avg_seed=0, initial_lr=1e-9, lr_rampup=1.0, lr_rampdown=1.0,
-         initial_noise_factor=0.0, noise_ramp=1e-6, noise_reg_weight=0.0, seed=None),
+    dict(
+        steps=1,
+        space="w+",
+        w_avg_samples=1,
+        w_avg_seed=0,
+        initial_lr=1e-9,
+        lr_rampup=1.0,
+        lr_rampdown=1.0,
+        initial_noise_factor=0.0,
+        noise_ramp=1e-6,
+        noise_reg_weight=0.0,
+        seed=None,
+    ),
     dict(w_avg_seed=2**32 - 1, seed=2**64 - 1, lr_rampup=1e-6, noise_ramp=5.0, steps=np.int64(2)),
 ]
 

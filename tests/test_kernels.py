@@ -36,8 +36,8 @@ from pti.kernels._triton_common import demod_coefficients  # noqa: E402
 
 SHAPES = [  # (batch, in, out, size, kernel)
     (1, 16, 24, 6, 3),
-    (3, 33, 40, 5, 3),     # channel counts off the 16/32 tiles: masks
-    (2, 48, 3, 8, 1),      # toRGB-like 1x1
+    (3, 33, 40, 5, 3),  # channel counts off the 16/32 tiles: masks
+    (2, 48, 3, 8, 1),  # toRGB-like 1x1
 ]
 
 
@@ -46,8 +46,11 @@ def _inputs(batch, c_in, c_out, size, k, dtype, noise_kind, seed=0):
     x = torch.randn(batch, c_in, size, size, generator=g).to(dtype)
     w = torch.randn(c_out, c_in, k, k, generator=g).to(dtype)
     s = (torch.randn(batch, c_in, generator=g) * 0.5 + 1).to(dtype)
-    noise = {"none": None, "const": torch.randn(size, size, generator=g) * 0.1,
-             "random": torch.randn(batch, 1, size, size, generator=g) * 0.1}[noise_kind]
+    noise = {
+        "none": None,
+        "const": torch.randn(size, size, generator=g) * 0.1,
+        "random": torch.randn(batch, 1, size, size, generator=g) * 0.1,
+    }[noise_kind]
     return x.to(DEVICE), w.to(DEVICE), s.to(DEVICE), (None if noise is None else noise.to(dtype).to(DEVICE))
 
 
@@ -57,8 +60,15 @@ def _bound(x, w, s, noise, demodulate, dtype):
     x, w, s = x.cpu(), w.cpu(), s.cpu()
     noise = None if noise is None else noise.cpu()
     x64, w64, s64 = x.double(), w.double(), s.double()
-    y64 = ref.modulated_conv2d(x64, w64, s64, noise=None if noise is None else noise.double(), padding=k // 2,
-                               demodulate=demodulate, fused_modconv=False)
+    y64 = ref.modulated_conv2d(
+        x64,
+        w64,
+        s64,
+        noise=None if noise is None else noise.double(),
+        padding=k // 2,
+        demodulate=demodulate,
+        fused_modconv=False,
+    )
     S = torch.nn.functional.conv2d((x64 * s64[:, :, None, None]).abs(), w64.abs(), padding=k // 2)
     if demodulate:
         d = ((w64[None] * s64[:, None, :, None, None]).square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
@@ -100,25 +110,39 @@ def _grad_bounds(x, w, s, noise, grad, demodulate, dtype, bias=None):
     N, _, H, W_ = x.shape
     x64, w64, s64, g64 = (t.detach().cpu().double() for t in (x, w, s, grad))
     n64 = None if noise is None else noise.detach().cpu().double()
-    leaves = [t.clone().requires_grad_() for t in (x64, w64, s64)] + ([] if n64 is None else [n64.clone().requires_grad_()])
-    y64 = ref.modulated_conv2d(*leaves[:3], noise=leaves[3] if n64 is not None else None, padding=k // 2,
-                               demodulate=demodulate, fused_modconv=False)
+    leaves = [t.clone().requires_grad_() for t in (x64, w64, s64)] + (
+        [] if n64 is None else [n64.clone().requires_grad_()]
+    )
+    y64 = ref.modulated_conv2d(
+        *leaves[:3],
+        noise=leaves[3] if n64 is not None else None,
+        padding=k // 2,
+        demodulate=demodulate,
+        fused_modconv=False,
+    )
     truth = list(torch.autograd.grad(y64, leaves, g64)) + ([None] if n64 is None else [])
     conv, conv_t = torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d
     A, Sa, Wa, G = x64.abs(), s64.abs(), w64.abs(), g64.abs()
-    d = ((w64[None] * s64[:, None, :, None, None]).square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt() if demodulate \
+    d = (
+        ((w64[None] * s64[:, None, :, None, None]).square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
+        if demodulate
         else torch.ones(N, O, dtype=torch.float64)
+    )
     GD = G * d[:, :, None, None]
-    e_d = (I + 4) * EPS32 if demodulate else 0.0           # relative error of the coefficients
+    e_d = (I + 4) * EPS32 if demodulate else 0.0  # relative error of the coefficients
     eps = torch.finfo(dtype).eps
-    back = conv_t(GD, Wa, padding=k // 2)                   # |conv^T(d g, W)|, [N, I, H, W]
+    back = conv_t(GD, Wa, padding=k // 2)  # |conv^T(d g, W)|, [N, I, H, W]
     tol_x = (O * k * k + 3) * EPS32 * Sa[:, :, None, None] * back + e_d * Sa[:, :, None, None] * back
     tol_s = (O * k * k + H * W_ + 3) * EPS32 * (A * back).sum(dim=[2, 3]) + e_d * (A * back).sum(dim=[2, 3])
     S_w = torch.nn.grad.conv2d_weight(A * Sa[:, :, None, None], w.shape, GD, padding=k // 2)
     tol_w = (N * H * W_ + 3) * EPS32 * S_w + e_d * S_w
     if demodulate:  # the coefficients' own gradient: dd = sum_p g (y - noise) / d, dq = -d^3 / 2 dd
-        Z = conv(A * Sa[:, :, None, None], Wa, padding=k // 2)                      # |z| bound
-        Y = Z * d[:, :, None, None] + (0 if n64 is None else n64.abs()) + (0 if bias is None else bias.cpu().double().abs()[:, None, None])
+        Z = conv(A * Sa[:, :, None, None], Wa, padding=k // 2)  # |z| bound
+        Y = (
+            Z * d[:, :, None, None]
+            + (0 if n64 is None else n64.abs())
+            + (0 if bias is None else bias.cpu().double().abs()[:, None, None])
+        )
         M_dd = (G * Z).sum(dim=[2, 3])
         E_dd = (H * W_ + I * k * k + 3) * EPS32 * M_dd + e_d * M_dd + eps * (G * Y).sum(dim=[2, 3]) / d
         E_q = 0.5 * d.pow(3) * (E_dd + (3 * e_d + 3 * EPS32) * M_dd)
@@ -135,9 +159,16 @@ def _grad_bounds(x, w, s, noise, grad, demodulate, dtype, bias=None):
 
 
 def _gradients(x, w, s, noise, grad, demodulate):
-    leaves = [t.clone().requires_grad_() for t in (x, w, s)] + ([] if noise is None else [noise.clone().requires_grad_()])
-    y = kernels.modulated_conv2d(*leaves[:3], noise=leaves[3] if noise is not None else None, padding=w.shape[-1] // 2,
-                                 demodulate=demodulate, impl="triton")
+    leaves = [t.clone().requires_grad_() for t in (x, w, s)] + (
+        [] if noise is None else [noise.clone().requires_grad_()]
+    )
+    y = kernels.modulated_conv2d(
+        *leaves[:3],
+        noise=leaves[3] if noise is not None else None,
+        padding=w.shape[-1] // 2,
+        demodulate=demodulate,
+        impl="triton",
+    )
     return list(torch.autograd.grad(y, leaves, grad)) + ([None] if noise is None else [])
 
 
@@ -177,10 +208,18 @@ def test_wrong_backwards_are_outside_the_bound(monkeypatch):
 
     def no_demod_gradient(grad, x, weight, styles, noise, y, demodulate, needs):
         dx, _, _, dn = right(grad, x, weight, styles, noise, y, demodulate, needs)
-        dw = torch.nn.grad.conv2d_weight(x * styles[:, :, None, None], weight.shape,
-                                         grad * demod_coefficients(weight, styles)[:, :, None, None], padding=1)
-        dxs = T._launch(grad, weight.transpose(0, 1).flip([2, 3]).contiguous(), demod_coefficients(weight, styles),
-                        out_dtype=torch.float32)
+        dw = torch.nn.grad.conv2d_weight(
+            x * styles[:, :, None, None],
+            weight.shape,
+            grad * demod_coefficients(weight, styles)[:, :, None, None],
+            padding=1,
+        )
+        dxs = T._launch(
+            grad,
+            weight.transpose(0, 1).flip([2, 3]).contiguous(),
+            demod_coefficients(weight, styles),
+            out_dtype=torch.float32,
+        )
         return dx, dw, (dxs * x).sum(dim=[2, 3]), dn
 
     monkeypatch.setattr(T, "backward", no_demod_gradient)
@@ -216,12 +255,20 @@ def test_not_in_auto_until_measured_and_unsupported_inputs_refused():
     assert kernels.chosen()["modulated_conv2d"] == "ref"  # auto: the reference
     assert "triton" in kernels.available("modulated_conv2d")
     with pytest.raises(ValueError, match="cannot run these inputs"):  # the up-sampling layers stay on the reference
-        kernels.modulated_conv2d(x, w, s, up=2, padding=1, resample_filter=kernels.setup_filter([1, 3, 3, 1]),
-                                 flip_weight=False, impl="triton")
+        kernels.modulated_conv2d(
+            x,
+            w,
+            s,
+            up=2,
+            padding=1,
+            resample_filter=kernels.setup_filter([1, 3, 3, 1]),
+            flip_weight=False,
+            impl="triton",
+        )
 
 
 LAYERS = [  # (shape, act, gain, clamp): a synthesis layer (conv_clamp scaled so that it bites) and toRGB
-    ((2, 16, 24, 6, 3), "lrelu", 2 ** 0.5, 1.0),
+    ((2, 16, 24, 6, 3), "lrelu", 2**0.5, 1.0),
     ((2, 48, 3, 8, 1), "linear", 1.0, 0.3),
 ]
 
@@ -243,7 +290,7 @@ def _layer_case(shape, act, gain, clamp, dtype, noise_kind="random"):
     a64 = ref.bias_act(v64, act=act, gain=gain)
     near = (v64.abs() <= tol_v) if act != "linear" else torch.zeros_like(v64, dtype=torch.bool)
     # the backward sees the clamp in the stored y: a kink as wide as one rounding to dtype there
-    near |= ((a64.abs() - clamp).abs() <= gain * tol_v + 3 * EPS32 * a64.abs() + torch.finfo(dtype).eps * clamp)
+    near |= (a64.abs() - clamp).abs() <= gain * tol_v + 3 * EPS32 * a64.abs() + torch.finfo(dtype).eps * clamp
     g = g * (~near).to(DEVICE)
     y64 = ref.bias_act(v64, act=act, gain=gain, clamp=clamp)
     tol_y = gain * tol_v + 3 * EPS32 * a64.abs() + torch.finfo(dtype).eps * y64.abs()
@@ -254,8 +301,17 @@ def _layer_case(shape, act, gain, clamp, dtype, noise_kind="random"):
 
 def _fused_gradients(x, w, s, noise, b, g, act, gain, clamp):
     leaves = [t.clone().requires_grad_() for t in (x, w, s, noise, b)]
-    y = kernels.modulated_conv2d_act(*leaves[:3], noise=leaves[3], padding=w.shape[-1] // 2, demodulate=w.shape[-1] == 3,
-                                     bias=leaves[4], act=act, gain=gain, clamp=clamp, impl="triton")
+    y = kernels.modulated_conv2d_act(
+        *leaves[:3],
+        noise=leaves[3],
+        padding=w.shape[-1] // 2,
+        demodulate=w.shape[-1] == 3,
+        bias=leaves[4],
+        act=act,
+        gain=gain,
+        clamp=clamp,
+        impl="triton",
+    )
     return y, torch.autograd.grad(y, leaves, g)
 
 
@@ -312,8 +368,9 @@ def test_the_layer_op_splits_where_no_fused_kernel_applies():
     with pytest.raises(ValueError, match="cannot run these inputs"):  # named outright: no silent fallback
         kernels.modulated_conv2d_act(x, w, s, padding=1, bias=b, act="tanh", impl="triton")
     f = kernels.setup_filter([1, 3, 3, 1]).to(DEVICE)
-    kernels.modulated_conv2d_act(x, w, s, up=2, padding=1, resample_filter=f, flip_weight=False, bias=b, act="lrelu",
-                                 impl="prefer:triton")
+    kernels.modulated_conv2d_act(
+        x, w, s, up=2, padding=1, resample_filter=f, flip_weight=False, bias=b, act="lrelu", impl="prefer:triton"
+    )
     assert kernels.chosen()["modulated_conv2d_act"] == "triton"  # the up-sampling layer has its fused kernel
 
 
@@ -322,7 +379,11 @@ def test_the_layer_op_splits_where_no_fused_kernel_applies():
 # and conv_clamp. 8 px and 32 / 16 channels: under Triton's interpreter it runs in seconds where the built-in
 # tiny generator (64 px, 128 channels, the same layer kinds at more resolutions) took minutes.
 WHOLE = dict(
-    z_dim=32, c_dim=0, w_dim=32, img_resolution=8, img_channels=3,
+    z_dim=32,
+    c_dim=0,
+    w_dim=32,
+    img_resolution=8,
+    img_channels=3,
     mapping_kwargs=dict(num_layers=2),
     synthesis_kwargs=dict(channel_base=128, channel_max=32, num_fp16_res=0, conv_clamp=256),
 )
@@ -345,7 +406,9 @@ def test_a_whole_generator_prefers_the_kernel_where_it_applies(monkeypatch):
     results = {}
     up_layers = []
     real_up = triton_upfirdn.modulated_conv2d_up_act
-    monkeypatch.setattr(triton_upfirdn, "modulated_conv2d_up_act", lambda *a, **k: up_layers.append(1) or real_up(*a, **k))
+    monkeypatch.setattr(
+        triton_upfirdn, "modulated_conv2d_up_act", lambda *a, **k: up_layers.append(1) or real_up(*a, **k)
+    )
     for impl in ("ref", "prefer:triton"):
         leaf = ws.detach().clone().requires_grad_()
         img = G.synthesis(leaf, noise_mode="const", force_fp32=True, impl=impl)

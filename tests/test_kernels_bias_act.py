@@ -31,10 +31,10 @@ from pti.kernels import triton_bias_act as T  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CASES = [  # (shape, act, gain, clamp): the generator's uses and the odd ones
-    ((2, 24, 5, 7), "lrelu", 2 ** 0.5, 256.0 * 0.01),     # a synthesis layer, conv_clamp scaled so it bites
-    ((2, 24, 5, 7), "lrelu", 2 ** 0.5, None),
-    ((3, 40), "lrelu", None, None),                        # a mapping layer (2-D, default gain)
-    ((2, 3, 4, 4), "linear", None, 0.5),                   # toRGB: bias and clamp only
+    ((2, 24, 5, 7), "lrelu", 2**0.5, 256.0 * 0.01),  # a synthesis layer, conv_clamp scaled so it bites
+    ((2, 24, 5, 7), "lrelu", 2**0.5, None),
+    ((3, 40), "lrelu", None, None),  # a mapping layer (2-D, default gain)
+    ((2, 3, 4, 4), "linear", None, 0.5),  # toRGB: bias and clamp only
     ((2, 10, 3, 3), "relu", 1.5, None),
 ]
 
@@ -68,7 +68,7 @@ def _check(x, b, grad, act, gain, clamp, dtype, forward=None, backward=None):
     v64 = x64 + b64
     near_kink = v64.abs() <= tol_f32 if act != "linear" else torch.zeros_like(v64, dtype=torch.bool)
     if clamp is not None:
-        near_kink |= ((ref.bias_act(x64, b64.flatten(), act=act, gain=gain).abs() - clamp).abs() <= tol_f32)
+        near_kink |= (ref.bias_act(x64, b64.flatten(), act=act, gain=gain).abs() - clamp).abs() <= tol_f32
     tol_dx = (2 * EPS32 + eps) * dx64.abs()
     L = x.numel() // x.shape[1]
     sum_abs = dx64.abs().sum(dim=[i for i in range(x.ndim) if i != 1])
@@ -95,18 +95,19 @@ def test_forward_and_backward_within_the_bounds(case, dtype):
 
 def test_clamp_really_bites_in_the_clamped_case():
     x, b, _ = _inputs(CASES[0][0], torch.float32)
-    y = kernels.bias_act(x, b, act="lrelu", gain=2 ** 0.5, clamp=2.56, impl="triton")
+    y = kernels.bias_act(x, b, act="lrelu", gain=2**0.5, clamp=2.56, impl="triton")
     assert (y.abs() == 2.56).float().mean() > 0.05  # so the mask in the backward is exercised
 
 
 def _wrong_forward(alpha):
     def run(x, b, act, gain, clamp, impl):
         return T.bias_act(x, b, act=act, alpha=alpha, gain=gain, clamp=clamp)
+
     return run
 
 
 def _backward_without_clamp_mask(x, b, grad):
-    p = T._params(x, b, 1, "lrelu", None, 2 ** 0.5, None)  # the mask forgotten
+    p = T._params(x, b, 1, "lrelu", None, 2**0.5, None)  # the mask forgotten
     dx = T._launch(T._backward_kernel, torch.empty_like(x), grad.contiguous(), x.contiguous(), b, params=p)
     return dx, dx.float().sum(dim=[0, 2, 3]).to(b.dtype)
 

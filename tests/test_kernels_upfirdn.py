@@ -32,10 +32,10 @@ from pti.kernels import triton_upfirdn as T  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FIR = [  # (up, down, padding, filter taps, flip_filter): the generator's uses, crops, odd factors
-    (2, 1, [2, 1, 2, 1], [1, 3, 3, 1], False),     # upsample2d of the skip image
-    (1, 1, [1, 1, 1, 1], [1, 3, 3, 1], False),     # the FIR after a transposed conv
-    (1, 2, [1, 1, 1, 1], [1, 3, 3, 1], False),     # downsample
-    (2, 1, [-1, 2, 1, -2], [1, 2, 1], True),       # crops, an odd filter, correlation
+    (2, 1, [2, 1, 2, 1], [1, 3, 3, 1], False),  # upsample2d of the skip image
+    (1, 1, [1, 1, 1, 1], [1, 3, 3, 1], False),  # the FIR after a transposed conv
+    (1, 2, [1, 1, 1, 1], [1, 3, 3, 1], False),  # downsample
+    (2, 1, [-1, 2, 1, -2], [1, 2, 1], True),  # crops, an odd filter, correlation
     (3, 2, [1, 1, 2, 0], [1, 3, 3, 1], False),
 ]
 
@@ -49,7 +49,9 @@ def _fir_inputs(dtype, taps, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", FIR, ids=lambda c: f"up{c[0]}-down{c[1]}-pad{'_'.join(map(str, c[2]))}-flip{int(c[4])}")
+@pytest.mark.parametrize(
+    "case", FIR, ids=lambda c: f"up{c[0]}-down{c[1]}-pad{'_'.join(map(str, c[2]))}-flip{int(c[4])}"
+)
 def test_upfirdn2d_forward_and_backward_within_the_bounds(case, dtype):
     up, down, pad, taps, flip = case
     x, f = _fir_inputs(dtype, taps)
@@ -83,7 +85,7 @@ def test_a_wrong_fir_is_outside_the_bound():
 
 # ----------------------------------------------------------------------------- the up-sampling layer
 
-LAYER = dict(act="lrelu", gain=2 ** 0.5, clamp=1.0)
+LAYER = dict(act="lrelu", gain=2**0.5, clamp=1.0)
 
 
 def _layer_inputs(dtype, noise_kind, seed=0):
@@ -92,8 +94,11 @@ def _layer_inputs(dtype, noise_kind, seed=0):
     w = torch.randn(10, 12, 3, 3, generator=g).to(dtype)
     s = (torch.randn(2, 12, generator=g) * 0.5 + 1).to(dtype)
     b = (torch.randn(10, generator=g) * 0.2).to(dtype)
-    noise = {"none": None, "const": torch.randn(10, 10, generator=g) * 0.1,
-             "random": torch.randn(2, 1, 10, 10, generator=g) * 0.1}[noise_kind]
+    noise = {
+        "none": None,
+        "const": torch.randn(10, 10, generator=g) * 0.1,
+        "random": torch.randn(2, 1, 10, 10, generator=g) * 0.1,
+    }[noise_kind]
     g_out = torch.randn(2, 10, 10, 10, generator=g).to(dtype)
     f = kernels.setup_filter([1, 3, 3, 1])
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
@@ -109,26 +114,37 @@ def _layer_truth_and_bounds(x, w, s, b, noise, g_out, f, dtype):
     n64 = None if noise is None else noise.cpu().double()
     I, k = w.shape[1], w.shape[-1]
     d = ((w64[None] * s64[:, None, :, None, None]).square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
-    Z = _conv_up(x64.abs(), w64.abs(), s64.abs(), f64)                        # |z| bound
+    Z = _conv_up(x64.abs(), w64.abs(), s64.abs(), f64)  # |z| bound
     S_y = Z * d[:, :, None, None]
     eps = torch.finfo(dtype).eps
     lead = (I * k * k + 16 + I + 8) * EPS32
     tol_v = lead * S_y + EPS32 * b64.abs()[:, None, None]
-    z64 = ref.modulated_conv2d(x64, w64, s64, noise=n64, up=2, padding=1, resample_filter=f64, flip_weight=False,
-                               fused_modconv=False)
+    z64 = ref.modulated_conv2d(
+        x64, w64, s64, noise=n64, up=2, padding=1, resample_filter=f64, flip_weight=False, fused_modconv=False
+    )
     v64 = z64 + b64[:, None, None]
     a64 = ref.bias_act(v64, act="lrelu", gain=LAYER["gain"])
-    near = (v64.abs() <= tol_v) | ((a64.abs() - LAYER["clamp"]).abs() <= LAYER["gain"] * tol_v + 3 * EPS32 * a64.abs()
-                                   + eps * LAYER["clamp"])
+    near = (v64.abs() <= tol_v) | (
+        (a64.abs() - LAYER["clamp"]).abs() <= LAYER["gain"] * tol_v + 3 * EPS32 * a64.abs() + eps * LAYER["clamp"]
+    )
     g64 = g_out.cpu().double() * ~near
     y64 = ref.bias_act(v64, act="lrelu", gain=LAYER["gain"], clamp=LAYER["clamp"])
     tol_y = LAYER["gain"] * tol_v + 3 * EPS32 * a64.abs() + eps * y64.abs()
     # gradients: the truth through the float64 reference, driven by the activation's exact gradient
     v_leaf = v64.clone().requires_grad_()
     (dv64,) = torch.autograd.grad(ref.bias_act(v_leaf, **{**LAYER}), [v_leaf], g64)
-    leaves = [t.clone().requires_grad_() for t in (x64, w64, s64)] + ([] if n64 is None else [n64.clone().requires_grad_()])
-    z = ref.modulated_conv2d(*leaves[:3], noise=leaves[3] if n64 is not None else None, up=2, padding=1,
-                             resample_filter=f64, flip_weight=False, fused_modconv=False)
+    leaves = [t.clone().requires_grad_() for t in (x64, w64, s64)] + (
+        [] if n64 is None else [n64.clone().requires_grad_()]
+    )
+    z = ref.modulated_conv2d(
+        *leaves[:3],
+        noise=leaves[3] if n64 is not None else None,
+        up=2,
+        padding=1,
+        resample_filter=f64,
+        flip_weight=False,
+        fused_modconv=False,
+    )
     truth = list(torch.autograd.grad(z, leaves, dv64)) + ([None] if n64 is None else []) + [dv64.sum(dim=[0, 2, 3])]
     # abs-sums of the multilinear part: its gradient at |x|, |W|, |s| with |dv| d coming in
     GD = dv64.abs() * d[:, :, None, None]
@@ -149,7 +165,9 @@ def _layer_truth_and_bounds(x, w, s, b, noise, g_out, f, dtype):
     M_q = 0.5 * d.pow(3) * M_dd
     Wsq = w64.square().sum(dim=[2, 3])
     tol_s = tol_s + 2 * s64.abs() * (E_q @ Wsq + (O + k * k + 3) * EPS32 * (M_q @ Wsq))
-    tol_w = tol_w + 2 * w64.abs() * (E_q.t() @ s64.square() + (N + 3) * EPS32 * (M_q.t() @ s64.square()))[:, :, None, None]
+    tol_w = (
+        tol_w + 2 * w64.abs() * (E_q.t() @ s64.square() + (N + 3) * EPS32 * (M_q.t() @ s64.square()))[:, :, None, None]
+    )
     L = OH * OW * N
     tol_n = None if n64 is None else (dv64.numel() // n64.numel() + 1) * EPS32 * dv64.abs().sum_to_size(n64.shape)
     tol_b = (L + 3) * EPS32 * dv64.abs().sum(dim=[0, 2, 3])
@@ -159,10 +177,21 @@ def _layer_truth_and_bounds(x, w, s, b, noise, g_out, f, dtype):
 
 
 def _layer_run(x, w, s, b, noise, g, f):
-    leaves = [t.clone().requires_grad_() for t in (x, w, s)] + ([] if noise is None else [noise.clone().requires_grad_()])
+    leaves = [t.clone().requires_grad_() for t in (x, w, s)] + (
+        [] if noise is None else [noise.clone().requires_grad_()]
+    )
     bl = b.clone().requires_grad_()
-    y = kernels.modulated_conv2d_act(*leaves[:3], noise=leaves[3] if noise is not None else None, up=2, padding=1,
-                                     resample_filter=f, flip_weight=False, bias=bl, impl="triton", **LAYER)
+    y = kernels.modulated_conv2d_act(
+        *leaves[:3],
+        noise=leaves[3] if noise is not None else None,
+        up=2,
+        padding=1,
+        resample_filter=f,
+        flip_weight=False,
+        bias=bl,
+        impl="triton",
+        **LAYER,
+    )
     grads = list(torch.autograd.grad(y, leaves + [bl], g))
     if noise is None:
         grads.insert(3, None)
@@ -171,8 +200,11 @@ def _layer_run(x, w, s, b, noise, g, f):
 
 def _outside(got, truth, tols):
     names = ("x", "weight", "styles", "noise", "bias")
-    return {n: round(((a.cpu().double() - t).abs() / tol).max().item(), 2)
-            for n, a, t, tol in zip(names, got, truth, tols) if a is not None and ((a.cpu().double() - t).abs() > tol).any()}
+    return {
+        n: round(((a.cpu().double() - t).abs() / tol).max().item(), 2)
+        for n, a, t, tol in zip(names, got, truth, tols)
+        if a is not None and ((a.cpu().double() - t).abs() > tol).any()
+    }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
@@ -191,7 +223,7 @@ def test_up_layer_within_the_bounds(noise_kind, dtype):
 def test_a_wrong_up_layer_backward_is_outside_the_bound(monkeypatch):
     """The FIR gradient sent back through the filter as given instead of its transpose: caught."""
     x, w, s, b, noise, g, f = _layer_inputs(torch.float32, "random")
-    f = (f * (1 + 0.1 * torch.randn(f.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)))  # asymmetric
+    f = f * (1 + 0.1 * torch.randn(f.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE))  # asymmetric
     _, _, g, truth, tols, _ = _layer_truth_and_bounds(x, w, s, b, noise, g, f, torch.float32)
     real = T._transpose
     calls = []

@@ -12,8 +12,14 @@ import pti
 from helpers import make_scripted_vgg16_standin, random_lpips_state_dicts, standin_registry
 from pti.engine import weights as W
 from pti.engine.invert import InvertConfig
-from pti.engine.losses import (LPIPSPerceptual, VGGProjectorMetric, WeightFreePerceptual, WeightFreeProjectorMetric,
-                               load_losses, to_0_255)
+from pti.engine.losses import (
+    LPIPSPerceptual,
+    VGGProjectorMetric,
+    WeightFreePerceptual,
+    WeightFreeProjectorMetric,
+    load_losses,
+    to_0_255,
+)
 from pti.engine.ssim import ms_ssim
 from pti.engine.tune import TuneConfig
 from pti.errors import WeightsError
@@ -55,8 +61,15 @@ def test_pipeline_uses_paper_losses_when_cached(tmp_path, monkeypatch):
     reg = _cache_standins(tmp_path)
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(photo)
-    res = pti.tune([photo], out=tmp_path / "out", device="cpu", registry=reg, allow_fallback=False,
-                   invert_cfg=InvertConfig(steps=3), tune_cfg=TuneConfig(max_steps=2))
+    res = pti.tune(
+        [photo],
+        out=tmp_path / "out",
+        device="cpu",
+        registry=reg,
+        allow_fallback=False,
+        invert_cfg=InvertConfig(steps=3),
+        tune_cfg=TuneConfig(max_steps=2),
+    )
     rep = res[0].report
     assert rep["official_losses"] is True and rep["notice"] is None
     assert "lpips_alex" in rep["after_tuning"] and "lpips_alex" in rep["before_tuning"]

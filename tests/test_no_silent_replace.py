@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -179,12 +178,16 @@ def test_a_bad_photo_in_a_joint_run_leaves_nothing(tmp_path):
     assert not out.exists() or files_under(out) == [], files_under(out)
 
 
-@pytest.mark.parametrize("argv", [
-    ["render", "{pti}", "-o", "{tmp}/r/edits", "--backend", "onnx", "--engine", "{tmp}/no-export"],
-    ["align", "{tmp}/noface.png", "-o", "{tmp}/r/aligned"],
-    ["export", "{pti}", "--format", "tensorrt", "-o", "{tmp}/r/exp"],
-    ["tune", "{tmp}/a.png", "-o", "{tmp}/r/out", "--ray", "127.0.0.1:1", *FAST],
-], ids=["render", "align", "export", "ray"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["render", "{pti}", "-o", "{tmp}/r/edits", "--backend", "onnx", "--engine", "{tmp}/no-export"],
+        ["align", "{tmp}/noface.png", "-o", "{tmp}/r/aligned"],
+        ["export", "{pti}", "--format", "tensorrt", "-o", "{tmp}/r/exp"],
+        ["tune", "{tmp}/a.png", "-o", "{tmp}/r/out", "--ray", "127.0.0.1:1", *FAST],
+    ],
+    ids=["render", "align", "export", "ray"],
+)
 @pytest.mark.slow
 def test_failed_runs_leave_no_empty_folders(tmp_path, argv):
     out = tmp_path / "out"
@@ -212,6 +215,7 @@ def test_tune_progress_names_the_loss_it_uses_and_the_note_comes_once(tmp_path):
     assert proc.stdout.count("WEIGHT-FREE loss") == 1, proc.stdout
 
 
+@pytest.mark.slow
 def test_worker_processes_show_progress_per_photo_as_it_happens(tmp_path):
     photos = [_photo(tmp_path / f"p{i}.png", i) for i in range(2)]
     proc = run_pti("tune", *photos, "-o", tmp_path / "out", *FAST, "--workers", "2")
@@ -238,8 +242,16 @@ def test_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
     threading.Thread(target=lambda: held.extend(server.accept() for _ in range(4)), daemon=True).start()
     try:
         port = server.getsockname()[1]
-        proc = run_pti("tune", _photo(tmp_path / "a.png", 0), "-o", tmp_path / "out", *FAST, "--ray", f"127.0.0.1:{port}",
-                       timeout=60)
+        proc = run_pti(
+            "tune",
+            _photo(tmp_path / "a.png", 0),
+            "-o",
+            tmp_path / "out",
+            *FAST,
+            "--ray",
+            f"127.0.0.1:{port}",
+            timeout=60,
+        )
     finally:
         server.close()
     assert proc.returncode == 1 and no_traceback(proc)

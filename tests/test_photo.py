@@ -91,6 +91,7 @@ def test_unicode_path(tmp_path: Path) -> None:
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header claims a huge size: the cheapest decompression-bomb stand-in."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -32,8 +32,12 @@ def person(tmp_path_factory):
     base, G_tuned, pivot = tuned_tiny()
     tmp = tmp_path_factory.mktemp("person")
     digest = generator_hash(base)
-    paths = {exact: Identity.from_tuning(base, G_tuned, pivot, digest, "builtin:tiny", exact=exact).save(tmp / f"p{int(exact)}.pti")
-             for exact in (False, True)}
+    paths = {
+        exact: Identity.from_tuning(base, G_tuned, pivot, digest, "builtin:tiny", exact=exact).save(
+            tmp / f"p{int(exact)}.pti"
+        )
+        for exact in (False, True)
+    }
     dirs = E.save_ganspace(E.ganspace(base, components=8, samples=4000, seed=0), tmp / "dirs.pt")
     return dict(base=base, G=G_tuned, pivot=pivot[0], paths=paths, dirs=dirs, tmp=tmp)
 
@@ -98,12 +102,20 @@ def test_no_edit_renders_the_reconstruction(person, tmp_path):
 
 
 def test_a_sweep_writes_frames_a_grid_and_a_gif(person, tmp_path):
-    res = pti.render(person["paths"][True], [f"{person['dirs']}:0=-3:3:7", f"{person['dirs']}:2=+1"], tmp_path,
-                     device="cpu", batch=3, compare=True)
+    res = pti.render(
+        person["paths"][True],
+        [f"{person['dirs']}:0=-3:3:7", f"{person['dirs']}:2=+1"],
+        tmp_path,
+        device="cpu",
+        batch=3,
+        compare=True,
+    )
     values = [-3, -2, -1, 0, 1, 2, 3]
     assert res.labels == [f"dirs.pt_0{v:+g}_dirs.pt_2+1" for v in values]
-    assert files_under(tmp_path) == sorted(["compare.png", "dirs.pt_0_sweep.gif", "dirs.pt_0_sweep.png", "render.json"]
-                                           + [f"frames/{label}.png" for label in res.labels])
+    assert files_under(tmp_path) == sorted(
+        ["compare.png", "dirs.pt_0_sweep.gif", "dirs.pt_0_sweep.png", "render.json"]
+        + [f"frames/{label}.png" for label in res.labels]
+    )
     gif = Image.open(tmp_path / "dirs.pt_0_sweep.gif")
     assert gif.n_frames == 7 and gif.size == (64, 64) and gif.info.get("loop") == 0
     for i, img in enumerate(res.images):  # GIF frames in order (GIF quantizes colours: compare coarsely)
@@ -135,13 +147,25 @@ def test_identity_on_a_different_base_is_refused(person, tmp_path):
 
 # ------------------------------------------------------------------------------------ the console script
 
+
 def test_cli_render_and_directions(person, tmp_path):
     dirs = tmp_path / "tiny_dirs.pt"
     res = run_pti("directions", "ganspace", "-k", "6", "--samples", "3000", "--out", dirs, "--device", "cpu")
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and E.load_direction_file(dirs, 5).kind == "ganspace"
     out = tmp_path / "r"
-    res = run_pti("render", person["paths"][False], "--edit", f"{dirs}:0=+2", "--edit", f"{dirs}:1=-1@0-3", "-o", out, "--device", "cpu")
+    res = run_pti(
+        "render",
+        person["paths"][False],
+        "--edit",
+        f"{dirs}:0=+2",
+        "--edit",
+        f"{dirs}:1=-1@0-3",
+        "-o",
+        out,
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stderr
     assert files_under(out) == ["render.json", "tiny_dirs.pt_0+2_tiny_dirs.pt_1-1@0-3.png"]
     assert "ID similarity" in res.stdout and f"wrote {out}/" in res.stdout
@@ -150,13 +174,16 @@ def test_cli_render_and_directions(person, tmp_path):
     assert res.returncode == 0 and (person["tmp"] / "p1" / "edits" / "reconstruction.png").is_file()
 
 
-@pytest.mark.parametrize("edits,needle", [
-    (["agee=+1"], "unknown direction 'agee'"),
-    (["age=three"], "not a number"),
-    (["age=+1@5-2"], "is empty"),
-    (["age=-3:3:7", "smile=-1:1:3"], "only one sweep"),
-    (["age=1:2"], "START:STOP:N"),
-])
+@pytest.mark.parametrize(
+    "edits,needle",
+    [
+        (["agee=+1"], "unknown direction 'agee'"),
+        (["age=three"], "not a number"),
+        (["age=+1@5-2"], "is empty"),
+        (["age=-3:3:7", "smile=-1:1:3"], "only one sweep"),
+        (["age=1:2"], "START:STOP:N"),
+    ],
+)
 def test_cli_grammar_errors_exit_2_before_any_work(person, tmp_path, edits, needle):
     args = [a for e in edits for a in ("--edit", e)]
     res = run_pti("render", person["paths"][False], *args, "-o", tmp_path / "out")
@@ -165,14 +192,26 @@ def test_cli_grammar_errors_exit_2_before_any_work(person, tmp_path, edits, need
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("edit,needle,code", [
-    ("{dirs}:0=+1@3-12", "layers 3-12 are out of range; this generator has layers 0-9", 2),
-    ("{dirs}:99=+1", "components 0..7", 2),
-    ("age=+3", "1024 px FFHQ generator", 1),
-    ("./nothing_here.npy=+1", "direction file not found", 1),
-])
+@pytest.mark.parametrize(
+    "edit,needle,code",
+    [
+        ("{dirs}:0=+1@3-12", "layers 3-12 are out of range; this generator has layers 0-9", 2),
+        ("{dirs}:99=+1", "components 0..7", 2),
+        ("age=+3", "1024 px FFHQ generator", 1),
+        ("./nothing_here.npy=+1", "direction file not found", 1),
+    ],
+)
 def test_cli_errors_that_need_the_identity_are_one_line(person, tmp_path, edit, needle, code):
-    res = run_pti("render", person["paths"][False], "--edit", edit.format(dirs=person["dirs"]), "-o", tmp_path / "out", "--device", "cpu")
+    res = run_pti(
+        "render",
+        person["paths"][False],
+        "--edit",
+        edit.format(dirs=person["dirs"]),
+        "-o",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert res.returncode == code, res.stderr
     lines = error_lines(res.stderr)
     assert len(lines) == 1 and needle in lines[0] and no_traceback(res)

@@ -29,18 +29,24 @@ CHROMEDRIVER = shutil.which("chromedriver")
 try:
     import fastapi  # noqa: F401
     import uvicorn  # noqa: F401
+
     HAVE_SERVER = True
 except ImportError:
     HAVE_SERVER = False
 try:
     import selenium  # noqa: F401
+
     HAVE_SELENIUM = True
 except ImportError:
     HAVE_SELENIUM = False
 
-needs_server = pytest.mark.skipif(not HAVE_SERVER, reason="the studio extra is not installed (pip install 'pti[studio]')")
-needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER and HAVE_SELENIUM),
-                                   reason="no Chromium + chromedriver + selenium (apt-get install chromium chromium-driver)")
+needs_server = pytest.mark.skipif(
+    not HAVE_SERVER, reason="the studio extra is not installed (pip install 'pti[studio]')"
+)
+needs_browser = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER and HAVE_SELENIUM),
+    reason="no Chromium + chromedriver + selenium (apt-get install chromium chromium-driver)",
+)
 
 
 def _png(data: bytes) -> np.ndarray:
@@ -58,7 +64,9 @@ def studio(tmp_path_factory):
     (tmp / "person").mkdir()
     with torch.no_grad():
         photo = base.synthesis(pivot, noise_mode="const", force_fp32=True)[0]
-    Image.fromarray(((photo.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).save(tmp / "person" / "aligned.png")
+    Image.fromarray(((photo.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).save(
+        tmp / "person" / "aligned.png"
+    )
     server = start_studio(ident, "--backend", "torch", "--components", "4", "--device", "cpu", cwd=tmp)
     # the address it printed, token and all: what a person opens
     url = f"http://127.0.0.1:{server.port}/" + (f"?token={server.token}" if server.token else "")
@@ -71,10 +79,12 @@ def studio(tmp_path_factory):
 @needs_server
 def test_bad_requests_get_one_line_and_the_server_keeps_running(studio):
     server = studio["server"]
-    for payload, message in (({"identity": 7, "moves": []}, "no identity number 7"),
-                             ({"identity": 0, "moves": [{"id": "../../etc/passwd", "value": 1}]}, "no direction"),
-                             ({"identity": 0, "moves": [{"id": "pc0", "value": 1, "layers": [0, 99]}]}, "outside 0-9"),
-                             ("not a dict", "")):
+    for payload, message in (
+        ({"identity": 7, "moves": []}, "no identity number 7"),
+        ({"identity": 0, "moves": [{"id": "../../etc/passwd", "value": 1}]}, "no direction"),
+        ({"identity": 0, "moves": [{"id": "pc0", "value": 1, "layers": [0, 99]}]}, "outside 0-9"),
+        ("not a dict", ""),
+    ):
         r = server.post("/api/render", payload)
         assert r.status == 400 and message in r.message()
     r = server.post("/api/render", {"identity": 0, "moves": [{"id": "pc1", "value": 1.5}]})
@@ -125,8 +135,18 @@ def test_moving_a_slider_renders_what_pti_render_renders(studio, tmp_path):
         assert "ganspace.pt:0=" in edit and driver.find_element(By.ID, "command").text.endswith(edit)
         driver.save_screenshot(str(tmp_path / "studio.png"))
         # the page's edit string through the command line: the same pixels
-        p = run_pti("render", studio["ident"].name, "--edit", edit, "-o", tmp_path / "render", "--device", "cpu",
-                    cwd=studio["tmp"], env=env_with(PTI_HOME=str(studio["tmp"] / "home")))
+        p = run_pti(
+            "render",
+            studio["ident"].name,
+            "--edit",
+            edit,
+            "-o",
+            tmp_path / "render",
+            "--device",
+            "cpu",
+            cwd=studio["tmp"],
+            env=env_with(PTI_HOME=str(studio["tmp"] / "home")),
+        )
         assert p.returncode == 0, p.stderr
         (png,) = [f for f in (tmp_path / "render").glob("*.png")]
         assert np.array_equal(_png(shown), np.asarray(Image.open(png).convert("RGB")))

@@ -46,7 +46,9 @@ def folder(tmp_path_factory) -> Path:
     (tmp / "person").mkdir()
     with torch.no_grad():
         photo = base.synthesis(pivot, noise_mode="const", force_fp32=True)[0]
-    Image.fromarray(((photo.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).save(tmp / "person" / "aligned.png")
+    Image.fromarray(((photo.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).save(
+        tmp / "person" / "aligned.png"
+    )
     shutil.copy(ident, tmp / "other.pti")
     _identity_on_own_base(tmp, "narrow", w_dim=8, resolution=16, channels=(512, 16))
     return tmp
@@ -58,12 +60,18 @@ def _identity_on_own_base(folder: Path, name: str, w_dim: int, resolution: int, 
     from pti.engine.generator import Generator
 
     torch.manual_seed(0)
-    base = Generator(z_dim=w_dim, w_dim=w_dim, img_resolution=resolution,
-                     synthesis_kwargs=dict(channel_base=channels[0], channel_max=channels[1])).eval()
+    base = Generator(
+        z_dim=w_dim,
+        w_dim=w_dim,
+        img_resolution=resolution,
+        synthesis_kwargs=dict(channel_base=channels[0], channel_max=channels[1]),
+    ).eval()
     save_generator(base, folder / f"{name}-base.safetensors")
     with torch.no_grad():
         pivot = base.mapping(torch.randn(1, w_dim), None)
-    return Identity.from_tuning(base, base, pivot, generator_hash(base), str(folder / f"{name}-base.safetensors")).save(folder / f"{name}.pti")
+    return Identity.from_tuning(base, base, pivot, generator_hash(base), str(folder / f"{name}-base.safetensors")).save(
+        folder / f"{name}.pti"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,30 +112,38 @@ def test_a_cross_site_form_or_text_post_never_reaches_a_handler(studio, folder):
     """What a page on another site can send without a CORS preflight, with and without our cookie."""
     form = b'{"identity": 0, "moves": [], "x": "="}'  # a text/plain form: name '{"identity"...', value '"}'
     evil = {"Origin": "http://evil.example"}
-    cases = [{"Content-Type": "application/x-www-form-urlencoded", **evil},
-             {"Content-Type": "text/plain", **evil},
-             {"Content-Type": "multipart/form-data; boundary=x", **evil},
-             {"Content-Type": "text/plain"},  # same site, still not JSON
-             {},                               # no Content-Type at all
-             {"Content-Type": "application/json", **evil},
-             {"Content-Type": "application/json", "Origin": "null"},
-             {"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{studio.port + 1}"},
-             {"Content-Type": "application/json", "Referer": "http://evil.example/page.html"}]
+    cases = [
+        {"Content-Type": "application/x-www-form-urlencoded", **evil},
+        {"Content-Type": "text/plain", **evil},
+        {"Content-Type": "multipart/form-data; boundary=x", **evil},
+        {"Content-Type": "text/plain"},  # same site, still not JSON
+        {},  # no Content-Type at all
+        {"Content-Type": "application/json", **evil},
+        {"Content-Type": "application/json", "Origin": "null"},
+        {"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{studio.port + 1}"},
+        {"Content-Type": "application/json", "Referer": "http://evil.example/page.html"},
+    ]
     for path in ("/api/save", "/api/render", "/api/sweep"):
         for headers in cases:
             for auth in (True, False):
                 _refused(studio.call("POST", path, body=form, headers=headers, json_body=False, auth=auth), 403)
     assert not (folder / "person" / "studio").exists()
     # the page itself: same origin, JSON
-    ok = studio.post("/api/render", {"identity": 0, "moves": []}, headers={"Origin": studio.origin,
-                                                                           "Referer": studio.origin + "/"})
+    ok = studio.post(
+        "/api/render", {"identity": 0, "moves": []}, headers={"Origin": studio.origin, "Referer": studio.origin + "/"}
+    )
     assert ok.status == 200
 
 
 def test_nobody_without_the_token_gets_in(studio):
     assert studio.token and len(studio.token) >= 32, f"the printed address carries no ?token=: {studio.output()}"
     name = studio.cookie.split("=", 1)[0]
-    for path in ("/api/identities", "/api/identity/0", "/api/identity/0/input.png", "/api/identity/0/reconstruction.png"):
+    for path in (
+        "/api/identities",
+        "/api/identity/0",
+        "/api/identity/0/input.png",
+        "/api/identity/0/reconstruction.png",
+    ):
         _refused(studio.get(path, auth=False), 403)
         _refused(studio.get(path, headers={"Cookie": f"{name}=guessed"}), 403)
         _refused(studio.get(path, headers={"Authorization": "Bearer guessed"}, auth=False), 403)
@@ -164,8 +180,16 @@ def test_a_network_bind_needs_the_token_and_no_token_is_for_loopback_only(folder
         assert open_.token is None
         assert open_.get("/api/identities", auth=False).status == 200  # no token on loopback, as asked
         _refused(open_.get("/api/identities", headers={"Host": f"evil.example:{open_.port}"}), 403)
-        _refused(open_.call("POST", "/api/render", body=b'{"identity": 0, "moves": []}',
-                            headers={"Content-Type": "text/plain"}, json_body=False), 403)
+        _refused(
+            open_.call(
+                "POST",
+                "/api/render",
+                body=b'{"identity": 0, "moves": []}',
+                headers={"Content-Type": "text/plain"},
+                json_body=False,
+            ),
+            403,
+        )
     finally:
         open_.stop()
 
@@ -193,35 +217,65 @@ def _bad_requests(pc0: dict) -> list[tuple[str, bytes, str]]:
     deep = b'{"identity": 0, "moves": ' + b"[" * 40 + b"]" * 40 + b"}"
     deeper = b'{"identity": 0, "moves": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
     cases = [
-        ("render", b"not json{", "JSON"), ("render", b"\xff\xfe{}", "JSON"), ("render", b"", "JSON"),
-        ("render", b'"a string"', "object"), ("render", b"[]", "object"),
-        ("render", j(moves=[]), "identity"), ("render", j(identity=0), "moves"),
-        ("render", j(identity="0", moves=[]), "identity"), ("render", j(identity=True, moves=[]), "identity"),
-        ("render", j(identity=0.0, moves=[]), "identity"), ("render", j(identity=None, moves=[]), "identity"),
-        ("render", j(identity=[0], moves=[]), "identity"), ("render", j(identity=7, moves=[]), "identity"),
-        ("render", j(identity=-1, moves=[]), "identity"), ("render", j(identity=0, moves=[], colour=1), "colour"),
-        ("render", j(identity=0, moves="pc0"), "moves"), ("render", j(identity=0, moves={"pc0": 1}), "moves"),
-        ("render", j(identity=0, moves=[1]), "move"), ("render", j(identity=0, moves=[{"value": 1}]), "id"),
-        ("render", j(identity=0, moves=[{"id": "pc0"}]), "value"), ("render", j(identity=0, moves=[{"id": 0, "value": 1}]), "id"),
-        ("render", move(id="../../etc/passwd"), "direction"), ("render", move(layer=[0, 1]), "layer"),
-        ("render", move(value="1"), "value"), ("render", move(value=True), "value"), ("render", move(value=None), "value"),
+        ("render", b"not json{", "JSON"),
+        ("render", b"\xff\xfe{}", "JSON"),
+        ("render", b"", "JSON"),
+        ("render", b'"a string"', "object"),
+        ("render", b"[]", "object"),
+        ("render", j(moves=[]), "identity"),
+        ("render", j(identity=0), "moves"),
+        ("render", j(identity="0", moves=[]), "identity"),
+        ("render", j(identity=True, moves=[]), "identity"),
+        ("render", j(identity=0.0, moves=[]), "identity"),
+        ("render", j(identity=None, moves=[]), "identity"),
+        ("render", j(identity=[0], moves=[]), "identity"),
+        ("render", j(identity=7, moves=[]), "identity"),
+        ("render", j(identity=-1, moves=[]), "identity"),
+        ("render", j(identity=0, moves=[], colour=1), "colour"),
+        ("render", j(identity=0, moves="pc0"), "moves"),
+        ("render", j(identity=0, moves={"pc0": 1}), "moves"),
+        ("render", j(identity=0, moves=[1]), "move"),
+        ("render", j(identity=0, moves=[{"value": 1}]), "id"),
+        ("render", j(identity=0, moves=[{"id": "pc0"}]), "value"),
+        ("render", j(identity=0, moves=[{"id": 0, "value": 1}]), "id"),
+        ("render", move(id="../../etc/passwd"), "direction"),
+        ("render", move(layer=[0, 1]), "layer"),
+        ("render", move(value="1"), "value"),
+        ("render", move(value=True), "value"),
+        ("render", move(value=None), "value"),
         ("render", b'{"identity": 0, "moves": [{"id": "pc0", "value": 1e309}]}', "value"),
         ("render", b'{"identity": 0, "moves": [{"id": "pc0", "value": NaN}]}', "NaN"),
         ("render", b'{"identity": 0, "moves": [{"id": "pc0", "value": -Infinity}]}', "Infinity"),
-        ("render", move(value=pc0["high"] + 1), "range"), ("render", move(value=pc0["low"] - 1), "range"),
-        ("render", move(layers=[0]), "layers"), ("render", move(layers=[0, 1, 2]), "layers"),
-        ("render", move(layers=[0, 99]), "layers"), ("render", move(layers=[-1, 3]), "layers"),
-        ("render", move(layers=[5, 2]), "layers"), ("render", move(layers=[True, 3]), "layers"),
-        ("render", move(layers=["0", "3"]), "layers"), ("render", move(layers=[0.0, 3.0]), "layers"),
+        ("render", move(value=pc0["high"] + 1), "range"),
+        ("render", move(value=pc0["low"] - 1), "range"),
+        ("render", move(layers=[0]), "layers"),
+        ("render", move(layers=[0, 1, 2]), "layers"),
+        ("render", move(layers=[0, 99]), "layers"),
+        ("render", move(layers=[-1, 3]), "layers"),
+        ("render", move(layers=[5, 2]), "layers"),
+        ("render", move(layers=[True, 3]), "layers"),
+        ("render", move(layers=["0", "3"]), "layers"),
+        ("render", move(layers=[0.0, 3.0]), "layers"),
         ("render", move(layers="0-3"), "layers"),
         ("render", j(identity=0, moves=[ok, ok]), "twice"),
         ("render", j(identity=0, moves=[ok] * 65), "moves"),
-        ("render", deep, "nested"), ("render", deeper, "nested"),
-        ("save", j(identity=0, moves=[1]), "move"), ("save", move(value=pc0["high"] + 1), "range"),
-        ("sweep", j(identity=0, moves=[]), "slider"), ("sweep", j(identity=0, moves=[], slider=3), "slider"),
+        ("render", deep, "nested"),
+        ("render", deeper, "nested"),
+        ("save", j(identity=0, moves=[1]), "move"),
+        ("save", move(value=pc0["high"] + 1), "range"),
+        ("sweep", j(identity=0, moves=[]), "slider"),
+        ("sweep", j(identity=0, moves=[], slider=3), "slider"),
         ("sweep", j(identity=0, moves=[], slider="nope"), "direction"),
-        ("sweep", j(identity=0, moves=[{"id": "pc0", "value": pc0["neutral"], "layers": [0, 99]}], slider="pc0"), "layers"),
-        ("sweep", j(identity=0, moves=[{"id": "pc0", "value": pc0["neutral"], "layers": ["0; x", 3]}], slider="pc0"), "layers"),
+        (
+            "sweep",
+            j(identity=0, moves=[{"id": "pc0", "value": pc0["neutral"], "layers": [0, 99]}], slider="pc0"),
+            "layers",
+        ),
+        (
+            "sweep",
+            j(identity=0, moves=[{"id": "pc0", "value": pc0["neutral"], "layers": ["0; x", 3]}], slider="pc0"),
+            "layers",
+        ),
         ("sweep", j(identity=0, moves=[], slider="pc0", frames=1), "frames"),
         ("sweep", j(identity=0, moves=[], slider="pc0", frames=10_000), "frames"),
         ("sweep", j(identity=0, moves=[], slider="pc0", frames="9"), "frames"),
@@ -239,9 +293,15 @@ def test_every_malformed_request_is_a_400_with_one_line(studio, pc0, folder):
             assert str(folder) not in text and str(folder.resolve()) not in text
         except (AssertionError, ValueError, KeyError) as e:
             wrong.append(f"{endpoint} {body[:80]!r}: {e}")
-    for path, status in (("/api/identity/3", 404), ("/api/identity/-1", 404), ("/api/identity/99/input.png", 404),
-                         ("/api/identity/abc", 400), ("/api/identity/1e3", 400), ("/api/identity/0/secret.png", 404),
-                         ("/api/nothing", 404)):
+    for path, status in (
+        ("/api/identity/3", 404),
+        ("/api/identity/-1", 404),
+        ("/api/identity/99/input.png", 404),
+        ("/api/identity/abc", 400),
+        ("/api/identity/1e3", 400),
+        ("/api/identity/0/secret.png", 404),
+        ("/api/nothing", 404),
+    ):
         r = studio.get(path)
         try:
             _refused(r, status)
@@ -254,10 +314,13 @@ def test_every_malformed_request_is_a_400_with_one_line(studio, pc0, folder):
 
 def test_the_api_names_identities_not_paths(studio, folder, pc0):
     listed = studio.get("/api/identities")
-    assert listed.json() == {"identities": [{"index": 0, "name": "person"}, {"index": 1, "name": "other"},
-                                            {"index": 2, "name": "narrow"}]}
+    assert listed.json() == {
+        "identities": [{"index": 0, "name": "person"}, {"index": 1, "name": "other"}, {"index": 2, "name": "narrow"}]
+    }
     rendered = studio.post("/api/render", {"identity": 0, "moves": [{"id": "pc0", "value": pc0["high"]}]})
-    swept = studio.post("/api/sweep", {"identity": 0, "moves": [{"id": "pc0", "value": 0, "layers": [0, 99]}], "slider": "pc0"})
+    swept = studio.post(
+        "/api/sweep", {"identity": 0, "moves": [{"id": "pc0", "value": 0, "layers": [0, 99]}], "slider": "pc0"}
+    )
     for r in (listed, studio.get("/api/identity/0"), rendered, swept):
         assert str(folder) not in r.body.decode() and str(folder.resolve()) not in r.body.decode(), r.body[:400]
     assert rendered.json()["edits"] == [f"person/ganspace.pt:0={pc0['high']:+.2f}@0-9"]
@@ -270,7 +333,12 @@ def test_a_generator_with_a_narrow_w_gets_as_many_sliders_as_it_has_components(s
     r = studio.get("/api/identity/2")
     assert r.status == 200, r.body
     assert [x["id"] for x in r.json()["sliders"]] == [f"pc{k}" for k in range(8)]
-    assert studio.post("/api/render", {"identity": 2, "moves": [{"id": "pc7", "value": r.json()["sliders"][7]["high"]}]}).status == 200
+    assert (
+        studio.post(
+            "/api/render", {"identity": 2, "moves": [{"id": "pc7", "value": r.json()["sliders"][7]["high"]}]}
+        ).status
+        == 200
+    )
 
 
 # ----------------------------------------------------------------------------- save
@@ -336,8 +404,12 @@ def test_the_page_and_other_people_answer_while_a_sweep_renders(studio):
         t = threading.Thread(target=lambda: first.append(studio.post("/api/sweep", sweep)))
         t.start()
         busy_before = studio.post("/api/sweep", sweep).status == 429
-        quick = [studio.get("/"), studio.get("/api/identity/0/input.png"), studio.get("/api/identities"),
-                 studio.post("/api/render", {"identity": 1, "moves": []})]
+        quick = [
+            studio.get("/"),
+            studio.get("/api/identity/0/input.png"),
+            studio.get("/api/identities"),
+            studio.post("/api/render", {"identity": 1, "moves": []}),
+        ]
         busy_after = studio.post("/api/sweep", sweep).status == 429
         t.join()
         assert first[0].status in (200, 429)
@@ -386,7 +458,9 @@ def test_a_signal_stops_it_at_once_with_exit_130_and_no_traceback(slow, sig, how
             except TimeoutError:
                 break
         s.proc.send_signal(sig)
-        wait_until(lambda: s.proc.poll() is not None or not listens(s.port), timeout=30, what="the studio to stop listening")
+        wait_until(
+            lambda: s.proc.poll() is not None or not listens(s.port), timeout=30, what="the studio to stop listening"
+        )
         if s.proc.poll() is None:
             s.proc.send_signal(sig)  # a second one while it stops: ignored, no traceback
         rc = s.wait(timeout=15)  # a few seconds: what is in flight does not hold it

@@ -50,7 +50,9 @@ def test_apply_sets_torch_threads_on_cpu_only():
         torch.set_num_threads(2)
         assert apply_cpu_threads(tiny_generator(), torch.device("cpu"), "torch") == 2
         assert apply_cpu_threads(tiny_generator(), torch.device("meta"), "auto") == 2  # not a CPU run: untouched
-        big = Generator(z_dim=8, w_dim=8, img_resolution=256, synthesis_kwargs=dict(channel_base=16384, channel_max=512))
+        big = Generator(
+            z_dim=8, w_dim=8, img_resolution=256, synthesis_kwargs=dict(channel_base=16384, channel_max=512)
+        )
         torch.set_num_threads(1)  # after a small generator in the same process, a large one gets the default back
         assert apply_cpu_threads(big, torch.device("cpu"), "auto") == TORCH_DEFAULT_THREADS
     finally:

@@ -52,7 +52,7 @@ def _one_line(res, code: int, *needles: str) -> str:
 
 def _header(data: bytes) -> tuple[int, dict]:
     (n,) = struct.unpack("<Q", data[:8])
-    return n, json.loads(data[8:8 + n])
+    return n, json.loads(data[8 : 8 + n])
 
 
 class _Reduce:
@@ -97,9 +97,18 @@ def test_an_identity_written_before_checksums_still_renders_with_a_note(person, 
 
     ident = person["ident"]
     old = tmp_path / "old.pti"
-    save_file({"pivot": ident.pivot, **ident.tensors}, str(old), metadata={  # the v1 layout, as pti wrote it
-        "format": FORMAT, "version": "1", "base_hash": ident.base_hash, "base_hint": ident.base_hint,
-        "encoding": "delta-fp16", "meta": json.dumps(META)})
+    save_file(
+        {"pivot": ident.pivot, **ident.tensors},
+        str(old),
+        metadata={  # the v1 layout, as pti wrote it
+            "format": FORMAT,
+            "version": "1",
+            "base_hash": ident.base_hash,
+            "base_hint": ident.base_hint,
+            "encoding": "delta-fp16",
+            "meta": json.dumps(META),
+        },
+    )
     res = run_pti("render", old, "-o", tmp_path / "out", "--device", "cpu")
     assert res.returncode == 0, res.stderr
     assert "old.pti has no checksum" in " ".join(res.stdout.split())
@@ -113,7 +122,9 @@ def test_an_identity_written_before_checksums_still_renders_with_a_note(person, 
 
 @pytest.mark.parametrize("value", ["1e309", "-1e309", "-1e308:1e308:3"])
 def test_non_finite_edit_values_are_usage_errors(person, tmp_path, value):
-    res = run_pti("render", person["path"], "--edit", f"{person['dirs']}:0={value}", "-o", tmp_path / "out", "--device", "cpu")
+    res = run_pti(
+        "render", person["path"], "--edit", f"{person['dirs']}:0={value}", "-o", tmp_path / "out", "--device", "cpu"
+    )
     assert res.returncode == 2 and no_traceback(res), res.stderr
     assert "finite" in " ".join(res.stderr.split())
     assert not (tmp_path / "out").exists()
@@ -154,6 +165,7 @@ def _file_size_limit(limit: int):
     def preexec():  # in the child: writes past `limit` fail with EFBIG instead of killing it with SIGXFSZ
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return preexec
 
 
@@ -162,21 +174,39 @@ def test_a_write_that_fails_during_tune_is_one_line(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo)
     out = tmp_path / "out"
     # The PNGs of a 64 px run are about 10 kB; the identity file about 2 MB: 1 MB lets the first through.
-    res = run_pti("tune", photo, "--no-align", "-o", out, "--device", "cpu", "--invert-steps", "1", "--tune-steps", "1",
-                  preexec_fn=_file_size_limit(1 << 20))
+    res = run_pti(
+        "tune",
+        photo,
+        "--no-align",
+        "-o",
+        out,
+        "--device",
+        "cpu",
+        "--invert-steps",
+        "1",
+        "--tune-steps",
+        "1",
+        preexec_fn=_file_size_limit(1 << 20),
+    )
     _one_line(res, 1, str(out / "x.pti"), "larger than this system allows")
     assert not (out / "x.pti").exists() and temp_files_under(out) == []
 
 
 def test_identity_save_maps_a_failed_write_to_an_output_error(person, tmp_path):
-    script = ("import sys; from pti.engine.identity import Identity; from pti.errors import OutputError\n"
-              "try:\n    Identity.load(sys.argv[1]).save(sys.argv[2])\n"
-              "except OutputError as e:\n    print('OutputError:', e); sys.exit(3)\n")
+    script = (
+        "import sys; from pti.engine.identity import Identity; from pti.errors import OutputError\n"
+        "try:\n    Identity.load(sys.argv[1]).save(sys.argv[2])\n"
+        "except OutputError as e:\n    print('OutputError:', e); sys.exit(3)\n"
+    )
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", script, str(person["path"]), str(tmp_path / "copy.pti")],
-                          capture_output=True, text=True, preexec_fn=_file_size_limit(1 << 16))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(person["path"]), str(tmp_path / "copy.pti")],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(1 << 16),
+    )
     assert proc.returncode == 3, proc.stderr
     assert "larger than this system allows" in proc.stdout and files_under(tmp_path) == []
 
@@ -223,7 +253,9 @@ def test_directions_ganspace_works_with_its_own_defaults(tmp_path):
 
 def test_directions_ganspace_n_is_the_network_as_everywhere(tmp_path):
     out = tmp_path / "d.pt"
-    res = run_pti("directions", "ganspace", "-n", "builtin:tiny", "-k", "4", "--samples", "1000", "--out", out, "--device", "cpu")
+    res = run_pti(
+        "directions", "ganspace", "-n", "builtin:tiny", "-k", "4", "--samples", "1000", "--out", out, "--device", "cpu"
+    )
     assert res.returncode == 0, res.stderr
     assert torch.load(out, weights_only=True)["comp"].shape == (4, 1, 64)
     res = run_pti("directions", "ganspace", "--components", "65", "--out", tmp_path / "e.pt", "--device", "cpu")

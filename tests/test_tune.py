@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (assert_accepted, assert_refused, field_names, random_lpips, reconstruction_metrics,
-                     refused_cases)
+from helpers import assert_accepted, assert_refused, field_names, random_lpips, reconstruction_metrics, refused_cases
 from pti.engine.generator import tiny_generator
 from pti.engine.invert import InvertConfig, invert
 from pti.engine.losses import LPIPSPerceptual, WeightFreePerceptual, WeightFreeProjectorMetric
@@ -80,7 +79,9 @@ def test_tuning_lowers_mse_and_lpips_at_the_pivot(G, face, pivot, lpips) -> None
     for k, v in before_state.items():
         if not (k.startswith("synthesis.") and k in dict(res.G.named_parameters())):
             assert torch.equal(tuned[k], v), k
-    assert not all(torch.equal(tuned[k], before_state[k]) for k, _ in res.G.synthesis.named_parameters(prefix="synthesis"))
+    assert not all(
+        torch.equal(tuned[k], before_state[k]) for k, _ in res.G.synthesis.named_parameters(prefix="synthesis")
+    )
     _assert_same_state(before_state, G.state_dict())  # the input generator is untouched
     assert all(not p.requires_grad for p in res.G.parameters())
 
@@ -179,11 +180,19 @@ def test_joint_tuning_improves_every_identity(G, face) -> None:
         _crop(skimage_data.astronaut()[:, ::-1].copy(), (20, 142, 240, 362), G.img_resolution),  # mirrored
         _crop(skimage_data.chelsea(), (0, 50, 300, 350), G.img_resolution),
     ]
-    pivots = [invert(G, t, WeightFreeProjectorMetric(), InvertConfig(steps=10, seed=i)).pivot for i, t in enumerate(targets)]
+    pivots = [
+        invert(G, t, WeightFreeProjectorMetric(), InvertConfig(steps=10, seed=i)).pivot for i, t in enumerate(targets)
+    ]
     before = [reconstruction_metrics(G, t, p, perceptual) for t, p in zip(targets, pivots)]
     seen = []
-    res = tune(G, targets, pivots, perceptual, TuneConfig(max_steps=12, locality=False, lpips_threshold=100.0),
-               progress=lambda *a: seen.append(a[:3]))
+    res = tune(
+        G,
+        targets,
+        pivots,
+        perceptual,
+        TuneConfig(max_steps=12, locality=False, lpips_threshold=100.0),
+        progress=lambda *a: seen.append(a[:3]),
+    )
     # No early stop in joint mode (even with a threshold every identity already meets), one step per image per pass.
     assert not res.early_stopped and res.steps == 36
     assert seen[-1] == ("tune", 36, 36)
@@ -222,19 +231,31 @@ TUNE_REFUSED = {
     "l2_lambda": [-1.0, INF],
     "lpips_lambda": [-1.0, NAN],
     "locality": [1, "yes", None],
-    "locality_alpha": [0.0, -30.0, INF],       # a distance from the pivot
-    "locality_psi": [1.01, -1.01, NAN],        # truncation psi, [-1, 1]
+    "locality_alpha": [0.0, -30.0, INF],  # a distance from the pivot
+    "locality_psi": [1.01, -1.01, NAN],  # truncation psi, [-1, 1]
     "locality_l2_lambda": [-0.1],
     "locality_lpips_lambda": [-0.1],
     "locality_samples": [0, 1.0],
-    "locality_interval": [0, -2, 1.5],         # step % 0 divided by zero before
+    "locality_interval": [0, -2, 1.5],  # step % 0 divided by zero before
     "seed": [-1, 2**64, 1.5],
 }
 # The edges of each range, which must be accepted.
 TUNE_EDGES = [
-    dict(lr=1e-12, max_steps=1, lpips_threshold=0.0, l2_lambda=0.0, lpips_lambda=0.0, locality=False,
-         locality_alpha=1e-6, locality_psi=-1.0, locality_l2_lambda=0.0, locality_lpips_lambda=0.0,
-         locality_samples=1, locality_interval=1, seed=None),
+    dict(
+        lr=1e-12,
+        max_steps=1,
+        lpips_threshold=0.0,
+        l2_lambda=0.0,
+        lpips_lambda=0.0,
+        locality=False,
+        locality_alpha=1e-6,
+        locality_psi=-1.0,
+        locality_l2_lambda=0.0,
+        locality_lpips_lambda=0.0,
+        locality_samples=1,
+        locality_interval=1,
+        seed=None,
+    ),
     dict(locality_psi=1.0, seed=2**64 - 1, max_steps=np.int64(3)),
 ]
 
@@ -265,8 +286,12 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights() -> None
     with torch.no_grad():
         pivot = G.mapping(torch.randn(1, G.z_dim, generator=g), truncation_psi=0.7)
         target = G.synthesis(G.mapping(torch.randn(1, G.z_dim, generator=g), truncation_psi=0.7), noise_mode="const")
-    runs = {p: tune(G, target, pivot, WeightFreePerceptual(), TuneConfig(max_steps=6, lr=3e-3, lpips_threshold=0.0, precision=p))
-            for p in ("fp32", "bf16")}
+    runs = {
+        p: tune(
+            G, target, pivot, WeightFreePerceptual(), TuneConfig(max_steps=6, lr=3e-3, lpips_threshold=0.0, precision=p)
+        )
+        for p in ("fp32", "bf16")
+    }
     assert TuneConfig().precision == "fp32"
     a, b = (dict(runs[p].G.synthesis.named_parameters()) for p in ("fp32", "bf16"))
     assert all(t.dtype == torch.float32 for t in b.values())

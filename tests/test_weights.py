@@ -60,7 +60,9 @@ def server() -> Iterator[str]:
 
 
 def _entry(url: str, sha: str | None = SHA, size: int | None = len(PAYLOAD), **kw) -> W.WeightEntry:
-    return W.WeightEntry(name="toy", filename="toy.bin", url=url, size=size, sha256=sha, license="test", used_by="tests", **kw)
+    return W.WeightEntry(
+        name="toy", filename="toy.bin", url=url, size=size, sha256=sha, license="test", used_by="tests", **kw
+    )
 
 
 def _dead_port() -> int:
@@ -171,17 +173,22 @@ def test_import(tmp_path: Path) -> None:
 
 # Every platform's branch, checked on whichever platform runs the tests (`platform` is a sys.platform
 # value; the home folder and the environment are the test's own).
-@pytest.mark.parametrize("platform,env,expected", [
-    ("linux", {"XDG_CACHE_HOME": "{tmp}/xdg"}, "{tmp}/xdg/pti"),
-    ("linux", {}, "{home}/.cache/pti"),
-    ("linux", {"XDG_CACHE_HOME": ""}, "{home}/.cache/pti"),  # set but empty counts as unset (XDG spec)
-    ("freebsd14", {"XDG_CACHE_HOME": "{tmp}/xdg"}, "{tmp}/xdg/pti"),  # any other Unix follows XDG
-    ("darwin", {"XDG_CACHE_HOME": "{tmp}/xdg"}, "{home}/Library/Caches/pti"),  # macOS ignores XDG
-    ("win32", {"LOCALAPPDATA": "{tmp}/local"}, "{tmp}/local/pti"),
-    ("win32", {}, "{home}/AppData/Local/pti"),
-    ("win32", {"LOCALAPPDATA": "", "XDG_CACHE_HOME": "{tmp}/xdg"}, "{home}/AppData/Local/pti"),
-])
-def test_cache_dir_per_platform(platform: str, env: dict, expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "platform,env,expected",
+    [
+        ("linux", {"XDG_CACHE_HOME": "{tmp}/xdg"}, "{tmp}/xdg/pti"),
+        ("linux", {}, "{home}/.cache/pti"),
+        ("linux", {"XDG_CACHE_HOME": ""}, "{home}/.cache/pti"),  # set but empty counts as unset (XDG spec)
+        ("freebsd14", {"XDG_CACHE_HOME": "{tmp}/xdg"}, "{tmp}/xdg/pti"),  # any other Unix follows XDG
+        ("darwin", {"XDG_CACHE_HOME": "{tmp}/xdg"}, "{home}/Library/Caches/pti"),  # macOS ignores XDG
+        ("win32", {"LOCALAPPDATA": "{tmp}/local"}, "{tmp}/local/pti"),
+        ("win32", {}, "{home}/AppData/Local/pti"),
+        ("win32", {"LOCALAPPDATA": "", "XDG_CACHE_HOME": "{tmp}/xdg"}, "{home}/AppData/Local/pti"),
+    ],
+)
+def test_cache_dir_per_platform(
+    platform: str, env: dict, expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     home = tmp_path / "home"
     monkeypatch.setattr(Path, "home", lambda: home)
     for var in ("PTI_HOME", "XDG_CACHE_HOME", "LOCALAPPDATA"):
@@ -285,7 +292,10 @@ def test_unchanged_file_is_not_rehashed(tmp_path: Path, hashes: list[Path]) -> N
     assert reg.status("toy") == "cached, touched (re-hashed on next use)"
     assert reg.resolve("toy") == path and hashes == [path]  # hashed once, found identical ...
     again = reg.record("toy")
-    assert again.mtime_ns == path.stat().st_mtime_ns and (again.sha256, again.recorded) == (first.sha256, first.recorded)
+    assert again.mtime_ns == path.stat().st_mtime_ns and (again.sha256, again.recorded) == (
+        first.sha256,
+        first.recorded,
+    )
     assert reg.resolve("toy") == path and hashes == [path]  # ... and re-stamped, so the next load is one stat again
     assert reg.status("toy") == "cached"
 
@@ -297,8 +307,14 @@ def test_record_gates_hashing(tmp_path: Path, hashes: list[Path]) -> None:
     cache.mkdir()
     (cache / "toy.bin").write_bytes(PAYLOAD)
     st = (cache / "toy.bin").stat()
-    fake = {"file": "toy.bin", "sha256": "0" * 64, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "recorded": "2020-01-01T00:00:00Z", "source": "test"}
+    fake = {
+        "file": "toy.bin",
+        "sha256": "0" * 64,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "recorded": "2020-01-01T00:00:00Z",
+        "source": "test",
+    }
     (cache / "toy.bin.first-use.json").write_text(json.dumps(fake))
     assert reg.resolve("toy") == cache / "toy.bin" and hashes == []
     fake["mtime_ns"] += 1  # now the stat differs: the file is read, and its real digest is not the recorded one
@@ -380,7 +396,9 @@ def test_fetch_never_accepts_a_changed_download(server: str, tmp_path: Path) -> 
     with pytest.raises(WeightsError) as info:
         moved.fetch("toy", force=True)
     msg = str(info.value)
-    assert "\n" not in msg and "nothing was saved" in msg and "pti weights import PATH/TO/other --name toy --force" in msg
+    assert (
+        "\n" not in msg and "nothing was saved" in msg and "pti weights import PATH/TO/other --name toy --force" in msg
+    )
     assert (tmp_path / "toy.bin").read_bytes() == PAYLOAD and _record(tmp_path)["sha256"] == SHA
     assert _leftovers(tmp_path) == ["toy.bin", "toy.bin.first-use.json"]
 
@@ -409,14 +427,18 @@ def test_unrecorded_cached_file_is_recorded_on_first_use(tmp_path: Path, hashes:
     assert "\n" not in str(info.value) and _leftovers(tmp_path / "b") == ["toy.bin"]
 
 
-@pytest.mark.parametrize("content", [
-    "{not json",
-    "[]",
-    '{"file": "toy.bin"}',
-    json.dumps({"file": "other.bin", "sha256": SHA, "size": 1, "mtime_ns": 1, "recorded": "x", "source": "x"}),
-    json.dumps({"file": "toy.bin", "sha256": SHA[:40], "size": 1, "mtime_ns": 1, "recorded": "x", "source": "x"}),
-    json.dumps({"file": "toy.bin", "sha256": SHA, "size": "1", "mtime_ns": 1, "recorded": "x", "source": "x"}),
-], ids=["not-json", "not-object", "fields-missing", "other-file", "short-digest", "size-text"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        '{"file": "toy.bin"}',
+        json.dumps({"file": "other.bin", "sha256": SHA, "size": 1, "mtime_ns": 1, "recorded": "x", "source": "x"}),
+        json.dumps({"file": "toy.bin", "sha256": SHA[:40], "size": 1, "mtime_ns": 1, "recorded": "x", "source": "x"}),
+        json.dumps({"file": "toy.bin", "sha256": SHA, "size": "1", "mtime_ns": 1, "recorded": "x", "source": "x"}),
+    ],
+    ids=["not-json", "not-object", "fields-missing", "other-file", "short-digest", "size-text"],
+)
 def test_unreadable_record_is_refused_until_accepted(content: str, tmp_path: Path) -> None:
     src = tmp_path / "toy.bin"
     src.write_bytes(PAYLOAD)
@@ -429,7 +451,11 @@ def test_unreadable_record_is_refused_until_accepted(content: str, tmp_path: Pat
         with pytest.raises(WeightsError) as info:
             attempt()
         msg = str(info.value)
-        assert "\n" not in msg and "cannot read the first-use record" in msg and str(cache / "toy.bin.first-use.json") in msg
+        assert (
+            "\n" not in msg
+            and "cannot read the first-use record" in msg
+            and str(cache / "toy.bin.first-use.json") in msg
+        )
         assert f"pti weights import {path} --name toy --force" in msg
     assert reg.import_file(path, name="toy", force=True) == path  # the way out the message names
     assert _record(cache)["sha256"] == SHA and reg.resolve("toy") == path
@@ -466,8 +492,15 @@ def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: str) -> typer.T
     from pti.commands import weights as cmd
 
     monkeypatch.setenv("PTI_HOME", str(tmp_path / "cache"))
-    gone = W.WeightEntry(name="gone", filename="gone.bin", url=f"http://127.0.0.1:{_dead_port()}/gone.bin",
-                         size=None, sha256=None, license="test", used_by="tests")
+    gone = W.WeightEntry(
+        name="gone",
+        filename="gone.bin",
+        url=f"http://127.0.0.1:{_dead_port()}/gone.bin",
+        size=None,
+        sha256=None,
+        license="test",
+        used_by="tests",
+    )
     monkeypatch.setattr(W, "DEFAULT_ENTRIES", (_entry(f"{server}/toy.bin"), gone))
     return command_app(cmd)
 
@@ -541,8 +574,16 @@ def test_list_in_a_terminal_fits_the_width_and_breaks_no_value(tmp_path: Path) -
         for e, group in zip(W.DEFAULT_ENTRIES, groups):
             r = rows[e.name]
             digest = "unknown" if r["digest"] is None else r["digest"] if full_digest else r["digest"][:12] + "\u2026"
-            want = {"name": e.name, "status": r["status"], "size": cmd._human(r["bytes"]), "sha256": digest,
-                    "format": r["format"], "used by": e.used_by, "file": e.filename, "source": e.url}
+            want = {
+                "name": e.name,
+                "status": r["status"],
+                "size": cmd._human(r["bytes"]),
+                "sha256": digest,
+                "format": r["format"],
+                "used by": e.used_by,
+                "file": e.filename,
+                "source": e.url,
+            }
             for i, head in enumerate(heads):
                 pieces = [cells[i] for cells in group if cells[i]]
                 if head in want:
@@ -558,7 +599,8 @@ def test_list_in_a_terminal_fits_the_width_and_breaks_no_value(tmp_path: Path) -
 
 
 def test_list_piped_through_the_console_script(tmp_path: Path) -> None:
-    """`pti weights list | ...`: one tab-separated line per file, every value whole, checksums and the TorchScript note."""
+    """`pti weights list | ...`: one tab-separated line per file, every value whole, checksums and the
+    TorchScript note."""
     env = env_with(PTI_HOME=str(tmp_path / "cache"))
     fake = tmp_path / "ffhq.pkl"
     fake.write_bytes(b"not really a generator")
@@ -580,7 +622,9 @@ def test_list_piped_through_the_console_script(tmp_path: Path) -> None:
     assert rows["ffhq"]["sha256"] == hashlib.sha256(fake.read_bytes()).hexdigest()
     assert rows["ffhq"]["checksum"].startswith("recorded on first use 20") and rows["ffhq"]["status"] == "cached"
     assert rows["ffhq"]["bytes"] == str(fake.stat().st_size) and rows["ffhq"]["format"] == "network pickle"
-    assert rows["vgg16"]["sha256"] == "unknown (recorded on first use)" and "prefix 397923af" in rows["vgg16"]["checksum"]
+    assert (
+        rows["vgg16"]["sha256"] == "unknown (recorded on first use)" and "prefix 397923af" in rows["vgg16"]["checksum"]
+    )
     assert rows["vgg16-metric"]["sha256"] == "unknown (recorded on first use)"
     assert rows["vgg16-metric"]["format"] == "TorchScript, runs code when loaded"
     assert rows["alexnet"]["bytes"] == "244408911" and rows["alexnet"]["status"] == "missing"

@@ -79,17 +79,37 @@ COTANGENT_DENOM = 8  # cotangent = int8 in [-8, 8] / 8: exact in every precision
 
 GOLDEN_CONFIGS = {
     # fp32 everywhere, 8 mapping layers; 32 -> 16 channels at the last block.
-    "fp32_32px": dict(z_dim=32, c_dim=0, w_dim=32, img_resolution=32, img_channels=3,
-                      mapping_kwargs=dict(num_layers=8),
-                      synthesis_kwargs=dict(channel_base=512, channel_max=32, num_fp16_res=0, conv_clamp=None)),
+    "fp32_32px": dict(
+        z_dim=32,
+        c_dim=0,
+        w_dim=32,
+        img_resolution=32,
+        img_channels=3,
+        mapping_kwargs=dict(num_layers=8),
+        synthesis_kwargs=dict(channel_base=512, channel_max=32, num_fp16_res=0, conv_clamp=None),
+    ),
     # 32 and 64 px blocks in fp16 (overflow guard on); 16 channels at 64 px. conv_clamp=2 clamps
     # 0.2-5 % of each conv layer's activations and up to 1 % of some toRGB outputs: exercised, not idle.
-    "fp16_64px_clamp": dict(z_dim=32, c_dim=0, w_dim=32, img_resolution=64, img_channels=3,
-                            mapping_kwargs=dict(num_layers=2),
-                            synthesis_kwargs=dict(channel_base=1024, channel_max=32, num_fp16_res=2, conv_clamp=2)),
+    "fp16_64px_clamp": dict(
+        z_dim=32,
+        c_dim=0,
+        w_dim=32,
+        img_resolution=64,
+        img_channels=3,
+        mapping_kwargs=dict(num_layers=2),
+        synthesis_kwargs=dict(channel_base=1024, channel_max=32, num_fp16_res=2, conv_clamp=2),
+    ),
 }
-QUANTITIES = ("ws", "ws_cutoff", "img_fp32_fused", "img_fp32_unfused", "img_fp16_fused", "img_fp16_unfused",
-              "grad_ws_fp32", "grad_ws_fp16")
+QUANTITIES = (
+    "ws",
+    "ws_cutoff",
+    "img_fp32_fused",
+    "img_fp32_unfused",
+    "img_fp16_fused",
+    "img_fp16_unfused",
+    "grad_ws_fp32",
+    "grad_ws_fp16",
+)
 METRICS = ("rel_norm", "rel_max")
 
 
@@ -222,7 +242,8 @@ def golden_outputs(G, inputs: dict, dtype=torch.float32, fp16=True) -> dict[str,
         for prec in precs:
             for fused in (True, False):
                 out[f"img_{prec}_{'fused' if fused else 'unfused'}"] = G.synthesis(
-                    ws, noise_mode="const", force_fp32=(prec == "fp32"), fused_modconv=fused)
+                    ws, noise_mode="const", force_fp32=(prec == "fp32"), fused_modconv=fused
+                )
     G.train()  # as in tuning: training mode picks the non-fused (shared-weight) modulated conv
     for prec in precs:
         w = ws.clone().requires_grad_(True)
@@ -244,8 +265,12 @@ def truth_key(quantity: str) -> str:
 
 def precision(quantity: str, config: dict) -> str:
     """'fp16' when the quantity ran through float16 blocks, else 'fp32'."""
-    return "fp16" if quantity.endswith(("fp16_fused", "fp16_unfused", "_fp16")) and \
-        config["synthesis_kwargs"].get("num_fp16_res", 0) > 0 else "fp32"
+    return (
+        "fp16"
+        if quantity.endswith(("fp16_fused", "fp16_unfused", "_fp16"))
+        and config["synthesis_kwargs"].get("num_fp16_res", 0) > 0
+        else "fp32"
+    )
 
 
 def errors(x, ref) -> np.ndarray:
@@ -261,7 +286,10 @@ def read_golden(path) -> dict[str, dict]:
     "nvidia_error": {quantity: [rel_norm, rel_max]}}} from a golden file."""
     data = np.load(path)
     if int(data["format"]) != FORMAT:
-        raise ValueError(f"{path}: golden format {int(data['format'])}, expected {FORMAT}; regenerate it (see tools/parity_sg2ada.py)")
+        raise ValueError(
+            f"{path}: golden format {int(data['format'])}, expected {FORMAT}; "
+            "regenerate it (see tools/parity_sg2ada.py)"
+        )
     out: dict[str, dict] = {}
     for key in data.files:
         if "/" not in key:
@@ -271,9 +299,9 @@ def read_golden(path) -> dict[str, dict]:
         if rest == "config":
             g["config"] = json.loads(str(data[key]))
         elif rest.startswith("state/"):
-            g["state"][rest[len("state/"):]] = torch.from_numpy(data[key].copy())
+            g["state"][rest[len("state/") :]] = torch.from_numpy(data[key].copy())
         elif rest.startswith("nvidia_error/"):
-            g["nvidia_error"][rest[len("nvidia_error/"):]] = data[key]
+            g["nvidia_error"][rest[len("nvidia_error/") :]] = data[key]
         else:
             g[rest] = data[key]
     return out
@@ -311,8 +339,9 @@ def _golden_nvidia_generator(nv_net, kw, seed):
 
 def _meta(checkout) -> dict:
     try:
-        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     cpu = platform.processor() or platform.machine()
@@ -321,9 +350,15 @@ def _meta(checkout) -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return dict(torch=torch.__version__, numpy=np.__version__, python=platform.python_version(), cpu=cpu,
-                cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
-                stylegan2_ada_pytorch=commit)
+    return dict(
+        torch=torch.__version__,
+        numpy=np.__version__,
+        python=platform.python_version(),
+        cpu=cpu,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        threads=torch.get_num_threads(),
+        stylegan2_ada_pytorch=commit,
+    )
 
 
 def read_golden_arrays(arrays: dict) -> dict:
@@ -366,7 +401,9 @@ def write_golden(nv_net, path, checkout="."):
         with float64_casts(nv_net, guard=True):
             guarded = golden_outputs(G64, inputs, dtype=torch.float64, fp16=False)
         moved = max(errors(guarded[q], truth[q].numpy())[0] for q in ("img_fp32_fused", "grad_ws_fp32"))
-        print(f"{name}: the fp16 guard moves the float64 result by rel_norm {moved:.1e} (float16 rounding {2**-11:.1e})")
+        print(
+            f"{name}: the fp16 guard moves the float64 result by rel_norm {moved:.1e} (float16 rounding {2**-11:.1e})"
+        )
         assert moved < 2**-11 / 100, moved
 
         G = golden_generator(read_golden_arrays(arrays), name)
@@ -383,8 +420,10 @@ def write_golden(nv_net, path, checkout="."):
             e_nv, e_ours = errors(nv[q], ref), errors(mine[q], ref)
             arrays[f"{name}/nvidia_error/{q}"] = e_nv
             same = torch.equal(nv[q], mine[q])
-            print(f"  {q:18s} {precision(q, kw)}  NVIDIA rel_norm {e_nv[0]:.3e} rel_max {e_nv[1]:.3e}"
-                  f"  | ours {e_ours[0]:.3e} {e_ours[1]:.3e}  {'identical' if same else 'DIFFERENT'}")
+            print(
+                f"  {q:18s} {precision(q, kw)}  NVIDIA rel_norm {e_nv[0]:.3e} rel_max {e_nv[1]:.3e}"
+                f"  | ours {e_ours[0]:.3e} {e_ours[1]:.3e}  {'identical' if same else 'DIFFERENT'}"
+            )
     np.savez_compressed(path, **arrays)
     print(f"wrote {path}")
 
@@ -392,7 +431,10 @@ def write_golden(nv_net, path, checkout="."):
 def print_errors(nv_net, path):
     """NVIDIA's errors against the stored float64 truth on this machine, beside the stored ones."""
     golden = read_golden(path)
-    print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}")
+    print(
+        f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, threads "
+        f"{torch.get_num_threads()}"
+    )
     for name, g in golden.items():
         G_nv = nv_net.Generator(**copy.deepcopy(g["config"])).eval()
         G_nv.load_state_dict(g["state"], strict=True)
@@ -400,8 +442,10 @@ def print_errors(nv_net, path):
         for q in QUANTITIES:
             e = errors(nv[q], g[truth_key(q)])
             s = g["nvidia_error"][q]
-            print(f"{name:16s} {q:18s} rel_norm {e[0]:.3e} (file {s[0]:.3e}, x{e[0] / s[0]:.2f})"
-                  f"  rel_max {e[1]:.3e} (file {s[1]:.3e}, x{e[1] / s[1]:.2f})")
+            print(
+                f"{name:16s} {q:18s} rel_norm {e[0]:.3e} (file {s[0]:.3e}, x{e[0] / s[0]:.2f})"
+                f"  rel_max {e[1]:.3e} (file {s[1]:.3e}, x{e[1] / s[1]:.2f})"
+            )
 
 
 def main():
@@ -422,9 +466,15 @@ def main():
 
     configs = dict(GOLDEN_CONFIGS)
     if args.full:
-        configs["ffhq config-f 1024"] = dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=1024, img_channels=3,
-                                             mapping_kwargs=dict(num_layers=8),
-                                             synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256))
+        configs["ffhq config-f 1024"] = dict(
+            z_dim=512,
+            c_dim=0,
+            w_dim=512,
+            img_resolution=1024,
+            img_channels=3,
+            mapping_kwargs=dict(num_layers=8),
+            synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256),
+        )
     for name, kw in configs.items():
         big = kw["img_resolution"] >= 512
         report = compare(nv_net, kw, batch=1 if big else 2, grads=not big, fused=True if big else None)

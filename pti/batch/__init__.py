@@ -23,16 +23,32 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pti.batch.manifest import (SUMMARY, Job, Manifest, check_identity_slots, fingerprint, key, plan, record,
-                                write_summary)
+from pti.batch.manifest import (
+    SUMMARY,
+    Job,
+    Manifest,
+    check_identity_slots,
+    fingerprint,
+    key,
+    plan,
+    record,
+    write_summary,
+)
 from pti.batch.runners import run_processes, run_ray
 from pti.engine.layout import Layout
 from pti.fsutil import note_written, sha256_file
 from pti.pipeline import PhotoResult, Pipeline
 
 
-def tune_many(pipeline: Pipeline, paths: list[Path], names: list[str], *, workers: int = 1, ray: str | None = None,
-              force: bool = False) -> list[PhotoResult]:
+def tune_many(
+    pipeline: Pipeline,
+    paths: list[Path],
+    names: list[str],
+    *,
+    workers: int = 1,
+    ray: str | None = None,
+    force: bool = False,
+) -> list[PhotoResult]:
     """Single-ID PTI for every photo, resumable; one result per photo (failures included), in the given order.
 
     `pipeline` is the driver's: its generator hash and losses are what the manifest records, and it
@@ -76,8 +92,15 @@ def tune_many(pipeline: Pipeline, paths: list[Path], names: list[str], *, worker
             results.append(job.result)
         else:
             rec = done_before[key(job.photo)]
-            results.append(PhotoResult(photo=job.photo, name=job.name, identity=Path(rec["identity"]), status="skipped",
-                                       report={"manifest": rec}))
+            results.append(
+                PhotoResult(
+                    photo=job.photo,
+                    name=job.name,
+                    identity=Path(rec["identity"]),
+                    status="skipped",
+                    report={"manifest": rec},
+                )
+            )
     write_summary(out / SUMMARY, [manifest.latest[key(j.photo)] for j in jobs])
     return results
 

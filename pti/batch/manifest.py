@@ -43,8 +43,15 @@ class Job:
 def fingerprint(config: RunConfig, base_hash: str, losses: dict[str, str]) -> dict:
     """The settings that change an identity file (not the device, threads or worker count): what decides
     whether a photo done before can be reused."""
-    return {"base_hash": base_hash, "align": config.align, "face": config.face, "exact": config.exact, "losses": dict(losses),
-            "invert": plain(asdict(config.invert_cfg)), "tune": plain(asdict(config.tune_cfg))}
+    return {
+        "base_hash": base_hash,
+        "align": config.align,
+        "face": config.face,
+        "exact": config.exact,
+        "losses": dict(losses),
+        "invert": plain(asdict(config.invert_cfg)),
+        "tune": plain(asdict(config.tune_cfg)),
+    }
 
 
 class Manifest:
@@ -94,7 +101,9 @@ def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
     return None
 
 
-def plan(jobs: list[Job], manifest: Manifest, fingerprint: dict, out: Path, force: bool) -> tuple[list[Job], list[dict]]:
+def plan(
+    jobs: list[Job], manifest: Manifest, fingerprint: dict, out: Path, force: bool
+) -> tuple[list[Job], list[dict]]:
     """(photos to run, `skipped` lines for photos already done). Refuses other settings unless `force`."""
     todo, skipped = [], []
     for job in jobs:
@@ -104,10 +113,16 @@ def plan(jobs: list[Job], manifest: Manifest, fingerprint: dict, out: Path, forc
             continue
         diff = _first_difference(rec.get("settings", {}), fingerprint)
         if diff:
-            raise PTIError(f"{job.photo} was tuned into {out} with other settings ({diff}); pass --force to redo it, "
-                           "or choose another --out")
+            raise PTIError(
+                f"{job.photo} was tuned into {out} with other settings ({diff}); pass --force to redo it, "
+                "or choose another --out"
+            )
         ident = Path(rec.get("identity") or "")
-        if rec.get("photo_sha256") != job.sha256 or not ident.is_file() or sha256_file(ident) != rec.get("identity_sha256"):
+        if (
+            rec.get("photo_sha256") != job.sha256
+            or not ident.is_file()
+            or sha256_file(ident) != rec.get("identity_sha256")
+        ):
             todo.append(job)  # the photo changed, or its identity file is gone or altered: redo it
             continue
         skipped.append({**rec, "status": "skipped", "seconds": 0.0, "time": _now(), "worker": "resume"})
@@ -121,8 +136,11 @@ def check_identity_slots(out: Path, jobs: list[tuple[Path, str, str]], manifest:
     photo: the same content (sha256), or the same file (a photo edited since is redone, as on resume).
     Who made an identity comes from the manifest, else from the identity's own metadata; an identity
     whose photo cannot be told is not replaced either. `--force` (the caller skips this) replaces."""
-    by_identity = {rec.get("identity"): rec for rec in manifest.latest.values()
-                   if rec.get("status") in ("done", "skipped") and rec.get("identity")}
+    by_identity = {
+        rec.get("identity"): rec
+        for rec in manifest.latest.values()
+        if rec.get("status") in ("done", "skipped") and rec.get("identity")
+    }
     for photo, name, sha in jobs:
         ident = Layout(out, name).identity
         if not ident.is_file():
@@ -132,8 +150,10 @@ def check_identity_slots(out: Path, jobs: list[tuple[Path, str, str]], manifest:
         if owner_sha == sha or (owner is not None and Path(owner) == photo.resolve()):
             continue
         made = f"from {owner}" if owner else "from a photo it does not record"
-        raise PTIError(f"{ident} was tuned {made}, a different photo than {photo}; pass --force to replace it, "
-                       "or choose another --out (or rename the photo)")
+        raise PTIError(
+            f"{ident} was tuned {made}, a different photo than {photo}; pass --force to replace it, "
+            "or choose another --out (or rename the photo)"
+        )
 
 
 def _now() -> str:
@@ -142,20 +162,52 @@ def _now() -> str:
 
 def record(job: Job, res, fingerprint: dict, worker: str) -> dict:
     """The manifest line of one finished or failed photo (`res`: its `pti.pipeline.PhotoResult`)."""
-    rec = {"photo": key(job.photo), "name": job.name, "photo_sha256": job.sha256, "status": res.status,
-           "seconds": round(res.seconds, 3), "error": res.error, "settings": fingerprint, "time": _now(), "worker": worker,
-           "identity": None, "identity_sha256": None, "metrics": None}
+    rec = {
+        "photo": key(job.photo),
+        "name": job.name,
+        "photo_sha256": job.sha256,
+        "status": res.status,
+        "seconds": round(res.seconds, 3),
+        "error": res.error,
+        "settings": fingerprint,
+        "time": _now(),
+        "worker": worker,
+        "identity": None,
+        "identity_sha256": None,
+        "metrics": None,
+    }
     if res.status == "done" and res.identity is not None:
         rep = res.report
-        rec.update(identity=str(res.identity.resolve()), identity_sha256=sha256_file(res.identity),
-                   metrics={"before_tuning": rep.get("before_tuning"), "after_tuning": rep.get("after_tuning"),
-                            "identity_similarity": rep.get("identity_similarity"), "steps": rep.get("steps"),
-                            "early_stopped": rep.get("early_stopped")})
+        rec.update(
+            identity=str(res.identity.resolve()),
+            identity_sha256=sha256_file(res.identity),
+            metrics={
+                "before_tuning": rep.get("before_tuning"),
+                "after_tuning": rep.get("after_tuning"),
+                "identity_similarity": rep.get("identity_similarity"),
+                "steps": rep.get("steps"),
+                "early_stopped": rep.get("early_stopped"),
+            },
+        )
     return rec
 
 
-SUMMARY_COLUMNS = ["photo", "name", "status", "error", "identity", "seconds", "mse_before", "mse_after",
-                   "perceptual_before", "perceptual_after", "perceptual_metric", "identity_similarity", "tune_steps", "early_stopped"]
+SUMMARY_COLUMNS = [
+    "photo",
+    "name",
+    "status",
+    "error",
+    "identity",
+    "seconds",
+    "mse_before",
+    "mse_after",
+    "perceptual_before",
+    "perceptual_after",
+    "perceptual_metric",
+    "identity_similarity",
+    "tune_steps",
+    "early_stopped",
+]
 
 
 def write_summary(path: Path, records: list[dict]) -> Path:
@@ -167,12 +219,24 @@ def write_summary(path: Path, records: list[dict]) -> Path:
         m = rec.get("metrics") or {}
         b, a = m.get("before_tuning") or {}, m.get("after_tuning") or {}
         pkey = perceptual_key_in(a)
-        w.writerow({"photo": rec["photo"], "name": rec.get("name"), "status": rec["status"], "error": rec.get("error") or "",
-                    "identity": rec.get("identity") or "", "seconds": rec.get("seconds"),
-                    "mse_before": b.get("mse", ""), "mse_after": a.get("mse", ""),
-                    "perceptual_before": b.get(pkey, ""), "perceptual_after": a.get(pkey, ""), "perceptual_metric": pkey,
-                    "identity_similarity": "" if m.get("identity_similarity") is None else m["identity_similarity"],
-                    "tune_steps": (m.get("steps") or {}).get("tune", ""), "early_stopped": m.get("early_stopped", "")})
+        w.writerow(
+            {
+                "photo": rec["photo"],
+                "name": rec.get("name"),
+                "status": rec["status"],
+                "error": rec.get("error") or "",
+                "identity": rec.get("identity") or "",
+                "seconds": rec.get("seconds"),
+                "mse_before": b.get("mse", ""),
+                "mse_after": a.get("mse", ""),
+                "perceptual_before": b.get(pkey, ""),
+                "perceptual_after": a.get(pkey, ""),
+                "perceptual_metric": pkey,
+                "identity_similarity": "" if m.get("identity_similarity") is None else m["identity_similarity"],
+                "tune_steps": (m.get("steps") or {}).get("tune", ""),
+                "early_stopped": m.get("early_stopped", ""),
+            }
+        )
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
     return path

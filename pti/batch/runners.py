@@ -49,7 +49,9 @@ def _worker_init(config: RunConfig, out: Path, workers: int, events=None) -> Non
     _WORKER["pipeline"] = Pipeline.build(config, out, workers=workers)
     if events is not None:
         events.cancel_join_thread()  # a worker never waits at exit for progress the driver no longer reads
-        _WORKER["pipeline"].progress = lambda phase, step, total, values: _send_progress(events, phase, step, total, values)
+        _WORKER["pipeline"].progress = lambda phase, step, total, values: _send_progress(
+            events, phase, step, total, values
+        )
 
 
 def _send_progress(events, phase: str, step: int, total: int, values: dict) -> None:
@@ -77,14 +79,19 @@ def _relay(events, progress) -> None:
 
 
 def run_processes(todo: list[Job], config: RunConfig, out: Path, workers: int, on_result, progress=None) -> None:
-    """Each photo of `todo` in one of `workers` spawned processes, the dead ones replaced (see the module's docstring)."""
+    """Each photo of `todo` in one of `workers` spawned processes, the dead ones replaced
+    (see the module's docstring)."""
     context = multiprocessing.get_context("spawn")
     events = context.Queue() if progress is not None else None  # the workers' progress, shown as it happens
     pending = list(todo)
     restarts = 0
     while pending:
-        pool = ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
-                                   initializer=_worker_init, initargs=(config, out, workers, events))
+        pool = ProcessPoolExecutor(
+            min(workers, len(pending)),
+            mp_context=context,
+            initializer=_worker_init,
+            initargs=(config, out, workers, events),
+        )
         futures = {pool.submit(_worker_task, job): job for job in pending}
         broken = False
         try:
@@ -100,7 +107,9 @@ def run_processes(todo: list[Job], config: RunConfig, out: Path, workers: int, o
                         broken = True
                         futures[f] = job  # retried below with the others
                         break
-                    except PTIError as e:  # a worker could not start (no generator, no weights): every photo fails alike
+                    except (
+                        PTIError
+                    ) as e:  # a worker could not start (no generator, no weights): every photo fails alike
                         res = PhotoResult.failed(job.photo, job.name, str(e))
                     pending.remove(job)
                     on_result(job, res, f"process {workers}")
@@ -136,14 +145,16 @@ def _stop_pool(pool) -> None:
 def _ray_task(shared, config: RunConfig, out: str, job: Job):
     """One photo in a Ray worker: the generator and losses come from the object store, resolved by Ray."""
     dev = resolve_device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
-    pipeline = Pipeline.build(config, Path(out), device=dev, shared=(shared["G"], shared["losses"], shared["base_hash"]))
+    pipeline = Pipeline.build(
+        config, Path(out), device=dev, shared=(shared["G"], shared["losses"], shared["base_hash"])
+    )
     return pipeline.attempt(job.photo, job.name)
 
 
 def run_ray(todo: list[Job], pipeline: Pipeline, address: str, on_result) -> None:
     """Each photo of `todo` as a Ray task on the cluster at `address` ("auto": the running one, else a local one)."""
     try:
-        import ray
+        import ray  # noqa: PLC0415  optional extra (ray)
     except ImportError:
         raise PTIError("--ray needs Ray: pip install 'pti[ray]'") from None
 
@@ -152,7 +163,9 @@ def run_ray(todo: list[Job], pipeline: Pipeline, address: str, on_result) -> Non
         _ray_connect(ray, address)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        shared = ray.put({"G": pipeline.G.to("cpu"), "losses": pipeline.losses, "base_hash": pipeline.base_hash})  # once, not per task
+        shared = ray.put(
+            {"G": pipeline.G.to("cpu"), "losses": pipeline.losses, "base_hash": pipeline.base_hash}
+        )  # once, not per task
         task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)(_ray_task)
         refs = {task.remote(shared, pipeline.config, str(pipeline.out), job): job for job in todo}
         while refs:
@@ -210,7 +223,9 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         try:
             socket.create_connection((host, int(port)), timeout=timeout).close()
         except OSError as e:
-            raise PTIError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); is `ray start --head` running there?") from None
+            raise PTIError(
+                f"cannot reach a Ray cluster at {address} ({e.strerror or e}); is `ray start --head` running there?"
+            ) from None
         return
 
     def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -219,29 +234,46 @@ def _probe(address: str, timeout: float = 5.0) -> None:
     def literal(name: str, value: str) -> bytes:  # HPACK literal without indexing, no Huffman (short strings)
         return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
 
-    headers = b"".join(literal(k, v) for k, v in ((":method", "POST"), (":scheme", "http"),
-                                                     (":path", "/ray.rpc.NodeInfoGcsService/GetClusterId"),
-                                                     (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
-                                                     ("te", "trailers")))
-    request = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 4, 1, headers)
-               + frame(0, 1, 1, b"\x00\x00\x00\x00\x00"))
+    headers = b"".join(
+        literal(k, v)
+        for k, v in (
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/ray.rpc.NodeInfoGcsService/GetClusterId"),
+            (":authority", f"{host}:{port}"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        )
+    )
+    request = (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + frame(4, 0, 0)
+        + frame(1, 4, 1, headers)
+        + frame(0, 1, 1, b"\x00\x00\x00\x00\x00")
+    )
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
             sock.settimeout(timeout)
             sock.sendall(request)
             status = _http2_status(sock)
     except (OSError, ValueError) as e:
-        why = getattr(e, "strerror", None) or ("no answer" if isinstance(e, socket.timeout) else str(e) or type(e).__name__)
-        raise PTIError(f"cannot reach a Ray cluster at {address} ({why}); is `ray start --head` running there?") from None
+        why = getattr(e, "strerror", None) or (
+            "no answer" if isinstance(e, socket.timeout) else str(e) or type(e).__name__
+        )
+        raise PTIError(
+            f"cannot reach a Ray cluster at {address} ({why}); is `ray start --head` running there?"
+        ) from None
     if status != 200:
-        raise PTIError(f"{address} answers, but not as a Ray cluster (HTTP/2 status {status or 'unknown'}); "
-                       "give the address `ray start --head` printed (its GCS port, 6379 by default)")
+        raise PTIError(
+            f"{address} answers, but not as a Ray cluster (HTTP/2 status {status or 'unknown'}); "
+            "give the address `ray start --head` printed (its GCS port, 6379 by default)"
+        )
 
 
 def _http2_status(sock) -> int | None:
     """The HTTP status of the first response HEADERS frame on stream 1 (from HPACK's static table, which
     servers use for 200 and the other common codes); None when it is not one of those."""
-    static = {0x88: 200, 0x89: 204, 0x8a: 206, 0x8b: 304, 0x8c: 400, 0x8d: 404, 0x8e: 500}
+    static = {0x88: 200, 0x89: 204, 0x8A: 206, 0x8B: 304, 0x8C: 400, 0x8D: 404, 0x8E: 500}
     buf = b""
     for _ in range(64):  # frames before the response: SETTINGS, WINDOW_UPDATE, PING, ...
         while len(buf) < 9:
@@ -256,7 +288,7 @@ def _http2_status(sock) -> int | None:
             if not chunk:
                 raise ValueError("the connection was closed")
             buf += chunk
-        payload, buf = buf[9:9 + length], buf[9 + length:]
+        payload, buf = buf[9 : 9 + length], buf[9 + length :]
         if kind == 7:  # GOAWAY: the server refused the connection
             return None
         if kind == 1 and stream == 1:

@@ -13,9 +13,15 @@ from pti.commands.common import console
 def align(
     photos: Annotated[list[Path], typer.Argument(metavar="PHOTO", help="Photos or directories of photos.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the aligned PNGs (<photo stem>.png).")],
-    size: Annotated[int, typer.Option("--size", min=16, max=4096, help="Output resolution in pixels (the generator's).")] = 1024,
-    face: Annotated[Optional[int], typer.Option("--face", min=0, help="Which face to align when there are several (0 = largest).")] = None,
-    no_align: Annotated[bool, typer.Option("--no-align", help="The photos are already aligned crops: only resize them.")] = False,
+    size: Annotated[
+        int, typer.Option("--size", min=16, max=4096, help="Output resolution in pixels (the generator's).")
+    ] = 1024,
+    face: Annotated[
+        Optional[int], typer.Option("--face", min=0, help="Which face to align when there are several (0 = largest).")
+    ] = None,
+    no_align: Annotated[
+        bool, typer.Option("--no-align", help="The photos are already aligned crops: only resize them.")
+    ] = False,
 ) -> None:
     """Detect the face in each photo and crop it the way FFHQ faces are cropped."""
     from pti.engine.align import align_photo, resize_prealigned
@@ -38,10 +44,16 @@ def align(
                 result = align_photo(img, size, face=face, name=str(path))
                 aligned = result.image
                 if len(result.faces) > 1:
-                    console.print(f"{path}: {len(result.faces)} faces found, aligned #{result.chosen_index} (--face N picks another):", markup=False)
+                    console.print(
+                        f"{path}: {len(result.faces)} faces found, aligned #{result.chosen_index} (--face N picks "
+                        "another):",
+                        markup=False,
+                    )
                     for i, f in enumerate(result.faces):
                         mark = "*" if i == result.chosen_index else " "
-                        console.print(f"  {mark} {i}: box {f.box}, {f.box[2] - f.box[0]}x{f.box[3] - f.box[1]} px", markup=False)
+                        console.print(
+                            f"  {mark} {i}: box {f.box}, {f.box[2] - f.box[0]}x{f.box[3] - f.box[1]} px", markup=False
+                        )
             save_photo_atomic(aligned, target)
             console.print(f"{path} -> {target}", markup=False)
         except OutputError:  # the output cannot take files: the next photo would fail the same way

@@ -19,7 +19,8 @@ console = Console(stderr=False, highlight=False, soft_wrap=True)
 NetworkOption = Annotated[
     Optional[str],
     typer.Option(
-        "--network", "-n",
+        "--network",
+        "-n",
         help="Generator checkpoint: stylegan2-ada .pkl, rosinality .pt or pti .safetensors. "
         "Default: the built-in tiny generator (random weights, for offline demos).",
     ),
@@ -45,6 +46,7 @@ def _check_device(value: str) -> str:
 DeviceOption = Annotated[
     str, typer.Option("--device", callback=_check_device, help="auto (the GPU if there is one), cpu, cuda or cuda:N.")
 ]
+
 
 def thread_setting() -> str:
     """The CLI's CPU-thread setting: $PTI_THREADS (auto | torch | N); "torch" when the user set OMP_NUM_THREADS."""
@@ -116,12 +118,25 @@ class PhaseProgress:
 
     def __enter__(self) -> "PhaseProgress":
         if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self._bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=self.out, transient=False)
+            self._bar = Progress(
+                TextColumn("{task.description:<10}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.out,
+                transient=False,
+            )
             self._bar.__enter__()
         return self
 

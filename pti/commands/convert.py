@@ -14,8 +14,13 @@ def _check_dest(value: str) -> str:
 
 
 def convert(
-    source: Annotated[str, typer.Argument(metavar="IN", help="stylegan2-ada .pkl, rosinality .pt, pti .safetensors or builtin:tiny.")],
-    dest: Annotated[str, typer.Argument(metavar="OUT.safetensors", callback=_check_dest, help="File to write (replaced atomically).")],
+    source: Annotated[
+        str, typer.Argument(metavar="IN", help="stylegan2-ada .pkl, rosinality .pt, pti .safetensors or builtin:tiny.")
+    ],
+    dest: Annotated[
+        str,
+        typer.Argument(metavar="OUT.safetensors", callback=_check_dest, help="File to write (replaced atomically)."),
+    ],
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")] = False,
 ) -> None:
     """Convert a generator checkpoint to one .safetensors file (weights + config, no pickle)."""

@@ -37,17 +37,34 @@ def demo(
     with atomic_path(photo) as tmp:
         Image.fromarray(skimage.data.astronaut()).save(tmp, format="PNG")
     console.print(f"demo photo: {photo} (NASA, public domain, from scikit-image)", markup=False)
-    console.print("The built-in generator is tiny and untrained: the pivot will not look like her; "
-                  "tuning is what makes the reconstruction match the photo.")
-    run_tune([photo], network=None, out=out, device=device, align=True, face=None, joint=False,
-             invert_cfg=InvertConfig(), tune_cfg=TuneConfig(), exact=False, allow_fallback=True)
+    console.print(
+        "The built-in generator is tiny and untrained: the pivot will not look like her; "
+        "tuning is what makes the reconstruction match the photo."
+    )
+    run_tune(
+        [photo],
+        network=None,
+        out=out,
+        device=device,
+        align=True,
+        face=None,
+        joint=False,
+        invert_cfg=InvertConfig(),
+        tune_cfg=TuneConfig(),
+        exact=False,
+        allow_fallback=True,
+    )
     result = _edit(out, device)
     render_summary(result)
-    console.print(f"open {out / 'astronaut' / 'contact.png'} to see input, aligned, pivot, reconstruction and an edit sweep", markup=False)
+    console.print(
+        f"open {out / 'astronaut' / 'contact.png'} to see input, aligned, pivot, reconstruction and an edit sweep",
+        markup=False,
+    )
 
 
 def _edit(out: Path, device: str):
-    """GANSpace directions for the tiny generator, a sweep of its first component, and the contact sheet grown by a row."""
+    """GANSpace directions for the tiny generator, a sweep of its first component,
+    and the contact sheet grown by a row."""
     import numpy as np
     from PIL import Image
 
@@ -63,10 +80,17 @@ def _edit(out: Path, device: str):
     console.print(f"computing GANSpace directions for the tiny generator -> {dirs}", markup=False)
     save_ganspace(ganspace(load_generator(None, resolve_device(device)), components=16, samples=20_000), dirs)
     person = Layout(out, "astronaut")
-    result = pti.rendering.render(person.identity, [f"{dirs}:{SWEEP}"], person.edits, pti.rendering.RenderConfig(device=device))
+    result = pti.rendering.render(
+        person.identity, [f"{dirs}:{SWEEP}"], person.edits, pti.rendering.RenderConfig(device=device)
+    )
     first = [("input", load_photo(out / "astronaut.png"))] + [
-        (label, Image.open(path)) for label, path in
-        (("aligned", person.aligned), ("pivot (before tuning)", person.pivot), ("reconstruction (after)", person.reconstruction))]
+        (label, Image.open(path))
+        for label, path in (
+            ("aligned", person.aligned),
+            ("pivot (before tuning)", person.pivot),
+            ("reconstruction (after)", person.reconstruction),
+        )
+    ]
     sweep = [(f"GANSpace 0 at {v:+.2g} sd", img) for v, img in zip(np.linspace(-1, 1, 7), result.images)]
     save_photo_atomic(labelled_sheet([first, sweep], size=128), person.contact)
     return result

@@ -22,9 +22,29 @@ directions_app = typer.Typer(
 def ganspace_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="File to write (the ffhq_pca.pt layout: mean, comp, std).")],
     network: NetworkOption = None,
-    components: Annotated[Optional[int], typer.Option("--components", "-k", min=1, max=4096, show_default=False, help="Principal components to keep, at most w_dim. Default: 80 (the authors' FFHQ file), or w_dim when that is smaller.")] = None,
-    samples: Annotated[int, typer.Option("--samples", min=2, max=100_000_000, help="Mapped z's the PCA is computed from.")] = 100_000,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the z's (numpy RandomState: the same on every machine).")] = 0,
+    components: Annotated[
+        Optional[int],
+        typer.Option(
+            "--components",
+            "-k",
+            min=1,
+            max=4096,
+            show_default=False,
+            help=(
+                "Principal components to keep, at most w_dim. Default: 80 (the authors' FFHQ file), or w_dim when "
+                "that is smaller."
+            ),
+        ),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option("--samples", min=2, max=100_000_000, help="Mapped z's the PCA is computed from.")
+    ] = 100_000,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", min=0, max=SEED_MAX, help="Seed of the z's (numpy RandomState: the same on every machine)."
+        ),
+    ] = 0,
     batch: Annotated[int, typer.Option("--batch", min=1, max=1_000_000, help="z's mapped per forward pass.")] = 10_000,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")] = False,
     device: DeviceOption = "auto",
@@ -46,9 +66,14 @@ def ganspace_cmd(
     if components is None:
         components = min(DEFAULT_COMPONENTS, G.w_dim)
         if components < DEFAULT_COMPONENTS:
-            note = f"{components} components: all of this generator's w_dim (the default {DEFAULT_COMPONENTS} is more than that)"
+            note = (
+                f"{components} components: all of this generator's w_dim (the default {DEFAULT_COMPONENTS} is more "
+                "than that)"
+            )
     if components > G.w_dim:
-        raise typer.BadParameter(f"{components} components, but this generator's w_dim is {G.w_dim}", param_hint="'--components'")
+        raise typer.BadParameter(
+            f"{components} components, but this generator's w_dim is {G.w_dim}", param_hint="'--components'"
+        )
     if samples <= components:
         raise typer.BadParameter(f"need more samples than components ({components})", param_hint="'--samples'")
     ensure_writable_dir(out.parent)
@@ -59,8 +84,13 @@ def ganspace_cmd(
         pca = ganspace(G, components, samples, seed, batch, progress=bar.update)
     save_ganspace(pca, out)
     top = ", ".join(f"{s:.3f}" for s in pca["std"][:5].tolist())
-    console.print(f"wrote {out}: {components} components of w ({G.w_dim}-d) from {samples:,} samples; sd of the first: {top}", markup=False)
-    console.print(f"edit with: pti render PERSON.pti --network {network or 'builtin:tiny'} --edit {out}:0=+2", markup=False)
+    console.print(
+        f"wrote {out}: {components} components of w ({G.w_dim}-d) from {samples:,} samples; sd of the first: {top}",
+        markup=False,
+    )
+    console.print(
+        f"edit with: pti render PERSON.pti --network {network or 'builtin:tiny'} --edit {out}:0=+2", markup=False
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -8,8 +8,16 @@ from typing import Annotated
 
 import typer
 
-from pti.commands.common import (DeviceOption, NetworkOption, console, network_label, parse_seeds, plural,
-                                 seeds_callback, thread_setting)
+from pti.commands.common import (
+    DeviceOption,
+    NetworkOption,
+    console,
+    network_label,
+    parse_seeds,
+    plural,
+    seeds_callback,
+    thread_setting,
+)
 
 
 GRID_MAX = 64  # seeds shown in grid.png: a grid of thousands of faces helps nobody and fills memory
@@ -23,10 +31,25 @@ class NoiseMode(str, Enum):
 
 def generate(
     network: NetworkOption = None,
-    seeds: Annotated[str, typer.Option("--seeds", callback=seeds_callback, help="Seeds to render: '0-7', '1,5,9' or a mix (0 to 2^32-1).")] = "0-7",
-    trunc: Annotated[float, typer.Option("--trunc", min=-1.0, max=1.0, help="Truncation psi: 1 = none, 0 = the average face, negative = the far side of it.")] = 0.7,
+    seeds: Annotated[
+        str,
+        typer.Option(
+            "--seeds", callback=seeds_callback, help="Seeds to render: '0-7', '1,5,9' or a mix (0 to 2^32-1)."
+        ),
+    ] = "0-7",
+    trunc: Annotated[
+        float,
+        typer.Option(
+            "--trunc",
+            min=-1.0,
+            max=1.0,
+            help="Truncation psi: 1 = none, 0 = the average face, negative = the far side of it.",
+        ),
+    ] = 0.7,
     noise_mode: Annotated[NoiseMode, typer.Option("--noise-mode", help="Per-pixel noise.")] = NoiseMode.const,
-    outdir: Annotated[Path, typer.Option("--outdir", "-o", help="Where to write seedNNNN.png and grid.png (at most 64 seeds).")] = Path("out/generate"),
+    outdir: Annotated[
+        Path, typer.Option("--outdir", "-o", help="Where to write seedNNNN.png and grid.png (at most 64 seeds).")
+    ] = Path("out/generate"),
     device: DeviceOption = "auto",
 ) -> None:
     """Render images for random seeds, one PNG per seed plus a grid."""
@@ -58,7 +81,9 @@ def generate(
             written.append(save_png(arr, outdir / f"seed{seed:04d}.png"))
     written.append(save_png(grid(tiles), outdir / "grid.png"))
     shown = "" if len(seed_list) <= GRID_MAX else f" of the first {GRID_MAX}"
-    console.print(f"wrote {len(written)} files to {outdir}/: {plural(len(seed_list), 'seed')} + grid.png{shown}", markup=False)
+    console.print(
+        f"wrote {len(written)} files to {outdir}/: {plural(len(seed_list), 'seed')} + grid.png{shown}", markup=False
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -12,14 +12,17 @@ def info(
         Optional[str],
         typer.Argument(
             metavar="[FILE]",
-            help="A .pti identity file, an export folder (pti export) or a file in one, a direction file (pti directions, "
-            ".npy/.npz/.pt), or a generator: stylegan2-ada .pkl, rosinality .pt or pti .safetensors; none (or builtin:tiny) "
-            "= the built-in tiny generator.",
+            help=(
+                "A .pti identity file, an export folder (pti export) or a file in one, a direction file "
+                "(pti directions, .npy/.npz/.pt), or a generator: stylegan2-ada .pkl, rosinality .pt or "
+                "pti .safetensors; none (or builtin:tiny) = the built-in tiny generator."
+            ),
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Show what a checkpoint, identity file, direction file or export holds: sizes, settings, hashes, and for identities the tuning results."""
+    """Show what a checkpoint, identity file, direction file or export holds: sizes, settings, hashes,
+    and for identities the tuning results."""
     import json
     from pathlib import Path
 
@@ -29,7 +32,9 @@ def info(
     if checkpoint and Path(checkpoint).is_dir() and not (Path(checkpoint) / "contract.json").is_file():
         from pti.errors import PTIError
 
-        raise PTIError(f"{checkpoint} is a folder: give a checkpoint or identity file, or an export folder (with contract.json)")
+        raise PTIError(
+            f"{checkpoint} is a folder: give a checkpoint or identity file, or an export folder (with contract.json)"
+        )
     if checkpoint and (Path(checkpoint).is_dir() or _in_export(Path(checkpoint))):
         record, rows = _export(checkpoint)
     elif checkpoint and is_identity_file(checkpoint):
@@ -76,18 +81,38 @@ def _export(folder: str) -> tuple[dict, list[tuple[str, str]]]:
         ("export", str(path)),
         ("kind", f"{c['kind']} ({c['precision']})" + (f", opset {c['opset']}" if "opset" in c else "")),
         ("files", ", ".join(c["files"].values()) + f" ({size / 1e6:.1f} MB)"),
-        ("input", f"{c['input']['name']} [batch {b['min']}-{b['max']} (opt {b['opt']}), {c['input']['shape'][1]}, {c['input']['shape'][2]}] {c['input']['dtype']}"),
+        (
+            "input",
+            f"{c['input']['name']} [batch {b['min']}-{b['max']} (opt {b['opt']}), {c['input']['shape'][1]}, "
+            f"{c['input']['shape'][2]}] {c['input']['dtype']}",
+        ),
         ("output", f"{c['output']['name']} [{', '.join(map(str, c['output']['shape']))}] {c['output']['dtype']}"),
-        ("weights", f"{len(c['weights'])} tuned tensors swappable by name, {_millions(sum(math.prod(w['shape']) for w in c['weights']))} values"),
+        (
+            "weights",
+            f"{len(c['weights'])} tuned tensors swappable by name, "
+            f"{_millions(sum(math.prod(w['shape']) for w in c['weights']))} values",
+        ),
         ("base generator", f"{c['base_hash'][:16]} ({c.get('base_hint') or '?'})"),
         ("identity", c.get("identity") or "none (the base generator's own weights)"),
-        ("built with", ", ".join(f"{k} {v}" for k, v in built.items() if k in ("torch", "onnxruntime", "tensorrt", "pti")) + f"; {built.get('device', '?')}"),
+        (
+            "built with",
+            ", ".join(f"{k} {v}" for k, v in built.items() if k in ("torch", "onnxruntime", "tensorrt", "pti"))
+            + f"; {built.get('device', '?')}",
+        ),
     ]
     if verified:
         diff = verified.get("max_abs_diff_vs_torch_fp32", verified.get("pooled_diff"))
-        rows.append(("checked", f"{verified.get('runtime')}: {diff:.2g} from PyTorch (tolerance {c['sample']['tolerance']})"))
-    rows.append(("file check", "sizes and sha256 match the contract" if hashed
-                 else "not checked (this contract, from an older pti, records no sizes or hashes)"))
+        rows.append(
+            ("checked", f"{verified.get('runtime')}: {diff:.2g} from PyTorch (tolerance {c['sample']['tolerance']})")
+        )
+    rows.append(
+        (
+            "file check",
+            "sizes and sha256 match the contract"
+            if hashed
+            else "not checked (this contract, from an older pti, records no sizes or hashes)",
+        )
+    )
     return {"kind": "export", "path": str(path), **c, "bytes": size, "files_verified": hashed}, rows
 
 
@@ -106,7 +131,10 @@ def _direction(path: str) -> tuple[dict, list[tuple[str, str]]]:
             ("direction file", d["path"]),
             ("kind", f"GANSpace ({d['layout']} layout): {d['components']} components of w_dim {d['w_dim']}"),
             ("sd", f"{sds} (of the first components, in w units)"),
-            ("edit with", f"--edit {d['path']}:K=VALUE (K = 0..{d['components'] - 1}; VALUE in sd), on every layer unless @A-B"),
+            (
+                "edit with",
+                f"--edit {d['path']}:K=VALUE (K = 0..{d['components'] - 1}; VALUE in sd), on every layer unless @A-B",
+            ),
         ]
     else:
         layers = f"one per layer, {d['layers']} layers" if d["layers"] else "the same on every layer"
@@ -127,8 +155,14 @@ def _generator(checkpoint: str | None) -> tuple[dict, list[tuple[str, str]]]:
 
     loaded = load_checkpoint(checkpoint, device="cpu")
     summary = summarize(loaded.generator)
-    record = {"kind": "generator", "source": loaded.source, "format": loaded.format, "label": loaded.label,
-              "notes": loaded.notes, **dataclasses.asdict(summary)}
+    record = {
+        "kind": "generator",
+        "source": loaded.source,
+        "format": loaded.format,
+        "label": loaded.label,
+        "notes": loaded.notes,
+        **dataclasses.asdict(summary),
+    }
     rows = [
         ("checkpoint", loaded.source),
         ("format", f"{loaded.format}: {loaded.label}"),
@@ -155,8 +189,10 @@ def _identity(path: str) -> tuple[dict, list[tuple[str, str]]]:
     record = {"kind": "identity", **d}
     hint = d["base_hint"] or "unknown"
     found = hint == "builtin:tiny" or Path(hint).is_file()
-    encoding = {"delta-fp16": "fp16 deltas from the base generator's synthesis weights",
-                "weight-fp32": "exact fp32 synthesis weights"}.get(d["encoding"], d["encoding"])
+    encoding = {
+        "delta-fp16": "fp16 deltas from the base generator's synthesis weights",
+        "weight-fp32": "exact fp32 synthesis weights",
+    }.get(d["encoding"], d["encoding"])
     rows = [
         ("identity", d["path"]),
         ("format", d["format"]),
@@ -166,8 +202,10 @@ def _identity(path: str) -> tuple[dict, list[tuple[str, str]]]:
         ("pivot", f"{d['pivot_shape']} {d['pivot_dtype']}"),
         ("storage", f"{encoding}: {d['tensors']} tensors, {_millions(d['parameters'])} values"),
         ("size", f"{d['bytes'] / 1e6:.2f} MB ({d['bytes']:,} bytes)"),
-        ("checksum", "sha256 verified (weights and metadata are as pti wrote them)" if d["checksum"]
-         else "none (see the note)"),
+        (
+            "checksum",
+            "sha256 verified (weights and metadata are as pti wrote them)" if d["checksum"] else "none (see the note)",
+        ),
     ]
     rows += _tuning_rows(d)
     rows += [("note", note) for note in d["notes"]]
@@ -181,15 +219,28 @@ def _tuning_rows(d: dict) -> list[tuple[str, str]]:
     rows = []
     inv, tun, steps = d.get("invert_config") or {}, d.get("tune_config") or {}, d.get("steps") or {}
     if inv:
-        rows.append(("inversion", f"{steps.get('invert', inv.get('steps'))} steps in {inv.get('space')}, "
-                                  f"lr {inv.get('initial_lr')}, seed {inv.get('seed')}"))
+        rows.append(
+            (
+                "inversion",
+                f"{steps.get('invert', inv.get('steps'))} steps in {inv.get('space')}, "
+                f"lr {inv.get('initial_lr')}, seed {inv.get('seed')}",
+            )
+        )
     if tun:
         stop = " (early stop)" if d.get("early_stopped") else ""
-        locality = (f"locality on (alpha {tun.get('locality_alpha')}, psi {tun.get('locality_psi')}, "
-                    f"{tun.get('locality_samples')} sample(s) every {tun.get('locality_interval')} step(s))"
-                    if tun.get("locality") else "locality off")
-        rows.append(("tuning", f"{steps.get('tune', '?')} of {tun.get('max_steps')} steps{stop}, lr {tun.get('lr')}, "
-                               f"stop at perceptual <= {tun.get('lpips_threshold')}, {locality}, seed {tun.get('seed')}"))
+        locality = (
+            f"locality on (alpha {tun.get('locality_alpha')}, psi {tun.get('locality_psi')}, "
+            f"{tun.get('locality_samples')} sample(s) every {tun.get('locality_interval')} step(s))"
+            if tun.get("locality")
+            else "locality off"
+        )
+        rows.append(
+            (
+                "tuning",
+                f"{steps.get('tune', '?')} of {tun.get('max_steps')} steps{stop}, lr {tun.get('lr')}, "
+                f"stop at perceptual <= {tun.get('lpips_threshold')}, {locality}, seed {tun.get('seed')}",
+            )
+        )
     if d.get("joint_with"):
         rows.append(("tuned jointly with", ", ".join(d["joint_with"])))
     losses = d.get("losses") or {}
@@ -204,8 +255,13 @@ def _tuning_rows(d: dict) -> list[tuple[str, str]]:
         rows.append(("ID similarity", f"{d['identity_similarity']:.3f} (dlib, reconstruction vs aligned photo)"))
     seconds = d.get("seconds") or {}
     if seconds:
-        rows.append(("seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
-                     + (f" on {d['device']}, {d.get('precision')}" if d.get("device") else "")))
+        rows.append(
+            (
+                "seconds",
+                ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+                + (f" on {d['device']}, {d.get('precision')}" if d.get("device") else ""),
+            )
+        )
     return rows
 
 

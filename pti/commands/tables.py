@@ -19,15 +19,15 @@ from rich.table import Table
 from rich.text import Text
 
 ALWAYS = 1_000_000  # the `keep` of columns that are shown at any width
-MAX_LINES = 3       # a wrapping column is shown only where its widest value takes at most this many lines
+MAX_LINES = 3  # a wrapping column is shown only where its widest value takes at most this many lines
 
 
 @dataclass(frozen=True)
 class Column:
-    key: str              # key of the row's cell
-    head: str             # header; wraps between its words
-    keep: int = ALWAYS    # importance: when the width runs out, the column with the lowest is left out first
-    atomic: bool = True   # the value stays on one line ("244.4 MB", "4/3 (early stop)"); else it wraps between words
+    key: str  # key of the row's cell
+    head: str  # header; wraps between its words
+    keep: int = ALWAYS  # importance: when the width runs out, the column with the lowest is left out first
+    atomic: bool = True  # the value stays on one line ("244.4 MB", "4/3 (early stop)"); else it wraps between words
 
 
 def print_wrapped(console: Console, text: str, style: str | None = None) -> None:
@@ -62,8 +62,13 @@ def _overhead(console: Console, n: int, table_options: dict) -> int:
     return Measurement.get(console, console.options, probe).maximum - n
 
 
-def fit_table(console: Console, columns: list[Column], rows: list[Mapping[str, Text | str]], width: int | None = None,
-              **table_options) -> tuple[Table | None, list[Column]]:
+def fit_table(
+    console: Console,
+    columns: list[Column],
+    rows: list[Mapping[str, Text | str]],
+    width: int | None = None,
+    **table_options,
+) -> tuple[Table | None, list[Column]]:
     """A table of `rows` no wider than `width` (the console's by default), and the columns left out.
 
     None (and every optional column) when even the `ALWAYS` columns do not fit: the caller prints a list.

@@ -9,8 +9,17 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from pti.commands.common import (SEED_MAX, DeviceOption, NetworkOption, PhaseProgress, console, help_text, network_label,
-                                 plural, thread_setting)
+from pti.commands.common import (
+    SEED_MAX,
+    DeviceOption,
+    NetworkOption,
+    PhaseProgress,
+    console,
+    help_text,
+    network_label,
+    plural,
+    thread_setting,
+)
 
 
 def _check_ray(value: str | None) -> str | None:
@@ -40,26 +49,114 @@ class Space(str, Enum):
 
 
 def tune(
-    photos: Annotated[list[Path], typer.Argument(metavar="PHOTO", help="Photos (or folders of photos) of faces.", show_default=False)],
+    photos: Annotated[
+        list[Path], typer.Argument(metavar="PHOTO", help="Photos (or folders of photos) of faces.", show_default=False)
+    ],
     network: NetworkOption = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: <name>.pti plus a <name>/ folder per photo.")] = Path("pti-out"),
-    joint: Annotated[bool, typer.Option("--joint", help="Tune one generator for all photos together (multi-ID PTI).")] = False,
-    no_locality: Annotated[bool, typer.Option("--no-locality", help="Skip locality regularization: faster (the authors' repo default), but edits of the tuned identity degrade more.")] = False,
-    exact: Annotated[bool, typer.Option("--exact", help="Store exact fp32 tuned weights instead of fp16 deltas (about 2x larger).")] = False,
-    no_align: Annotated[bool, typer.Option("--no-align", help="Photos are already aligned square face crops: only resize them.")] = False,
-    face: Annotated[Optional[int], typer.Option("--face", min=0, help="Which face when a photo has several (0 = largest).")] = None,
-    space: Annotated[Space, typer.Option("--space", help="Inversion space: w (the paper) or w+ (one w per layer).")] = Space.w,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder: <name>.pti plus a <name>/ folder per photo.")
+    ] = Path("pti-out"),
+    joint: Annotated[
+        bool, typer.Option("--joint", help="Tune one generator for all photos together (multi-ID PTI).")
+    ] = False,
+    no_locality: Annotated[
+        bool,
+        typer.Option(
+            "--no-locality",
+            help=(
+                "Skip locality regularization: faster (the authors' repo default), but edits of the tuned identity "
+                "degrade more."
+            ),
+        ),
+    ] = False,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Store exact fp32 tuned weights instead of fp16 deltas (about 2x larger).")
+    ] = False,
+    no_align: Annotated[
+        bool, typer.Option("--no-align", help="Photos are already aligned square face crops: only resize them.")
+    ] = False,
+    face: Annotated[
+        Optional[int], typer.Option("--face", min=0, help="Which face when a photo has several (0 = largest).")
+    ] = None,
+    space: Annotated[
+        Space, typer.Option("--space", help="Inversion space: w (the paper) or w+ (one w per layer).")
+    ] = Space.w,
     invert_steps: Annotated[int, typer.Option("--invert-steps", min=1, help="Inversion steps.")] = 450,
-    tune_steps: Annotated[int, typer.Option("--tune-steps", min=1, help="Maximum tuning steps (passes over all photos with --joint).")] = 350,
-    lpips_threshold: Annotated[float, typer.Option("--lpips-threshold", min=0.0, callback=_check_finite, help="Stop tuning once the perceptual loss reaches this (0 = never stop early).")] = 0.06,
-    locality_samples: Annotated[int, typer.Option("--locality-samples", min=1, max=64, help="Sampled latents per locality-regularized step.")] = 1,
-    locality_interval: Annotated[int, typer.Option("--locality-interval", min=1, help="Regularize every N-th step.")] = 1,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for inversion noise and locality samples (same seed, same result).")] = 0,
-    strict_losses: Annotated[bool, typer.Option("--strict-losses", help="Fail instead of falling back to weight-free losses when the VGG16/LPIPS weights are not cached.")] = False,
-    precision: Annotated[Precision, typer.Option("--precision", help="Forward passes in fp32 (the paper) or bf16 autocast (fp32 master weights; faster on GPUs with bf16 units).")] = Precision.fp32,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1, max=256, help="Photos tuned in parallel processes (the CPU's cores are split between them).")] = 1,
-    ray: Annotated[Optional[str], typer.Option("--ray", callback=_check_ray, help=help_text("Tune on a Ray cluster, one task per photo: 'auto' (the running one, else a local one) or its address. Needs pip install 'pti[ray]'."))] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo photos that out/manifest.jsonl says are done, even with other settings, and replace identities in --out tuned from other photos of the same name.")] = False,
+    tune_steps: Annotated[
+        int, typer.Option("--tune-steps", min=1, help="Maximum tuning steps (passes over all photos with --joint).")
+    ] = 350,
+    lpips_threshold: Annotated[
+        float,
+        typer.Option(
+            "--lpips-threshold",
+            min=0.0,
+            callback=_check_finite,
+            help="Stop tuning once the perceptual loss reaches this (0 = never stop early).",
+        ),
+    ] = 0.06,
+    locality_samples: Annotated[
+        int, typer.Option("--locality-samples", min=1, max=64, help="Sampled latents per locality-regularized step.")
+    ] = 1,
+    locality_interval: Annotated[
+        int, typer.Option("--locality-interval", min=1, help="Regularize every N-th step.")
+    ] = 1,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            min=0,
+            max=SEED_MAX,
+            help="Seed for inversion noise and locality samples (same seed, same result).",
+        ),
+    ] = 0,
+    strict_losses: Annotated[
+        bool,
+        typer.Option(
+            "--strict-losses",
+            help="Fail instead of falling back to weight-free losses when the VGG16/LPIPS weights are not cached.",
+        ),
+    ] = False,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help=(
+                "Forward passes in fp32 (the paper) or bf16 autocast (fp32 master weights; faster on GPUs with "
+                "bf16 units)."
+            ),
+        ),
+    ] = Precision.fp32,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            "-j",
+            min=1,
+            max=256,
+            help="Photos tuned in parallel processes (the CPU's cores are split between them).",
+        ),
+    ] = 1,
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray",
+            callback=_check_ray,
+            help=help_text(
+                "Tune on a Ray cluster, one task per photo: 'auto' (the running one, else a local one) or its "
+                "address. Needs pip install 'pti[ray]'."
+            ),
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help=(
+                "Redo photos that out/manifest.jsonl says are done, even with other settings, and replace "
+                "identities in --out tuned from other photos of the same name."
+            ),
+        ),
+    ] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Tune a generator to each photo (PTI) and write its identity file, renders and report.
@@ -70,16 +167,36 @@ def tune(
     from pti.engine.tune import TuneConfig
 
     invert_cfg = InvertConfig(steps=invert_steps, space=space.value, seed=seed, precision=precision.value)
-    tune_cfg = TuneConfig(max_steps=tune_steps, lpips_threshold=lpips_threshold, locality=not no_locality,
-                          locality_samples=locality_samples, locality_interval=locality_interval, seed=seed,
-                          precision=precision.value)
+    tune_cfg = TuneConfig(
+        max_steps=tune_steps,
+        lpips_threshold=lpips_threshold,
+        locality=not no_locality,
+        locality_samples=locality_samples,
+        locality_interval=locality_interval,
+        seed=seed,
+        precision=precision.value,
+    )
     if joint and (workers > 1 or ray):
-        raise typer.BadParameter("--joint tunes one generator for all photos in one process", param_hint="--workers/--ray")
+        raise typer.BadParameter(
+            "--joint tunes one generator for all photos in one process", param_hint="--workers/--ray"
+        )
     if ray is not None and workers > 1:
         raise typer.BadParameter("choose --workers or --ray, not both", param_hint="--workers")
     extra = {} if joint else dict(workers=workers, ray=ray, force=force)
-    run_tune(photos, network=network, out=out, device=device, align=not no_align, face=face, joint=joint,
-             invert_cfg=invert_cfg, tune_cfg=tune_cfg, exact=exact, allow_fallback=not strict_losses, **extra)
+    run_tune(
+        photos,
+        network=network,
+        out=out,
+        device=device,
+        align=not no_align,
+        face=face,
+        joint=joint,
+        invert_cfg=invert_cfg,
+        tune_cfg=tune_cfg,
+        exact=exact,
+        allow_fallback=not strict_losses,
+        **extra,
+    )
 
 
 def run_tune(photos, **kwargs):
@@ -89,6 +206,7 @@ def run_tune(photos, **kwargs):
     kwargs.setdefault("threads", thread_setting())
     console.print(f"generator: {network_label(kwargs.get('network'))}", markup=False)
     with PhaseProgress() as bar:
+
         def progress(phase: str, step: int, total: int, values: dict) -> None:
             if phase == "align":
                 if step == 0:
@@ -104,8 +222,10 @@ def run_tune(photos, **kwargs):
 
         if len(results) == 1:
             raise PTIError(failed[0].error)
-        raise PTIError(f"{len(failed)} of {len(results)} photos failed (the others are written; rerun the same command "
-                       f"to retry only these): {failed[0].photo}: {failed[0].error}" + (" ..." if len(failed) > 1 else ""))
+        raise PTIError(
+            f"{len(failed)} of {len(results)} photos failed (the others are written; rerun the same command "
+            f"to retry only these): {failed[0].photo}: {failed[0].error}" + (" ..." if len(failed) > 1 else "")
+        )
 
 
 def _rows(results) -> list[dict[str, str]]:
@@ -120,15 +240,20 @@ def _rows(results) -> list[dict[str, str]]:
         b, a = rep["before_tuning"], rep["after_tuning"]
         pkey = perceptual_key_in(a)
         idsim = rep.get("identity_similarity")
-        rows.append({
-            "photo": str(r.photo),
-            "identity": str(r.identity),
-            "size": f"{rep['identity_file']['bytes'] / 1e6:.1f} MB",
-            "steps inv/tune": f"{rep['steps']['invert']}/{rep['steps']['tune']}{' (early stop)' if rep.get('early_stopped') else ''}",
-            "MSE before->after": f"{b['mse']:.4f}->{a['mse']:.4f}",
-            f"{pkey} before->after": f"{b[pkey]:.4f}->{a[pkey]:.4f}",
-            "ID sim": "-" if idsim is None else f"{idsim:.3f}",
-        })
+        rows.append(
+            {
+                "photo": str(r.photo),
+                "identity": str(r.identity),
+                "size": f"{rep['identity_file']['bytes'] / 1e6:.1f} MB",
+                "steps inv/tune": (
+                    f"{rep['steps']['invert']}/{rep['steps']['tune']}"
+                    f"{' (early stop)' if rep.get('early_stopped') else ''}"
+                ),
+                "MSE before->after": f"{b['mse']:.4f}->{a['mse']:.4f}",
+                f"{pkey} before->after": f"{b[pkey]:.4f}->{a[pkey]:.4f}",
+                "ID sim": "-" if idsim is None else f"{idsim:.3f}",
+            }
+        )
     return rows
 
 
@@ -154,7 +279,11 @@ def _summary(results, out=None) -> None:
     if len(results) > 1 or any(r.status != "done" for r in results):
         counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
         where = f"; {Path(out) / 'manifest.jsonl'} and {Path(out) / 'summary.csv'}" if out is not None else ""
-        console.print(f"{plural(len(results), 'photo')}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{where}", markup=False)
+        console.print(
+            f"{plural(len(results), 'photo')}: {counts['done']} done, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed{where}",
+            markup=False,
+        )
 
 
 def _print_table(done, rows, out) -> bool:
@@ -174,8 +303,11 @@ def _print_table(done, rows, out) -> bool:
     console.print(table)
     if left_out:
         where = Path(out) / "summary.csv" if out is not None else "each photo's report.json"
-        print_wrapped(console, f"not shown at this width: {', '.join(c.head for c in left_out)} (every value: {where})",
-                      style="dim")
+        print_wrapped(
+            console,
+            f"not shown at this width: {', '.join(c.head for c in left_out)} (every value: {where})",
+            style="dim",
+        )
     return True
 
 

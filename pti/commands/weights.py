@@ -56,25 +56,44 @@ def _rows(reg) -> list[dict]:
         elif rec is not None:
             sha, origin = rec.sha256, [f"recorded on first use {rec.recorded}"]
         else:
-            sha, origin = ("unknown (first-use record unreadable)" if unreadable else "unknown (recorded on first use)"), []
+            sha, origin = (
+                ("unknown (first-use record unreadable)" if unreadable else "unknown (recorded on first use)"),
+                [],
+            )
         if e.sha256 is None and e.sha256_prefix:
             origin.append(f"published prefix {e.sha256_prefix}")
         if status != "missing":
             size = path.stat().st_size
         else:  # the published size, else the first copy's
             size = e.size if e.size is not None or rec is None else rec.size
-        rows.append({
-            "name": e.name, "status": status, "bytes": size, "sha256": sha, "checksum": ", ".join(origin) or "-",
-            "digest": e.sha256 if e.sha256 is not None else None if rec is None else rec.sha256,  # None: not known yet
-            "format": f"{e.kind}, runs code when loaded" if e.executes_code else e.kind,
-            "path": str(path), "file": e.filename, "source": e.url, "license": e.license, "used_by": e.used_by,
-            "kind": e.kind, "executes_code": e.executes_code,
-        })
+        rows.append(
+            {
+                "name": e.name,
+                "status": status,
+                "bytes": size,
+                "sha256": sha,
+                "checksum": ", ".join(origin) or "-",
+                "digest": e.sha256
+                if e.sha256 is not None
+                else None
+                if rec is None
+                else rec.sha256,  # None: not known yet
+                "format": f"{e.kind}, runs code when loaded" if e.executes_code else e.kind,
+                "path": str(path),
+                "file": e.filename,
+                "source": e.url,
+                "license": e.license,
+                "used_by": e.used_by,
+                "kind": e.kind,
+                "executes_code": e.executes_code,
+            }
+        )
     return rows
 
 
 def _print_plain(rows: list[dict]) -> None:
     """Tab-separated, a header then one line per entry, every value whole: for pipes, grep and cut."""
+
     def cell(v) -> str:
         return ("unknown" if v is None else str(v)).replace("\t", " ").replace("\n", " ")
 
@@ -85,9 +104,17 @@ def _print_plain(rows: list[dict]) -> None:
 
 # What a terminal shows (key, header, importance, one line): name, status, size and a digest (prefix) always; then
 # while they fit, whether it runs code, what uses it, the file, the checksum's origin, the source (pti.commands.tables).
-_TERMINAL = (("name", "name", None, True), ("status", "status", None, True), ("size", "size", None, True),
-             ("digest", "sha256", None, True), ("format", "format", 6, False), ("used_by", "used by", 5, False),
-             ("file", "file", 4, True), ("checksum", "checksum", 3, False), ("source", "source", 2, True))
+_TERMINAL = (
+    ("name", "name", None, True),
+    ("status", "status", None, True),
+    ("size", "size", None, True),
+    ("digest", "sha256", None, True),
+    ("format", "format", 6, False),
+    ("used_by", "used by", 5, False),
+    ("file", "file", 4, True),
+    ("checksum", "checksum", 3, False),
+    ("source", "source", 2, True),
+)
 # Tried in turn: the boxed table, then one without borders (narrow terminals).
 _STYLES = (dict(), dict(box=None, pad_edge=False, header_style="bold underline"))
 SHA_PREFIX = 12  # hex digits of a digest shown when the whole one does not fit; `--json` and piped output have all 64
@@ -110,15 +137,25 @@ def _print_table(rows: list[dict], cache_dir: Path, console) -> None:
             colour = "green" if status == "cached" else "yellow" if status.startswith(("missing", "cached")) else "red"
             short = sha is not None and not full_digest
             unknown = r["sha256"].partition(" ")[2].strip("()")  # "unknown (recorded on first use)": the reason
-            out.append({
-                **{key: Text(str(r.get(key, ""))) for key, *_ in _TERMINAL},  # Text: no markup parsing of the values
-                "status": Text(status, style=colour),
-                "size": Text(_human(r["bytes"])),
-                "digest": Text("unknown" if sha is None else sha[:SHA_PREFIX] + "\u2026" if short else sha),
-                "checksum": Text(", ".join(filter(None, [unknown if sha is None else "",
-                                                         "" if r["checksum"] == "-" else r["checksum"]])) or "-"),
-                "format": Text(r["format"], style="bold red" if r["executes_code"] else ""),
-            })
+            out.append(
+                {
+                    **{
+                        key: Text(str(r.get(key, ""))) for key, *_ in _TERMINAL
+                    },  # Text: no markup parsing of the values
+                    "status": Text(status, style=colour),
+                    "size": Text(_human(r["bytes"])),
+                    "digest": Text("unknown" if sha is None else sha[:SHA_PREFIX] + "\u2026" if short else sha),
+                    "checksum": Text(
+                        ", ".join(
+                            filter(
+                                None, [unknown if sha is None else "", "" if r["checksum"] == "-" else r["checksum"]]
+                            )
+                        )
+                        or "-"
+                    ),
+                    "format": Text(r["format"], style="bold red" if r["executes_code"] else ""),
+                }
+            )
         return out
 
     table, left_out = fit_table(console, columns, cells(full_digest=True))
@@ -136,13 +173,22 @@ def _print_table(rows: list[dict], cache_dir: Path, console) -> None:
         console.print(table)
     if table is not None and shortened:
         what = ", ".join(c.head for c in left_out)
-        print_wrapped(console, f"sha256 shortened{'; not shown at this width: ' + what if what else ''}. "
-                      "`pti weights list --json` (or piped output) has every value whole.", style="dim")
+        print_wrapped(
+            console,
+            f"sha256 shortened{'; not shown at this width: ' + what if what else ''}. "
+            "`pti weights list --json` (or piped output) has every value whole.",
+            style="dim",
+        )
     for r in rows:
         if r["executes_code"]:
-            source = r["source"] if len(r["source"]) <= console.width else f"{_host(r['source'])} (the URL is in --json)"
-            print_wrapped(console, f"note: {r['name']} ({r['file']}) is {r['kind']}, which is code: loading it runs "
-                                   f"what the file contains; take it only from {source}")
+            source = (
+                r["source"] if len(r["source"]) <= console.width else f"{_host(r['source'])} (the URL is in --json)"
+            )
+            print_wrapped(
+                console,
+                f"note: {r['name']} ({r['file']}) is {r['kind']}, which is code: loading it runs "
+                f"what the file contains; take it only from {source}",
+            )
 
 
 def _host(url: str) -> str:
@@ -155,16 +201,32 @@ def _print_json(rows: list[dict], cache_dir: Path) -> None:
     """Every value whole, typed: bytes a number, sha256 the digest or null when no checksum is known yet."""
     import json
 
-    keys = ("name", "status", "bytes", "checksum", "format", "kind", "executes_code", "path", "file", "source",
-            "license", "used_by")
+    keys = (
+        "name",
+        "status",
+        "bytes",
+        "checksum",
+        "format",
+        "kind",
+        "executes_code",
+        "path",
+        "file",
+        "source",
+        "license",
+        "used_by",
+    )
     weights = [{**{k: r[k] for k in keys}, "sha256": r["digest"]} for r in rows]
     typer.echo(json.dumps({"cache_dir": str(cache_dir), "weights": weights}, indent=2))
 
 
 @weights_app.command("list")
 def list_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print every value whole as JSON (the full sha256, "
-                                                         "source URL and license included).")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print every value whole as JSON (the full sha256, source URL and license included)."
+        ),
+    ] = False,
 ) -> None:
     """Show every known file: status, size, checksum, format, where it comes from and what uses it.
 
@@ -196,8 +258,12 @@ def path_cmd(name: Annotated[str, typer.Argument(help="Registry name, e.g. ffhq 
 def fetch_cmd(
     names: Annotated[list[str] | None, typer.Argument(help="Registry names; none with --all.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Fetch every missing file.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Download again even when cached (a file with a first-use "
-                                                        "checksum must still match it).")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Download again even when cached (a file with a first-use checksum must still match it)."
+        ),
+    ] = False,
 ) -> None:
     """Download files into the cache, checking their checksums."""
     from rich.markup import escape
@@ -214,7 +280,9 @@ def fetch_cmd(
     for name in names:
         entry = reg.get(name)
         if not force and reg.status(name) not in NEEDS_DOWNLOAD:
-            typer.echo(f"{entry.name}: already cached at {reg.resolve(name)}")  # resolve holds it to its first-use record
+            typer.echo(
+                f"{entry.name}: already cached at {reg.resolve(name)}"
+            )  # resolve holds it to its first-use record
             continue
         columns = (TextColumn(escape(entry.filename)), BarColumn(), DownloadColumn(), TransferSpeedColumn())
         with Progress(*columns, transient=True) as bar:
@@ -230,9 +298,17 @@ def fetch_cmd(
 @weights_app.command("import")
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="A copy of a known weights file.")],
-    name: Annotated[str | None, typer.Option("--name", help="Registry name (guessed from the filename or checksum).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Accept a file whose sha256 differs from the one the cache "
-                                                        "recorded on first use, replacing the cached copy.")] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Registry name (guessed from the filename or checksum).")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Accept a file whose sha256 differs from the one the cache "
+            "recorded on first use, replacing the cached copy.",
+        ),
+    ] = False,
 ) -> None:
     """Copy a file you already have into the cache after checking its checksum.
 

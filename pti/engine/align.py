@@ -26,6 +26,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dlib
 import numpy as np
 import scipy.ndimage
 from PIL import Image
@@ -60,7 +61,9 @@ def dlib_model_path(filename: str) -> Path:
     """Path of a model file shipped by `face-recognition-models` (without importing it: it needs pkg_resources)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise PTIError("the face-recognition-models package is not installed; run `pip install face-recognition-models`")
+        raise PTIError(
+            "the face-recognition-models package is not installed; run `pip install face-recognition-models`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / filename
     if not path.is_file():
         raise PTIError(f"{path} is missing; reinstall face-recognition-models")
@@ -69,15 +72,11 @@ def dlib_model_path(filename: str) -> Path:
 
 @functools.cache
 def _detector():
-    import dlib
-
     return dlib.get_frontal_face_detector()
 
 
 @functools.cache
 def _predictor():
-    import dlib
-
     return dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
 
 
@@ -111,7 +110,9 @@ def face_quad(landmarks: np.ndarray) -> tuple[np.ndarray, float]:
     return quad, float(np.hypot(*x) * 2)
 
 
-def align_face(img: Image.Image, landmarks: np.ndarray, output_size: int = 1024, transform_size: int = TRANSFORM_SIZE) -> Image.Image:
+def align_face(
+    img: Image.Image, landmarks: np.ndarray, output_size: int = 1024, transform_size: int = TRANSFORM_SIZE
+) -> Image.Image:
     """Crop, rotate and scale `img` so the face with `landmarks` sits where FFHQ faces sit."""
     img = img.convert("RGB")
     quad, qsize = face_quad(landmarks)
@@ -127,19 +128,28 @@ def align_face(img: Image.Image, landmarks: np.ndarray, output_size: int = 1024,
     # Crop to the quad's bounding box plus a border.
     border = max(int(np.rint(qsize * 0.1)), 3)
     lo, hi = np.floor(quad.min(axis=0)).astype(int), np.ceil(quad.max(axis=0)).astype(int)
-    crop = (max(lo[0] - border, 0), max(lo[1] - border, 0), min(hi[0] + border, img.size[0]), min(hi[1] + border, img.size[1]))
+    crop = (
+        max(lo[0] - border, 0),
+        max(lo[1] - border, 0),
+        min(hi[0] + border, img.size[0]),
+        min(hi[1] + border, img.size[1]),
+    )
     if crop[2] - crop[0] < img.size[0] or crop[3] - crop[1] < img.size[1]:
         img = img.crop(crop)
         quad = quad - np.array(crop[:2])
 
     # Pad (left, top, right, bottom) where the quad leaves the photo.
     lo, hi = np.floor(quad.min(axis=0)).astype(int), np.ceil(quad.max(axis=0)).astype(int)
-    pad = np.array([-lo[0] + border, -lo[1] + border, hi[0] - img.size[0] + border, hi[1] - img.size[1] + border]).clip(min=0)
+    pad = np.array([-lo[0] + border, -lo[1] + border, hi[0] - img.size[0] + border, hi[1] - img.size[1] + border]).clip(
+        min=0
+    )
     if pad.max() > border - 4:
         pad = np.maximum(pad, max(int(np.rint(qsize * 0.3)), 1))
         img, quad = _pad_reflect_faded(img, pad, qsize), quad + pad[:2]
 
-    img = img.transform((transform_size, transform_size), Image.Transform.QUAD, (quad + 0.5).flatten(), Image.Resampling.BILINEAR)
+    img = img.transform(
+        (transform_size, transform_size), Image.Transform.QUAD, (quad + 0.5).flatten(), Image.Resampling.BILINEAR
+    )
     if output_size < transform_size:
         img = img.resize((output_size, output_size), Image.Resampling.LANCZOS)
     return img
@@ -153,7 +163,9 @@ def _pad_reflect_faded(img: Image.Image, pad: np.ndarray, qsize: float) -> Image
     yy, xx = np.ogrid[:h, :w]
     xx, yy = xx.astype(np.float32)[..., None], yy.astype(np.float32)[..., None]
     # 0 inside the photo, rising to 1 at the outer edge of the padding (the larger of the x and y ramps).
-    mask = np.maximum(1.0 - np.minimum(xx / left, (w - 1 - xx) / right), 1.0 - np.minimum(yy / top, (h - 1 - yy) / bottom))
+    mask = np.maximum(
+        1.0 - np.minimum(xx / left, (w - 1 - xx) / right), 1.0 - np.minimum(yy / top, (h - 1 - yy) / bottom)
+    )
     sigma = qsize * 0.02
     blurred = scipy.ndimage.gaussian_filter(arr, [sigma, sigma, 0])
     arr += (blurred - arr) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)  # blur reaches fully a third into the pad
@@ -173,7 +185,9 @@ def align_photo(img: Image.Image, output_size: int = 1024, face: int | None = No
         )
     index = 0 if face is None else face
     if not 0 <= index < len(faces):
-        raise FaceNotFoundError(f"{name} has {len(faces)} face(s) (0..{len(faces) - 1}); --face {index} is out of range")
+        raise FaceNotFoundError(
+            f"{name} has {len(faces)} face(s) (0..{len(faces) - 1}); --face {index} is out of range"
+        )
     chosen = faces[index]
     quad, _ = face_quad(chosen.landmarks)
     return AlignResult(align_face(img, chosen.landmarks, output_size), faces, index, quad)
@@ -184,8 +198,10 @@ def resize_prealigned(img: Image.Image, output_size: int = 1024) -> tuple[Image.
     img = img.convert("RGB")
     w, h = img.size
     if min(w, h) < output_size:
-        raise ImageError(f"image is {w}x{h}, smaller than the generator's {output_size}x{output_size} input: "
-                         "an aligned crop must be at least that large (without --no-align, pti aligns and resizes the photo)")
+        raise ImageError(
+            f"image is {w}x{h}, smaller than the generator's {output_size}x{output_size} input: "
+            "an aligned crop must be at least that large (without --no-align, pti aligns and resizes the photo)"
+        )
     warning = None
     if w != h:
         side = min(w, h)

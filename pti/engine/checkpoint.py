@@ -26,9 +26,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from pti.engine.generator import TINY_LABEL, Generator, tiny_generator
+
 # LoadedGenerator lives below the loaders (in `loaded`) and is re-exported here for callers.
 from pti.engine.loaded import LoadedGenerator, build_generator  # noqa: F401 (re-export)
 from pti.engine.nvidia_pkl import load_nvidia_pickle
@@ -37,8 +40,8 @@ from pti.errors import CheckpointError
 from pti.fsutil import atomic_path
 
 BUILTIN_TINY = "builtin:tiny"
-SAFETENSORS_FORMAT = "pti.generator"      # metadata "format" tag of our files
-FORMAT_VERSION = 1                        # bump when the metadata layout changes
+SAFETENSORS_FORMAT = "pti.generator"  # metadata "format" tag of our files
+FORMAT_VERSION = 1  # bump when the metadata layout changes
 
 # Leading bytes of things people pass by mistake, for a message that says what the file is.
 _MAGIC_NAMES = {
@@ -124,8 +127,6 @@ def generator_hash(G: Generator) -> str:
 
 def save_generator(G: Generator, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> str:
     """Write `G` as one .safetensors file (atomically: temp file + rename). Returns its content hash."""
-    from safetensors.torch import save
-
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in G.state_dict().items()}
     digest = generator_hash(G)
@@ -136,28 +137,29 @@ def save_generator(G: Generator, path: str | os.PathLike, extra_metadata: dict[s
         "config": json.dumps(G.init_kwargs, sort_keys=True),
         "content_hash": digest,
     }
-    data = save(tensors, metadata=metadata)
+    data = safetensors.torch.save(tensors, metadata=metadata)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return digest
 
 
 def _load_safetensors(path: Path) -> LoadedGenerator:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     try:
         data = path.read_bytes()
-        tensors = load(data)
+        tensors = safetensors.torch.load(data)
         meta = _safetensors_metadata(data)
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is a corrupt or truncated safetensors file ({e})") from None
     if meta.get("format") == "pti-identity":  # identity.FORMAT, spelled out: identity sits above this module
-        raise CheckpointError(f"{path} is a pti identity file (one tuned person), not a generator; `pti info {path}` "
-                              "describes it, and --network takes the generator it was tuned from")
+        raise CheckpointError(
+            f"{path} is a pti identity file (one tuned person), not a generator; `pti info {path}` "
+            "describes it, and --network takes the generator it was tuned from"
+        )
     if meta.get("format") != SAFETENSORS_FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file without a pti generator config "
-                              f"(format={meta.get('format')!r}); convert the original checkpoint with `pti convert`")
+        raise CheckpointError(
+            f"{path} is a safetensors file without a pti generator config "
+            f"(format={meta.get('format')!r}); convert the original checkpoint with `pti convert`"
+        )
     version = int(meta.get("format_version", "0"))
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer pti (format version {version}); upgrade pti")
@@ -174,7 +176,7 @@ def _load_safetensors(path: Path) -> LoadedGenerator:
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
-    return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+    return dict(json.loads(data[8 : 8 + n]).get("__metadata__") or {})
 
 
 # ---------------------------------------------------------------------------------------------

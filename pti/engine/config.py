@@ -7,6 +7,7 @@ the value, so a mistyped setting fails at construction instead of deep inside a 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -27,22 +28,30 @@ class Rule:
 
 def whole(low: int, high: int | None = None, optional: bool = False) -> Rule:
     """A whole number (not a bool) in [low, high]; `optional` also accepts None."""
+
     def ok(v) -> bool:
         if v is None:
             return optional
         return isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v and (high is None or v <= high)
 
-    text = f"a whole number >= {low}" + (f" and <= {high}" if high is not None else "") + (" (or None)" if optional else "")
+    text = (
+        f"a whole number >= {low}"
+        + (f" and <= {high}" if high is not None else "")
+        + (" (or None)" if optional else "")
+    )
     return Rule(ok, text)
 
 
 def one_of(*choices) -> Rule:
     """Exactly one of `choices` (of the same type: 1 is not True)."""
-    return Rule(lambda v: any(v == c and type(v) is type(c) for c in choices), "one of " + ", ".join(map(repr, choices)))
+    return Rule(
+        lambda v: any(v == c and type(v) is type(c) for c in choices), "one of " + ", ".join(map(repr, choices))
+    )
 
 
 def real(low: float, high: float | None = None, above: bool = False) -> Rule:
     """A finite number >= low (> low when `above`) and <= high."""
+
     def ok(v) -> bool:
         if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
             return False
@@ -53,6 +62,7 @@ def real(low: float, high: float | None = None, above: bool = False) -> Rule:
 
 def instance_of(*types: type, optional: bool = False) -> Rule:
     """An instance of one of `types` (a bool is not an int unless `bool` is named); `optional` also accepts None."""
+
     def ok(v) -> bool:
         if v is None:
             return optional
@@ -89,8 +99,6 @@ EXPORT_PRECISIONS = ("fp32", "fp16")
 def autocast(device: torch.device, precision: str):
     """The forward passes' precision: "fp32" as is; "bf16" under autocast (bfloat16 matmuls and convolutions,
     float32 master weights, optimizer state and reductions; bfloat16 keeps float32's range, so no loss scaling)."""
-    import contextlib
-
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

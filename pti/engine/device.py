@@ -22,8 +22,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         device = torch.device(name)
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise PTIError(f"--device {name} was asked for, but this machine has {count} CUDA GPU"
-                           f"{'' if count == 1 else 's'} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+            raise PTIError(
+                f"--device {name} was asked for, but this machine has {count} CUDA GPU"
+                f"{'' if count == 1 else 's'} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
+            )
         return device
     if name == "cpu":
         return torch.device("cpu")

@@ -23,6 +23,7 @@ Nothing here prints; errors are `EditSyntaxError` (a usage error: exit 2 on the 
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -33,7 +34,10 @@ import numpy as np
 import torch
 
 from pti.engine.config import ProgressFn
+from pti.engine.safe_pickle import load_weights_only, pickle_refusal
+from pti.engine.weights import default_registry
 from pti.errors import PTIError, first_line
+from pti.fsutil import atomic_path
 
 MAX_SWEEP_FRAMES = 512  # a sweep longer than this is a typo, not an animation
 
@@ -53,12 +57,12 @@ class DirectionError(PTIError):
 
 @dataclass(frozen=True)
 class Preset:
-    weights: str                         # registry name of the file
-    kind: str                            # "interfacegan" or "ganspace"
-    about: str                           # what a positive value does
-    component: int | None = None         # GANSpace component
+    weights: str  # registry name of the file
+    kind: str  # "interfacegan" or "ganspace"
+    about: str  # what a positive value does
+    component: int | None = None  # GANSpace component
     layers: tuple[int, int] | None = None  # GANSpace layers, first..last inclusive
-    strength: float | None = None        # the authors' value for this GANSpace edit
+    strength: float | None = None  # the authors' value for this GANSpace edit
 
 
 # FFHQ directions used by the authors: InterFaceGAN boundaries, and GANSpace (component, layers,
@@ -68,7 +72,9 @@ PRESETS: dict[str, Preset] = {
     "age": Preset("interfacegan-age", "interfacegan", "older (+) or younger (-)"),
     "smile": Preset("interfacegan-smile", "interfacegan", "smile (+) or not (-)"),
     "pose": Preset("interfacegan-rotation", "interfacegan", "turns the head (yaw)"),
-    "eye_openness": Preset("ganspace-ffhq", "ganspace", "eyes open (+) or closed (-); the authors use 5", 54, (7, 7), 5.0),
+    "eye_openness": Preset(
+        "ganspace-ffhq", "ganspace", "eyes open (+) or closed (-); the authors use 5", 54, (7, 7), 5.0
+    ),
     "smile_ganspace": Preset("ganspace-ffhq", "ganspace", "smile; the authors use -6", 46, (4, 4), -6.0),
     "trimmed_beard": Preset("ganspace-ffhq", "ganspace", "beard trimmed; the authors use 7", 58, (7, 8), 7.0),
 }
@@ -82,13 +88,13 @@ FFHQ_SHAPE = (18, 512)  # (num_ws, w_dim) of the 1024 px FFHQ generator the pres
 class Direction:
     """One edit direction, ready to apply to pivots of one generator."""
 
-    name: str                               # how outputs name it: "age", "dirs.pt:3"
-    kind: str                               # "interfacegan" or "ganspace"
-    vector: torch.Tensor                    # interfacegan: [1, C] or [L, C]; ganspace: unit component [C]
-    mean: torch.Tensor | None = None        # ganspace: mean w [C]
-    std: float | None = None                # ganspace: standard deviation along the component
-    layers: tuple[int, int] | None = None   # default layers (first, last inclusive); None = all
-    source: str = ""                        # the file it came from
+    name: str  # how outputs name it: "age", "dirs.pt:3"
+    kind: str  # "interfacegan" or "ganspace"
+    vector: torch.Tensor  # interfacegan: [1, C] or [L, C]; ganspace: unit component [C]
+    mean: torch.Tensor | None = None  # ganspace: mean w [C]
+    std: float | None = None  # ganspace: standard deviation along the component
+    layers: tuple[int, int] | None = None  # default layers (first, last inclusive); None = all
+    source: str = ""  # the file it came from
 
     def delta(self, pivot: torch.Tensor, value: float, layers: tuple[int, int] | None = None) -> torch.Tensor:
         """The change this edit makes to `pivot` [L, C], as an [L, C] tensor (zero outside the layers)."""
@@ -97,9 +103,9 @@ class Direction:
         if self.kind == "interfacegan":
             d = self.vector.to(pivot)
             d = d.expand_as(pivot) if d.shape[0] == 1 else d
-            out[first:last + 1] = value * d[first:last + 1]
+            out[first : last + 1] = value * d[first : last + 1]
         else:
-            out[first:last + 1] = (value - self.coordinate(pivot)) * self.std * self.vector.to(pivot)
+            out[first : last + 1] = (value - self.coordinate(pivot)) * self.std * self.vector.to(pivot)
         return out
 
     def coordinate(self, pivot: torch.Tensor) -> torch.Tensor:
@@ -119,12 +125,16 @@ def load_direction_file(path: str | Path, component: int | None = None, name: st
     if isinstance(data, dict):
         mean, comp, std = _pca_fields(data, path)
         if component is None:
-            raise DirectionError(f"{path} holds {comp.shape[0]} GANSpace components; pick one as {path}:K (K = 0..{comp.shape[0] - 1})")
+            raise DirectionError(
+                f"{path} holds {comp.shape[0]} GANSpace components; pick one as {path}:K (K = 0..{comp.shape[0] - 1})"
+            )
         if not 0 <= component < comp.shape[0]:
             raise EditSyntaxError(f"{path} has components 0..{comp.shape[0] - 1}; there is no component {component}")
         c = comp[component].reshape(-1)
         if not (c.norm() > 0 and std[component] > 0):
-            raise DirectionError(f"{path}: component {component} has zero length or zero sd; it cannot serve as a direction")
+            raise DirectionError(
+                f"{path}: component {component} has zero length or zero sd; it cannot serve as a direction"
+            )
         return Direction(label, "ganspace", c / c.norm(), mean.reshape(-1), float(std[component]), source=str(path))
     if component is not None:
         raise DirectionError(f"{path} is a single direction, not a GANSpace file; drop the ':{component}'")
@@ -134,7 +144,9 @@ def load_direction_file(path: str | Path, component: int | None = None, name: st
     elif t.ndim == 3 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 2:
-        raise DirectionError(f"{path}: a direction must be shaped [C], [1, C], [L, C] or [1, L, C], not {list(data.shape)}")
+        raise DirectionError(
+            f"{path}: a direction must be shaped [C], [1, C], [L, C] or [1, L, C], not {list(data.shape)}"
+        )
     return Direction(label, "interfacegan", t, source=str(path))
 
 
@@ -150,13 +162,15 @@ def is_direction_file(path: str | Path) -> bool:
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":  # torch.save's zip; the legacy format cannot be memory-mapped
                 return False
-        from pti.engine.safe_pickle import load_weights_only
-
         obj = load_weights_only(path, mmap=True)
     except Exception:  # noqa: BLE001  unreadable or refused: not a direction file (the caller's next reader says why)
         return False
     keys = set(obj) if isinstance(obj, dict) else set()
-    return isinstance(obj, torch.Tensor) or {"mean", "comp", "std"} <= keys or {"lat_mean", "lat_comp", "lat_stdev"} <= keys
+    return (
+        isinstance(obj, torch.Tensor)
+        or {"mean", "comp", "std"} <= keys
+        or {"lat_mean", "lat_comp", "lat_stdev"} <= keys
+    )
 
 
 def describe_direction_file(path: str | Path) -> dict:
@@ -170,27 +184,41 @@ def describe_direction_file(path: str | Path) -> dict:
     if isinstance(data, dict):
         mean, comp, std = _pca_fields(data, path)
         layout = "ffhq_pca.pt" if "comp" in data else "GANSpace .npz"
-        return {**out, "type": "ganspace", "layout": layout, "components": comp.shape[0], "w_dim": comp.shape[1],
-                "std": std.tolist()}
+        return {
+            **out,
+            "type": "ganspace",
+            "layout": layout,
+            "components": comp.shape[0],
+            "w_dim": comp.shape[1],
+            "std": std.tolist(),
+        }
     t = data[None] if data.ndim == 1 else data[0] if data.ndim == 3 and data.shape[0] == 1 else data
     if t.ndim != 2:
-        raise DirectionError(f"{path}: a direction must be shaped [C], [1, C], [L, C] or [1, L, C], not {list(data.shape)}")
-    return {**out, "type": "interfacegan", "shape": list(data.shape), "w_dim": t.shape[1],
-            "layers": t.shape[0] if t.shape[0] > 1 else None, "norm": float(t.norm())}
+        raise DirectionError(
+            f"{path}: a direction must be shaped [C], [1, C], [L, C] or [1, L, C], not {list(data.shape)}"
+        )
+    return {
+        **out,
+        "type": "interfacegan",
+        "shape": list(data.shape),
+        "w_dim": t.shape[1],
+        "layers": t.shape[0] if t.shape[0] > 1 else None,
+        "norm": float(t.norm()),
+    }
 
 
 def _check_finite_values(data, path: Path) -> None:
     """DirectionError when a direction file holds NaN or infinity: every render it touched would be garbage."""
-    for key, t in (data.items() if isinstance(data, dict) else [("", data)]):
+    for key, t in data.items() if isinstance(data, dict) else [("", data)]:
         if not bool(torch.isfinite(t).all()):
             where = f" ({key})" if key else ""
-            raise DirectionError(f"{path}: its values{where} are not finite (NaN or infinity); it cannot serve as a direction")
+            raise DirectionError(
+                f"{path}: its values{where} are not finite (NaN or infinity); it cannot serve as a direction"
+            )
 
 
 def _read(path: Path):
     """Tensors or a dict of tensors from .npy / .npz / torch files, never running code from them."""
-    from pti.engine.safe_pickle import load_weights_only, pickle_refusal
-
     try:
         if path.suffix == ".npy":
             return torch.from_numpy(np.load(path, allow_pickle=False)).float()
@@ -218,11 +246,15 @@ def _pca_fields(data: dict, path: Path) -> tuple[torch.Tensor, torch.Tensor, tor
             mean, comp, std = data[mean_key], data[comp_key], data[std_key]
             comp = comp.reshape(comp.shape[0], -1)
             if mean.numel() != comp.shape[1] or std.numel() != comp.shape[0]:
-                raise DirectionError(f"{path}: GANSpace shapes disagree (mean {list(mean.shape)}, "
-                                     f"components {list(data[comp_key].shape)}, std {list(std.shape)})")
+                raise DirectionError(
+                    f"{path}: GANSpace shapes disagree (mean {list(mean.shape)}, "
+                    f"components {list(data[comp_key].shape)}, std {list(std.shape)})"
+                )
             return mean.reshape(-1), comp, std.reshape(-1)
-    raise DirectionError(f"{path}: a dict of {sorted(data)[:6]}, not a GANSpace file "
-                         "(expected mean/comp/std or lat_mean/lat_comp/lat_stdev)")
+    raise DirectionError(
+        f"{path}: a dict of {sorted(data)[:6]}, not a GANSpace file "
+        "(expected mean/comp/std or lat_mean/lat_comp/lat_stdev)"
+    )
 
 
 def check_fits(direction: Direction, num_ws: int, w_dim: int) -> None:
@@ -233,8 +265,10 @@ def check_fits(direction: Direction, num_ws: int, w_dim: int) -> None:
     if width == w_dim and layers_ok:
         return
     shape = list(v.shape) if direction.kind == "interfacegan" else [width]
-    raise DirectionError(f"direction {direction.name} is shaped {shape}, but this generator's ws are "
-                         f"[{num_ws}, {w_dim}] (num_ws, w_dim): it was made for another generator")
+    raise DirectionError(
+        f"direction {direction.name} is shaped {shape}, but this generator's ws are "
+        f"[{num_ws}, {w_dim}] (num_ws, w_dim): it was made for another generator"
+    )
 
 
 # ---------------------------------------------------------------------------- the grammar
@@ -244,11 +278,11 @@ def check_fits(direction: Direction, num_ws: int, w_dim: int) -> None:
 class EditSpec:
     """One parsed --edit."""
 
-    text: str                               # as written
-    target: str                             # preset name or file path
-    component: int | None                   # FILE:K
-    values: tuple[float, ...]               # one value, or the frames of a sweep
-    layers: tuple[int, int] | None          # first, last (inclusive)
+    text: str  # as written
+    target: str  # preset name or file path
+    component: int | None  # FILE:K
+    values: tuple[float, ...]  # one value, or the frames of a sweep
+    layers: tuple[int, int] | None  # first, last (inclusive)
     sweep: bool = False
 
     def label(self, value: float) -> str:
@@ -291,7 +325,9 @@ def parse_edit(text: str) -> EditSpec:
         raise EditSyntaxError(f"--edit {text}: a sweep is START:STOP:N, e.g. age=-3:3:7")
     start, stop = _number(parts[0], text), _number(parts[1], text)
     if not re.fullmatch(r"\d+", parts[2].strip()) or not 2 <= int(parts[2]) <= MAX_SWEEP_FRAMES:
-        raise EditSyntaxError(f"--edit {text}: a sweep needs a whole number of frames from 2 to {MAX_SWEEP_FRAMES}, not {parts[2]!r}")
+        raise EditSyntaxError(
+            f"--edit {text}: a sweep needs a whole number of frames from 2 to {MAX_SWEEP_FRAMES}, not {parts[2]!r}"
+        )
     n = int(parts[2])
     if not math.isfinite(stop - start):  # the frames would be NaN or infinite
         raise EditSyntaxError(f"--edit {text}: the sweep from {start:g} to {stop:g} spans more than a finite number")
@@ -332,33 +368,42 @@ def resolve(spec: EditSpec, num_ws: int, w_dim: int, registry=None) -> Direction
     if spec.target in PRESETS:
         direction = _preset(spec, num_ws, w_dim, registry)
     elif looks_like_path(spec.target) or Path(spec.target).exists():
-        direction = load_direction_file(spec.target, spec.component, name=spec.target + (f":{spec.component}" if spec.component is not None else ""))
+        direction = load_direction_file(
+            spec.target, spec.component, name=spec.target + (f":{spec.component}" if spec.component is not None else "")
+        )
         check_fits(direction, num_ws, w_dim)
     else:
-        raise EditSyntaxError(f"--edit {spec.text}: unknown direction {spec.target!r}; known: {known_names()}, "
-                              "or a direction file (./dir.npy, ./dirs.pt:K)")
+        raise EditSyntaxError(
+            f"--edit {spec.text}: unknown direction {spec.target!r}; known: {known_names()}, "
+            "or a direction file (./dir.npy, ./dirs.pt:K)"
+        )
     layers = spec.layers or direction.layers
     if layers is not None and layers[1] >= num_ws:
-        raise EditSyntaxError(f"--edit {spec.text}: layers {layers[0]}-{layers[1]} are out of range; "
-                              f"this generator has layers 0-{num_ws - 1}")
+        raise EditSyntaxError(
+            f"--edit {spec.text}: layers {layers[0]}-{layers[1]} are out of range; "
+            f"this generator has layers 0-{num_ws - 1}"
+        )
     return direction
 
 
 def _preset(spec: EditSpec, num_ws: int, w_dim: int, registry) -> Direction:
     preset = PRESETS[spec.target]
     if spec.component is not None:
-        raise EditSyntaxError(f"--edit {spec.text}: {spec.target} is a preset; ':K' picks a component of a GANSpace file")
+        raise EditSyntaxError(
+            f"--edit {spec.text}: {spec.target} is a preset; ':K' picks a component of a GANSpace file"
+        )
     if (num_ws, w_dim) != FFHQ_SHAPE:
         raise DirectionError(
             f"{spec.target} is a direction for the 1024 px FFHQ generator (ws [{FFHQ_SHAPE[0]}, {FFHQ_SHAPE[1]}]); "
             f"this identity's generator has ws [{num_ws}, {w_dim}]. Compute directions for it with "
-            "`pti directions ganspace --network CKPT --out dirs.pt` and edit with --edit ./dirs.pt:K=VALUE")
-    from pti.engine.weights import default_registry
-
+            "`pti directions ganspace --network CKPT --out dirs.pt` and edit with --edit ./dirs.pt:K=VALUE"
+        )
     path = (registry or default_registry()).resolve(preset.weights)  # WeightsError: how to get it
     direction = load_direction_file(path, preset.component, name=spec.target)
     check_fits(direction, num_ws, w_dim)
-    return Direction(spec.target, direction.kind, direction.vector, direction.mean, direction.std, preset.layers, str(path))
+    return Direction(
+        spec.target, direction.kind, direction.vector, direction.mean, direction.std, preset.layers, str(path)
+    )
 
 
 # ---------------------------------------------------------------------------- applying edits
@@ -366,9 +411,9 @@ def _preset(spec: EditSpec, num_ws: int, w_dim: int, registry) -> Direction:
 
 @dataclass(frozen=True)
 class Frame:
-    label: str                              # file-name-safe: "age+3_smile-1", "reconstruction"
-    ws: torch.Tensor                        # [L, C]
-    values: dict[str, float]                # edit text -> value used in this frame
+    label: str  # file-name-safe: "age+3_smile-1", "reconstruction"
+    ws: torch.Tensor  # [L, C]
+    values: dict[str, float]  # edit text -> value used in this frame
 
 
 def frames(pivot: torch.Tensor, specs: Sequence[EditSpec], directions: Sequence[Direction]) -> list[Frame]:
@@ -386,7 +431,9 @@ def frames(pivot: torch.Tensor, specs: Sequence[EditSpec], directions: Sequence[
     out = []
     for v in s.values:
         label = "_".join(filter(None, [s.label(v), fixed_label]))
-        out.append(Frame(label, base + d.delta(pivot, v, s.layers), {s.text: v, **{f.text: f.values[0] for f, _ in fixed}}))
+        out.append(
+            Frame(label, base + d.delta(pivot, v, s.layers), {s.text: v, **{f.text: f.values[0] for f, _ in fixed}})
+        )
     return out
 
 
@@ -394,8 +441,14 @@ def frames(pivot: torch.Tensor, specs: Sequence[EditSpec], directions: Sequence[
 
 
 @torch.no_grad()
-def ganspace(G, components: int = 80, samples: int = 100_000, seed: int = 0, batch: int = 10_000,
-             progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+def ganspace(
+    G,
+    components: int = 80,
+    samples: int = 100_000,
+    seed: int = 0,
+    batch: int = 10_000,
+    progress: ProgressFn | None = None,
+) -> dict[str, torch.Tensor]:
     """PCA of mapped w's (first layer, no truncation), in the `ffhq_pca.pt` layout.
 
     Returns `mean` [1, C], `comp` [K, 1, C] (unit rows, sorted by explained variance, each with its
@@ -425,9 +478,9 @@ def ganspace(G, components: int = 80, samples: int = 100_000, seed: int = 0, bat
             progress("ganspace", step + 1, steps, {})
     mean = total / done
     cov = outer / done - torch.outer(mean, mean)
-    eigval, eigvec = torch.linalg.eigh(cov)                # ascending
+    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
     order = torch.argsort(eigval, descending=True)[:components]
-    comp = eigvec[:, order].T                             # [K, C], unit rows
+    comp = eigvec[:, order].T  # [K, C], unit rows
     signs = torch.sign(comp.gather(1, comp.abs().argmax(1, keepdim=True)))
     comp = comp * signs
     std = eigval[order].clamp(min=0).sqrt()
@@ -436,10 +489,6 @@ def ganspace(G, components: int = 80, samples: int = 100_000, seed: int = 0, bat
 
 def save_ganspace(pca: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Write the `ffhq_pca.pt` layout (a dict of tensors; loads with weights_only=True), atomically."""
-    from pti.fsutil import atomic_path
-
-    import io
-
     path = Path(path)
     buf = io.BytesIO()  # not the temp file's name: torch.save records it, and the same PCA must give the same bytes
     torch.save({k: v.contiguous() for k, v in pca.items()}, buf)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import dlib
 import numpy as np
 from PIL import Image
 
 from pti.engine.align import Face, detect_faces, dlib_model_path
+from pti.engine.images import to_uint8
 
 DLIB_SAME_PERSON = 0.6  # dlib's published threshold on the euclidean distance of its 128-d embeddings
 
@@ -30,8 +32,6 @@ class IdentityScore:
 
 @functools.cache
 def _face_encoder():
-    import dlib
-
     return dlib.face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
 
 
@@ -41,16 +41,13 @@ def _rgb_array(img) -> np.ndarray:
         return np.ascontiguousarray(img.astype(np.uint8))
     if isinstance(img, Image.Image):
         return np.ascontiguousarray(np.asarray(img.convert("RGB")))
-    from pti.engine.images import to_uint8  # a tensor: the one [-1, 1] -> uint8 mapping (torch loads only here)
-
+    # a tensor: the one [-1, 1] -> uint8 mapping
     return np.ascontiguousarray(to_uint8(img[0] if img.ndim == 4 else img))
 
 
 def _shape(face: Face):
     """The face's box and 68 landmarks as dlib's `full_object_detection`, what the recognition model reads.
     The landmarks are whole pixels (dlib's own points), so the round trip through float64 is exact."""
-    import dlib
-
     points = dlib.points([dlib.point(int(x), int(y)) for x, y in face.landmarks])
     return dlib.full_object_detection(dlib.rectangle(*face.box), points)
 

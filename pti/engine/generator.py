@@ -44,12 +44,12 @@ class FullyConnectedLayer(nn.Module):
 
     def __init__(
         self,
-        in_features: int,           # input features
-        out_features: int,          # output features
-        bias: bool = True,          # additive bias before the activation
-        activation: str = "linear", # 'linear' or 'lrelu'
-        lr_multiplier: float = 1.0, # learning-rate multiplier (0.01 in the mapping network)
-        bias_init: float = 0.0,     # initial bias (1 for the style affines: styles start near 1)
+        in_features: int,  # input features
+        out_features: int,  # output features
+        bias: bool = True,  # additive bias before the activation
+        activation: str = "linear",  # 'linear' or 'lrelu'
+        lr_multiplier: float = 1.0,  # learning-rate multiplier (0.01 in the mapping network)
+        bias_init: float = 0.0,  # initial bias (1 for the style affines: styles start near 1)
     ):
         super().__init__()
         self.activation = activation
@@ -77,15 +77,15 @@ class MappingNetwork(nn.Module):
 
     def __init__(
         self,
-        z_dim: int,                     # input latent (Z) size
-        c_dim: int,                     # conditioning size; only 0 is supported
-        w_dim: int,                     # intermediate latent (W) size
-        num_ws: int,                    # number of w's to broadcast to
-        num_layers: int = 8,            # fully connected layers
+        z_dim: int,  # input latent (Z) size
+        c_dim: int,  # conditioning size; only 0 is supported
+        w_dim: int,  # intermediate latent (W) size
+        num_ws: int,  # number of w's to broadcast to
+        num_layers: int = 8,  # fully connected layers
         embed_features: int | None = None,  # label embedding size (conditional models only)
         layer_features: int | None = None,  # hidden width, None = w_dim
-        activation: str = "lrelu",      # hidden activation
-        lr_multiplier: float = 0.01,    # learning-rate multiplier of every layer
+        activation: str = "lrelu",  # hidden activation
+        lr_multiplier: float = 0.01,  # learning-rate multiplier of every layer
         w_avg_beta: float | None = 0.995,  # decay of the tracked w average, None = no tracking
     ):
         super().__init__()
@@ -96,20 +96,22 @@ class MappingNetwork(nn.Module):
         layer_features = w_dim if layer_features is None else layer_features
         features = [z_dim] + [layer_features] * (num_layers - 1) + [w_dim]
         for idx in range(num_layers):
-            layer = FullyConnectedLayer(features[idx], features[idx + 1], activation=activation, lr_multiplier=lr_multiplier)
+            layer = FullyConnectedLayer(
+                features[idx], features[idx + 1], activation=activation, lr_multiplier=lr_multiplier
+            )
             setattr(self, f"fc{idx}", layer)
         if num_ws is not None and w_avg_beta is not None:
             self.register_buffer("w_avg", torch.zeros([w_dim]))
 
     def forward(
         self,
-        z: torch.Tensor,                  # [N, z_dim]
-        c: torch.Tensor | None = None,    # unused (unconditional)
-        truncation_psi: float = 1.0,      # 1 = no truncation; w <- w_avg + psi * (w - w_avg)
+        z: torch.Tensor,  # [N, z_dim]
+        c: torch.Tensor | None = None,  # unused (unconditional)
+        truncation_psi: float = 1.0,  # 1 = no truncation; w <- w_avg + psi * (w - w_avg)
         truncation_cutoff: int | None = None,  # truncate only the first `cutoff` w's
         skip_w_avg_update: bool = False,
         impl: str = "auto",
-    ) -> torch.Tensor:                    # [N, num_ws, w_dim]
+    ) -> torch.Tensor:  # [N, num_ws, w_dim]
         check_shape(z, [None, self.z_dim], "z")
         x = normalize_2nd_moment(z.to(torch.float32))
         for idx in range(self.num_layers):
@@ -132,15 +134,15 @@ class SynthesisLayer(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,                 # input feature maps
-        out_channels: int,                # output feature maps
-        w_dim: int,                       # intermediate latent (W) size: the style affine's input
-        resolution: int,                  # output resolution of this layer (and of its noise map)
-        kernel_size: int = 3,             # convolution kernel size (3x3 in StyleGAN2)
-        up: int = 1,                      # 2 = transposed conv + FIR up-sampling (a block's conv0), 1 = none
-        use_noise: bool = True,           # add per-pixel noise scaled by a learned strength
-        activation: str = "lrelu",        # after the bias: 'lrelu' (slope 0.2, gain sqrt 2), 'linear', ...
-        resample_filter=(1, 3, 3, 1),     # low-pass FIR taps of the up-sampling (separable, normalized)
+        in_channels: int,  # input feature maps
+        out_channels: int,  # output feature maps
+        w_dim: int,  # intermediate latent (W) size: the style affine's input
+        resolution: int,  # output resolution of this layer (and of its noise map)
+        kernel_size: int = 3,  # convolution kernel size (3x3 in StyleGAN2)
+        up: int = 1,  # 2 = transposed conv + FIR up-sampling (a block's conv0), 1 = none
+        use_noise: bool = True,  # add per-pixel noise scaled by a learned strength
+        activation: str = "lrelu",  # after the bias: 'lrelu' (slope 0.2, gain sqrt 2), 'linear', ...
+        resample_filter=(1, 3, 3, 1),  # low-pass FIR taps of the up-sampling (separable, normalized)
         conv_clamp: float | None = None,  # clamp activations to +-conv_clamp (fp16 safety), None = off
     ):
         super().__init__()
@@ -165,14 +167,27 @@ class SynthesisLayer(nn.Module):
         styles = self.affine(w, impl=impl)  # [NI]
         noise = None
         if self.use_noise and noise_mode == "random":
-            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
+            noise = (
+                torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
+            )
         if self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return kernels.modulated_conv2d_act(  # modulated conv, then bias_act (one kernel where one is registered)
-            x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
-            resample_filter=self.resample_filter, flip_weight=(self.up == 1), fused_modconv=fused_modconv,
-            bias=self.bias, act=self.activation, gain=self.act_gain * gain, clamp=act_clamp, impl=impl,
+            x,
+            self.weight,
+            styles,
+            noise=noise,
+            up=self.up,
+            padding=self.padding,
+            resample_filter=self.resample_filter,
+            flip_weight=(self.up == 1),
+            fused_modconv=fused_modconv,
+            bias=self.bias,
+            act=self.activation,
+            gain=self.act_gain * gain,
+            clamp=act_clamp,
+            impl=impl,
         )
 
 
@@ -181,10 +196,10 @@ class ToRGBLayer(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,                 # input feature maps
-        out_channels: int,                # image channels (3: RGB)
-        w_dim: int,                       # intermediate latent (W) size: the style affine's input
-        kernel_size: int = 1,             # convolution kernel size (1x1)
+        in_channels: int,  # input feature maps
+        out_channels: int,  # image channels (3: RGB)
+        w_dim: int,  # intermediate latent (W) size: the style affine's input
+        kernel_size: int = 1,  # convolution kernel size (1x1)
         conv_clamp: float | None = None,  # clamp the output to +-conv_clamp, None = off
     ):
         super().__init__()
@@ -198,8 +213,16 @@ class ToRGBLayer(nn.Module):
         check_shape(x, [None, self.weight.shape[1], None, None], "toRGB's x")
         check_shape(w, [None, self.affine.weight.shape[1]], "toRGB's w")
         styles = self.affine(w, impl=impl) * self.weight_gain
-        return kernels.modulated_conv2d_act(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv,
-                                            bias=self.bias, clamp=self.conv_clamp, impl=impl)
+        return kernels.modulated_conv2d_act(
+            x,
+            self.weight,
+            styles,
+            demodulate=False,
+            fused_modconv=fused_modconv,
+            bias=self.bias,
+            clamp=self.conv_clamp,
+            impl=impl,
+        )
 
 
 class SynthesisBlock(nn.Module):
@@ -207,17 +230,17 @@ class SynthesisBlock(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,                 # input feature maps, 0 = the first block (a learned constant input)
-        out_channels: int,                # output feature maps
-        w_dim: int,                       # intermediate latent (W) size
-        resolution: int,                  # this block's resolution, twice the previous block's
-        img_channels: int,                # image channels (3: RGB)
-        is_last: bool,                    # the highest resolution's block (with 'skip' every block has a toRGB)
-        architecture: str = "skip",       # only 'skip': each block's toRGB added onto the up-sampled image
-        resample_filter=(1, 3, 3, 1),     # low-pass FIR taps of conv0's and the skip image's up-sampling
+        in_channels: int,  # input feature maps, 0 = the first block (a learned constant input)
+        out_channels: int,  # output feature maps
+        w_dim: int,  # intermediate latent (W) size
+        resolution: int,  # this block's resolution, twice the previous block's
+        img_channels: int,  # image channels (3: RGB)
+        is_last: bool,  # the highest resolution's block (with 'skip' every block has a toRGB)
+        architecture: str = "skip",  # only 'skip': each block's toRGB added onto the up-sampled image
+        resample_filter=(1, 3, 3, 1),  # low-pass FIR taps of conv0's and the skip image's up-sampling
         conv_clamp: float | None = None,  # clamp every layer's output to +-conv_clamp (fp16 safety), None = off
-        use_fp16: bool = False,           # run this block's activations in float16 (unless force_fp32)
-        **layer_kwargs,                   # kernel_size, use_noise, activation: for both SynthesisLayers
+        use_fp16: bool = False,  # run this block's activations in float16 (unless force_fp32)
+        **layer_kwargs,  # kernel_size, use_noise, activation: for both SynthesisLayers
     ):
         super().__init__()
         if architecture != "skip":
@@ -231,11 +254,20 @@ class SynthesisBlock(nn.Module):
         if in_channels == 0:
             self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
         else:
-            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=2,
-                                        resample_filter=resample_filter, conv_clamp=conv_clamp, **layer_kwargs)
+            self.conv0 = SynthesisLayer(
+                in_channels,
+                out_channels,
+                w_dim=w_dim,
+                resolution=resolution,
+                up=2,
+                resample_filter=resample_filter,
+                conv_clamp=conv_clamp,
+                **layer_kwargs,
+            )
             self.num_conv += 1
-        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution,
-                                    conv_clamp=conv_clamp, **layer_kwargs)
+        self.conv1 = SynthesisLayer(
+            out_channels, out_channels, w_dim=w_dim, resolution=resolution, conv_clamp=conv_clamp, **layer_kwargs
+        )
         self.num_conv += 1
         self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp)
         self.num_torgb += 1
@@ -251,7 +283,9 @@ class SynthesisBlock(nn.Module):
         dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
         if fused_modconv is None:
             # Fused (grouped) conv is fastest for inference; training uses the shared-weight form.
-            fused_modconv = (not self.training) and (dtype == torch.float32 or int(x.shape[0] if x is not None else ws.shape[0]) == 1)
+            fused_modconv = (not self.training) and (
+                dtype == torch.float32 or int(x.shape[0] if x is not None else ws.shape[0]) == 1
+            )
         if self.in_channels == 0:
             x = self.const.to(dtype=dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
             x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, impl=impl, **layer_kwargs)
@@ -274,9 +308,9 @@ class SynthesisNetwork(nn.Module):
         w_dim: int,
         img_resolution: int,
         img_channels: int,
-        channel_base: int = 32768,      # channels at resolution r: min(channel_base // r, channel_max)
+        channel_base: int = 32768,  # channels at resolution r: min(channel_base // r, channel_max)
         channel_max: int = 512,
-        num_fp16_res: int = 0,          # run the N highest resolutions in float16
+        num_fp16_res: int = 0,  # run the N highest resolutions in float16
         **block_kwargs,
     ):
         super().__init__()
@@ -290,8 +324,13 @@ class SynthesisNetwork(nn.Module):
         self.num_ws = 0
         for res in self.block_resolutions:
             block = SynthesisBlock(
-                channels[res // 2] if res > 4 else 0, channels[res], w_dim=w_dim, resolution=res,
-                img_channels=img_channels, is_last=(res == img_resolution), use_fp16=(res >= fp16_resolution),
+                channels[res // 2] if res > 4 else 0,
+                channels[res],
+                w_dim=w_dim,
+                resolution=res,
+                img_channels=img_channels,
+                is_last=(res == img_resolution),
+                use_fp16=(res >= fp16_resolution),
                 **block_kwargs,
             )
             # Consecutive blocks share a w: block b uses ws[idx : idx + num_conv + 1], the last
@@ -315,13 +354,23 @@ class SynthesisNetwork(nn.Module):
             block = getattr(self, f"b{res}")
             cur = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             w_idx += block.num_conv
-            x, img = block(x, img, cur, force_fp32=force_fp32, fused_modconv=fused_modconv, impl=impl, noise_mode=noise_mode)
+            x, img = block(
+                x, img, cur, force_fp32=force_fp32, fused_modconv=fused_modconv, impl=impl, noise_mode=noise_mode
+            )
         return img
 
 
 _SYNTHESIS_KEYS = {
-    "channel_base", "channel_max", "num_fp16_res", "architecture", "resample_filter", "conv_clamp",
-    "fp16_channels_last", "kernel_size", "use_noise", "activation",
+    "channel_base",
+    "channel_max",
+    "num_fp16_res",
+    "architecture",
+    "resample_filter",
+    "conv_clamp",
+    "fp16_channels_last",
+    "kernel_size",
+    "use_noise",
+    "activation",
 }
 _MAPPING_KEYS = {"num_layers", "embed_features", "layer_features", "activation", "lr_multiplier", "w_avg_beta"}
 # NVIDIA's `fp16_channels_last` says how the fp16 blocks lay their tensors out in memory (channels-last,
@@ -347,21 +396,32 @@ class Generator(nn.Module):
         super().__init__()
         mapping_kwargs = dict(mapping_kwargs or {})
         synthesis_kwargs = {**(synthesis_kwargs or {}), **extra_synthesis_kwargs}
-        for name, got, allowed in (("mapping", mapping_kwargs, _MAPPING_KEYS), ("synthesis", synthesis_kwargs, _SYNTHESIS_KEYS)):
+        for name, got, allowed in (
+            ("mapping", mapping_kwargs, _MAPPING_KEYS),
+            ("synthesis", synthesis_kwargs, _SYNTHESIS_KEYS),
+        ):
             unknown = sorted(set(got) - allowed)
             if unknown:
                 raise CheckpointError(f"unsupported {name} options {unknown}: not a StyleGAN2 (config-f) generator")
         if c_dim != 0:
             raise CheckpointError(f"conditional generators (c_dim={c_dim}) are not supported")
-        self.init_kwargs: dict[str, Any] = plain(dict(
-            z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels,
-            mapping_kwargs=mapping_kwargs, synthesis_kwargs=synthesis_kwargs,
-        ))
+        self.init_kwargs: dict[str, Any] = plain(
+            dict(
+                z_dim=z_dim,
+                c_dim=c_dim,
+                w_dim=w_dim,
+                img_resolution=img_resolution,
+                img_channels=img_channels,
+                mapping_kwargs=mapping_kwargs,
+                synthesis_kwargs=synthesis_kwargs,
+            )
+        )
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
         layers_kwargs = {k: v for k, v in synthesis_kwargs.items() if k not in _LAYOUT_ONLY_KEYS}
-        self.synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels,
-                                          **layers_kwargs)
+        self.synthesis = SynthesisNetwork(
+            w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels, **layers_kwargs
+        )
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws, **mapping_kwargs)
 
@@ -385,7 +445,11 @@ class Generator(nn.Module):
 # The built-in tiny generator: random weights from a fixed seed, for offline demos and tests.
 # It is NOT a trained model; everything that uses it says so.
 TINY_CONFIG = dict(
-    z_dim=64, c_dim=0, w_dim=64, img_resolution=64, img_channels=3,
+    z_dim=64,
+    c_dim=0,
+    w_dim=64,
+    img_resolution=64,
+    img_channels=3,
     mapping_kwargs=dict(num_layers=4),
     synthesis_kwargs=dict(channel_base=2048, channel_max=128, num_fp16_res=0, conv_clamp=256),
 )

@@ -20,36 +20,52 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 
+from pti._version import __version__  # the version module, not `pti`: the package sits above the engine
+from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator
 from pti.errors import IdentityError
+from pti.fsutil import atomic_path
 
 FORMAT = "pti-identity"
-VERSION = 2                                     # 2: a checksum in the metadata; 1: none
+VERSION = 2  # 2: a checksum in the metadata; 1: none
 SUFFIX = ".pti"
-CHECKSUM = "checksum"                           # metadata key: "sha256:<hex>" (see `checksum`)
+CHECKSUM = "checksum"  # metadata key: "sha256:<hex>" (see `checksum`)
 
 
 @dataclass
 class Identity:
-    pivot: torch.Tensor                         # [num_ws, w_dim] float32
-    tensors: dict[str, torch.Tensor]            # "delta.<param>" (fp16) or "weight.<param>" (fp32)
-    base_hash: str                              # content hash of the base generator
-    base_hint: str = ""                         # where the base came from (path or builtin name)
-    exact: bool = False                         # True: full fp32 weights; False: fp16 deltas
+    pivot: torch.Tensor  # [num_ws, w_dim] float32
+    tensors: dict[str, torch.Tensor]  # "delta.<param>" (fp16) or "weight.<param>" (fp32)
+    base_hash: str  # content hash of the base generator
+    base_hint: str = ""  # where the base came from (path or builtin name)
+    exact: bool = False  # True: full fp32 weights; False: fp16 deltas
     meta: dict[str, Any] = field(default_factory=dict)  # config, curves, timings, versions, ...
     notes: list[str] = field(default_factory=list, compare=False)  # what loading found worth telling (not stored)
 
     # ------------------------------------------------------------------ building and applying
 
     @classmethod
-    def from_tuning(cls, G_base, G_tuned, pivot: torch.Tensor, base_hash: str, base_hint: str = "",
-                    exact: bool = False, meta: dict | None = None) -> "Identity":
+    def from_tuning(
+        cls,
+        G_base,
+        G_tuned,
+        pivot: torch.Tensor,
+        base_hash: str,
+        base_hint: str = "",
+        exact: bool = False,
+        meta: dict | None = None,
+    ) -> "Identity":
         """Capture what tuning changed: the synthesis parameters, as fp16 deltas or exact fp32."""
         base = dict(G_base.synthesis.named_parameters())
         tensors = {}
@@ -65,8 +81,6 @@ class Identity:
     def apply(self, G_base, base_hash: str | None = None):
         """A new generator: the base with this identity's tuned synthesis weights."""
         if base_hash is None:
-            from pti.engine.checkpoint import generator_hash
-
             base_hash = generator_hash(G_base)
         if base_hash != self.base_hash:
             raise IdentityError(
@@ -82,7 +96,9 @@ class Identity:
             if kind not in ("weight", "delta") or name not in params:
                 raise IdentityError(f"identity holds {key!r}, which does not fit the base generator")
             if tuple(t.shape) != tuple(params[name].shape):
-                raise IdentityError(f"identity tensor {key!r} has shape {tuple(t.shape)}, the generator {tuple(params[name].shape)}")
+                raise IdentityError(
+                    f"identity tensor {key!r} has shape {tuple(t.shape)}, the generator {tuple(params[name].shape)}"
+                )
             names.add(name)
         if names != expected:
             raise IdentityError(f"identity file lacks {len(expected - names)} of the generator's synthesis parameters")
@@ -101,11 +117,6 @@ class Identity:
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file, then rename), with the checksum in the metadata. A full disk or a
         file-size limit is an `OutputError` naming the path, as for every file pti writes."""
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
-        from pti.fsutil import atomic_path
-
         path = Path(path)
         meta = {
             "format": FORMAT,
@@ -119,7 +130,7 @@ class Identity:
         meta[CHECKSUM] = checksum(tensors, meta)
         with atomic_path(path) as tmp:
             try:
-                save_file(tensors, str(tmp), metadata=meta)
+                safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
             except SafetensorError as e:  # its writer's I/O errors, as the OSError atomic_path turns into one line
                 raise _os_error(e) from None
         return path
@@ -136,8 +147,15 @@ class Identity:
             record = json.loads(meta.get("meta", "{}"))
         except json.JSONDecodeError:
             raise IdentityError(f"{path}: unreadable identity metadata (not JSON)") from None
-        return cls(pivot, tensors, meta.get("base_hash", ""), meta.get("base_hint", ""),
-                   meta.get("encoding") == "weight-fp32", record, notes)
+        return cls(
+            pivot,
+            tensors,
+            meta.get("base_hash", ""),
+            meta.get("base_hint", ""),
+            meta.get("encoding") == "weight-fp32",
+            record,
+            notes,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -147,31 +165,29 @@ class Identity:
 def load_base(ident: Identity, network=None, device="cpu"):
     """The identity's base generator: `network` if given, else the file it records. Applying the
     identity then checks the content hash, so a different generator is refused, not mixed."""
-    from pti.engine.checkpoint import BUILTIN_TINY, load_generator
-
     source = network or ident.base_hint or None
     if source is None:
         raise IdentityError("this identity does not record its base generator; pass it with --network")
     if network is None and source != BUILTIN_TINY and not Path(source).is_file():
-        raise IdentityError(f"this identity was tuned on {source}, which is not here; pass that generator with --network")
+        raise IdentityError(
+            f"this identity was tuned on {source}, which is not here; pass that generator with --network"
+        )
     return load_generator(source, device)
 
 
 class OpenIdentity(NamedTuple):
     """An identity file opened on its base generator (see `open_identity`)."""
 
-    ident: Identity                 # the file's contents, checksum verified
-    base: Any                       # the base generator it was tuned on
-    base_hash: str                  # the base's content hash (equal to the one the identity records)
-    G: Any                          # the base with the identity's tuned weights: the person's generator
+    ident: Identity  # the file's contents, checksum verified
+    base: Any  # the base generator it was tuned on
+    base_hash: str  # the base's content hash (equal to the one the identity records)
+    G: Any  # the base with the identity's tuned weights: the person's generator
 
 
 def open_identity(path: str | Path, network=None, device="cpu") -> OpenIdentity:
     """(identity, base, base hash, the person's generator) for the identity file `path`, its base from
     `network` or the file it records (`load_base`), on `device`. Everything that renders or exports a
     person opens it here."""
-    from pti.engine.checkpoint import generator_hash
-
     ident = Identity.load(path)
     base = load_base(ident, network, device)
     base_hash = generator_hash(base)
@@ -179,7 +195,7 @@ def open_identity(path: str | Path, network=None, device="cpu") -> OpenIdentity:
 
 
 def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """"sha256:<hex>" over the metadata (every key but the checksum itself) and every tensor's name, dtype,
+    """ "sha256:<hex>" over the metadata (every key but the checksum itself) and every tensor's name, dtype,
     shape and bytes, in name order. Hashing reads each byte once (sha256 runs at about 1 GB/s), so
     verifying a 56 MB identity costs tens of milliseconds."""
     h = hashlib.sha256(b"pti-identity-v2\0")
@@ -194,17 +210,12 @@ def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
 def _os_error(e: Exception) -> Exception:
     """safetensors reports a failed write as SafetensorError("... I/O error: File too large (os error 27)"):
     the OSError it stands for, else `e` itself."""
-    import os
-    import re
-
     m = re.search(r"\(os error (\d+)\)", str(e))
     return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else e
 
 
 def _read_verified(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor], list[str]]:
     """(metadata, tensors, notes) of the identity file `path`, after its format and checksum checks."""
-    from safetensors import safe_open
-
     if not path.is_file():
         raise IdentityError(f"{path}: no such identity file")
     try:
@@ -214,27 +225,38 @@ def _read_verified(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor],
                 raise IdentityError(f"{path}: not a pti identity file (format {meta.get('format')!r})")
             version = int(meta.get("version", 0))
             if version > VERSION:
-                raise IdentityError(f"{path}: identity format v{meta['version']} is newer than this pti (v{VERSION}); upgrade pti")
+                raise IdentityError(
+                    f"{path}: identity format v{meta['version']} is newer than this pti (v{VERSION}); upgrade pti"
+                )
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except IdentityError:
         raise
     except Exception as e:  # truncated, corrupt, not safetensors, a version that is not a number
         raise IdentityError(f"{path}: unreadable identity file ({type(e).__name__}: {e})") from None
     if version < 2:
-        return meta, tensors, [f"{path} has no checksum (identity format v{version}, from an older pti), so damage "
-                               "to it cannot be detected; re-run pti tune for a checked file"]
+        return (
+            meta,
+            tensors,
+            [
+                f"{path} has no checksum (identity format v{version}, from an older pti), so damage "
+                "to it cannot be detected; re-run pti tune for a checked file"
+            ],
+        )
     if meta.get(CHECKSUM) != checksum(tensors, meta):
-        raise IdentityError(f"{path} is damaged (checksum mismatch): its weights or metadata changed after pti wrote it; "
-                            "re-run pti tune")
+        raise IdentityError(
+            f"{path} is damaged (checksum mismatch): its weights or metadata changed after pti wrote it; "
+            "re-run pti tune"
+        )
     return meta, tensors, []
 
 
 def versions() -> dict[str, str]:
-    import numpy
-
-    from pti._version import __version__  # the version module, not `pti`: the package sits above the engine
-
-    return {"pti": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
+    return {
+        "pti": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _json_default(obj):
@@ -247,8 +269,6 @@ def _json_default(obj):
 
 def is_identity_file(path: str | Path) -> bool:
     """True when `path` is a safetensors file tagged as a pti identity (reads only the header)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT
@@ -281,17 +301,32 @@ def describe(path: str | Path) -> dict[str, Any]:
         "tensors": len(weights),
         "parameters": sum(math.prod(s) for s in weights.values()),
         "weights_dtype": sorted({dtypes[k] for k in weights}),
-        **{k: meta.get(k) for k in ("photo", "steps", "early_stopped", "invert_config", "tune_config", "losses",
-                                    "official_losses", "before_tuning", "after_tuning", "identity_similarity",
-                                    "seconds", "device", "precision", "joint_with", "versions")},
+        **{
+            k: meta.get(k)
+            for k in (
+                "photo",
+                "steps",
+                "early_stopped",
+                "invert_config",
+                "tune_config",
+                "losses",
+                "official_losses",
+                "before_tuning",
+                "after_tuning",
+                "identity_similarity",
+                "seconds",
+                "device",
+                "precision",
+                "joint_with",
+                "versions",
+            )
+        },
     }
 
 
 def source_photo(path: str | Path) -> tuple[str | None, str | None]:
     """(the photo an identity was tuned from, its sha256), from the header alone; None where not recorded
     (files written before pti recorded them keep only the path as it was given)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))

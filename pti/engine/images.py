@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from pti.fsutil import atomic_path
 
@@ -42,8 +43,6 @@ def grid(images: Sequence[np.ndarray], cols: int | None = None, pad: int = 2, fi
 
 def save_png(arr: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 [H, W, C] array as PNG, atomically."""
-    from PIL import Image
-
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
@@ -56,8 +55,6 @@ def labelled_sheet(rows: Sequence[Sequence[tuple[str, "object"]]], size: int = 2
     Images are PIL images or uint8 [H, W, 3] arrays; small renders are enlarged without smoothing
     (so pixels stay visible), large photos reduced with Lanczos. Returns a PIL image.
     """
-    from PIL import Image, ImageDraw
-
     cols = max(len(r) for r in rows)
     sheet = Image.new("RGB", (cols * (size + pad) + pad, len(rows) * (size + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
@@ -76,8 +73,6 @@ def labelled_sheet(rows: Sequence[Sequence[tuple[str, "object"]]], size: int = 2
 
 def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 8.0, bounce: bool = False) -> Path:
     """An animated GIF of uint8 [H, W, 3] frames, looping forever; `bounce` plays back and forth."""
-    from PIL import Image
-
     seq = list(frames) + (list(frames[-2:0:-1]) if bounce and len(frames) > 2 else [])
     images = [Image.fromarray(f) for f in seq]
     path = Path(path)

@@ -30,41 +30,44 @@ from pti.engine.losses import ProjectorMetric, to_0_255
 
 @dataclass(frozen=True)
 class InvertConfig:
-    steps: int = 450                    # optimizer steps (PTI: first_inv_steps)
-    space: str = "w"                    # "w": one w for all layers (the paper); "w+": one per layer
-    w_avg_samples: int = 600            # z samples for w_avg / w_std (PTI passes 600)
-    w_avg_seed: int = 123               # RandomState seed of those samples (the projector's)
-    initial_lr: float = 0.01            # peak learning rate (the projector's; PTI's 5e-3 is unused)
-    lr_rampup: float = 0.05             # fraction of steps for the cosine ramp-up
-    lr_rampdown: float = 0.25           # fraction of steps for the cosine ramp-down
+    steps: int = 450  # optimizer steps (PTI: first_inv_steps)
+    space: str = "w"  # "w": one w for all layers (the paper); "w+": one per layer
+    w_avg_samples: int = 600  # z samples for w_avg / w_std (PTI passes 600)
+    w_avg_seed: int = 123  # RandomState seed of those samples (the projector's)
+    initial_lr: float = 0.01  # peak learning rate (the projector's; PTI's 5e-3 is unused)
+    lr_rampup: float = 0.05  # fraction of steps for the cosine ramp-up
+    lr_rampdown: float = 0.25  # fraction of steps for the cosine ramp-down
     initial_noise_factor: float = 0.05  # exploration noise on w, as a fraction of w_std
-    noise_ramp: float = 0.75            # exploration noise decays to zero by this fraction of steps
-    noise_reg_weight: float = 1e5       # weight of the noise-map autocorrelation penalty
-    seed: int | None = 0                # seeds noise init and exploration; None = nondeterministic
-    precision: str = "fp32"             # forward passes: fp32 (the paper) or bf16 autocast
+    noise_ramp: float = 0.75  # exploration noise decays to zero by this fraction of steps
+    noise_reg_weight: float = 1e5  # weight of the noise-map autocorrelation penalty
+    seed: int | None = 0  # seeds noise init and exploration; None = nondeterministic
+    precision: str = "fp32"  # forward passes: fp32 (the paper) or bf16 autocast
 
     def __post_init__(self):
-        check_fields(self, {
-            "precision": one_of(*PRECISIONS),
-            "steps": whole(1),
-            "space": one_of("w", "w+"),
-            "w_avg_samples": whole(1),
-            "w_avg_seed": whole(0, 2**32 - 1),             # numpy's RandomState takes 32-bit seeds
-            "initial_lr": real(0, above=True),
-            "lr_rampup": real(0, 1, above=True),           # divides: t / lr_rampup
-            "lr_rampdown": real(0, 1, above=True),         # divides: (1 - t) / lr_rampdown
-            "initial_noise_factor": real(0),
-            "noise_ramp": real(0, above=True),             # divides: t / noise_ramp
-            "noise_reg_weight": real(0),
-            "seed": whole(0, 2**64 - 1, optional=True),    # torch.Generator's range
-        })
+        check_fields(
+            self,
+            {
+                "precision": one_of(*PRECISIONS),
+                "steps": whole(1),
+                "space": one_of("w", "w+"),
+                "w_avg_samples": whole(1),
+                "w_avg_seed": whole(0, 2**32 - 1),  # numpy's RandomState takes 32-bit seeds
+                "initial_lr": real(0, above=True),
+                "lr_rampup": real(0, 1, above=True),  # divides: t / lr_rampup
+                "lr_rampdown": real(0, 1, above=True),  # divides: (1 - t) / lr_rampdown
+                "initial_noise_factor": real(0),
+                "noise_ramp": real(0, above=True),  # divides: t / noise_ramp
+                "noise_reg_weight": real(0),
+                "seed": whole(0, 2**64 - 1, optional=True),  # torch.Generator's range
+            },
+        )
 
 
 @dataclass
 class InversionResult:
-    pivot: torch.Tensor                 # [1, num_ws, w_dim]
-    losses: list[float] = field(default_factory=list)   # total loss per step
-    dists: list[float] = field(default_factory=list)    # perceptual distance per step
+    pivot: torch.Tensor  # [1, num_ws, w_dim]
+    losses: list[float] = field(default_factory=list)  # total loss per step
+    dists: list[float] = field(default_factory=list)  # perceptual distance per step
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
 
@@ -110,7 +113,7 @@ def noise_regularization(noise_bufs: list[torch.Tensor]) -> torch.Tensor:
 
 def invert(
     G,
-    target: torch.Tensor,               # [1, 3, R, R] or [3, R, R] in [-1, 1], R = G.img_resolution
+    target: torch.Tensor,  # [1, 3, R, R] or [3, R, R] in [-1, 1], R = G.img_resolution
     metric: ProjectorMetric,
     cfg: InvertConfig = InvertConfig(),
     progress: ProgressFn | None = None,

@@ -18,8 +18,8 @@ class Layout:
     with what `pti tune` wrote (aligned.png, pivot.png, reconstruction.png, report.json, contact.png) and
     what later commands add there (`pti render`'s edits/, the studio's studio/ and its GANSpace file)."""
 
-    out: Path                           # the folder the identity file is in
-    name: str                           # the identity file's stem (the photo's name, made unique in a run)
+    out: Path  # the folder the identity file is in
+    name: str  # the identity file's stem (the photo's name, made unique in a run)
 
     @classmethod
     def of(cls, identity: str | Path) -> "Layout":
@@ -36,15 +36,15 @@ class Layout:
         return self.out / self.name
 
     @property
-    def aligned(self) -> Path:          # the aligned photo, what the person was tuned to
+    def aligned(self) -> Path:  # the aligned photo, what the person was tuned to
         return self.folder / "aligned.png"
 
     @property
-    def pivot(self) -> Path:            # the pivot's render, before tuning
+    def pivot(self) -> Path:  # the pivot's render, before tuning
         return self.folder / "pivot.png"
 
     @property
-    def reconstruction(self) -> Path:   # the pivot through the tuned generator
+    def reconstruction(self) -> Path:  # the pivot through the tuned generator
         return self.folder / "reconstruction.png"
 
     @property
@@ -52,13 +52,13 @@ class Layout:
         return self.folder / "report.json"
 
     @property
-    def contact(self) -> Path:          # input | aligned | pivot | reconstruction, one sheet
+    def contact(self) -> Path:  # input | aligned | pivot | reconstruction, one sheet
         return self.folder / "contact.png"
 
     @property
-    def edits(self) -> Path:            # `pti render`'s default output folder
+    def edits(self) -> Path:  # `pti render`'s default output folder
         return self.folder / "edits"
 
     @property
-    def studio(self) -> Path:           # where `pti studio` saves images and their edit strings
+    def studio(self) -> Path:  # where `pti studio` saves images and their edit strings
         return self.folder / "studio"

@@ -21,9 +21,9 @@ class LoadedGenerator:
     """A generator plus where it came from; `pti info` prints these."""
 
     generator: Generator
-    format: str                                  # builtin | stylegan2-ada-pkl | rosinality-pt | pti-safetensors
-    source: str                                  # the path, or "builtin:tiny"
-    label: str                                   # one line for people ("stylegan2-ada-pytorch pickle, G_ema")
+    format: str  # builtin | stylegan2-ada-pkl | rosinality-pt | pti-safetensors
+    source: str  # the path, or "builtin:tiny"
+    label: str  # one line for people ("stylegan2-ada-pytorch pickle, G_ema")
     notes: list[str] = field(default_factory=list)  # caveats, e.g. an estimated w_avg
 
     def to_device(self, device: str | torch.device) -> "LoadedGenerator":
@@ -32,8 +32,9 @@ class LoadedGenerator:
         return self
 
 
-def build_generator(init_kwargs: dict[str, Any], state: dict[str, torch.Tensor], source: str,
-                    derive_filters: bool = False) -> Generator:
+def build_generator(
+    init_kwargs: dict[str, Any], state: dict[str, torch.Tensor], source: str, derive_filters: bool = False
+) -> Generator:
     """Construct our Generator from `init_kwargs` and load `state` strictly, with one-line errors.
 
     `derive_filters`: keep the generator's own `resample_filter` buffers (they follow from the config)
@@ -52,8 +53,11 @@ def build_generator(init_kwargs: dict[str, Any], state: dict[str, torch.Tensor],
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
-        parts = [f"{what} {names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)})"
-                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+        parts = [
+            f"{what} {names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)})"
+            for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
+        ]
         raise CheckpointError(f"{source}: weights do not fit the generator its config describes: " + "; ".join(parts))
     with torch.no_grad():
         G.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

@@ -90,10 +90,10 @@ class WeightFreePerceptual:
 
 @dataclass
 class Losses:
-    projector: ProjectorMetric      # inversion metric
-    perceptual: Perceptual          # tuning / locality perceptual term
-    official: bool                  # True when these are the paper's networks
-    notice: str | None = None       # what a person should be told when they are not
+    projector: ProjectorMetric  # inversion metric
+    perceptual: Perceptual  # tuning / locality perceptual term
+    official: bool  # True when these are the paper's networks
+    notice: str | None = None  # what a person should be told when they are not
 
     @property
     def names(self) -> dict[str, str]:

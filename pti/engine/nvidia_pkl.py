@@ -67,13 +67,17 @@ def _check_architecture(net: PersistentObject, kwargs: dict[str, Any], path: Pat
         raise CheckpointError(f"{path}: the generator has no synthesis network")
     layers = list(synthesis.modules)
     if any(re.match(r"L\d+_\d+_\d+$", name) for name in layers) or "input" in layers:
-        raise CheckpointError(f"{path} holds a StyleGAN3 (alias-free) generator (layers {layers[:2]}...), "
-                              "which is not supported; use a StyleGAN2 / StyleGAN2-ADA checkpoint")
+        raise CheckpointError(
+            f"{path} holds a StyleGAN3 (alias-free) generator (layers {layers[:2]}...), "
+            "which is not supported; use a StyleGAN2 / StyleGAN2-ADA checkpoint"
+        )
     if int(kwargs.get("c_dim") or 0) != 0:
         raise CheckpointError(f"{path} holds a conditional generator (c_dim={kwargs['c_dim']}), which is not supported")
     syn = {**(kwargs.get("synthesis_kwargs") or {}), **{k: v for k, v in kwargs.items() if k not in _GENERATOR_ARGS}}
     arch = syn.get("architecture", "skip")
     if arch != "skip":
-        raise CheckpointError(f"{path} holds a generator with architecture={arch!r}; only 'skip' (config-f) is supported")
+        raise CheckpointError(
+            f"{path} holds a generator with architecture={arch!r}; only 'skip' (config-f) is supported"
+        )
     if not all(re.match(r"b\d+$", name) for name in layers):
         raise CheckpointError(f"{path}: unexpected synthesis layers {layers[:4]}; not a StyleGAN2 generator")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pti.engine.weights import default_registry
 from pti.errors import WeightsError
 
 # lpips' ScalingLayer: maps [-1, 1] inputs onto ImageNet-normalised ones. shift = (mean*2 - 1),
@@ -131,7 +132,9 @@ class LPIPS(nn.Module):
         try:
             model.net.load_state_dict(feats, strict=True)
         except RuntimeError as e:
-            raise WeightsError(f"the {net} trunk checkpoint does not fit torchvision's {net} features: {_detail(e)}") from None
+            raise WeightsError(
+                f"the {net} trunk checkpoint does not fit torchvision's {net} features: {_detail(e)}"
+            ) from None
         for i in range(5):
             key = f"lin{i}.model.1.weight"
             if key not in heads:
@@ -139,7 +142,9 @@ class LPIPS(nn.Module):
             try:
                 getattr(model, f"lin{i}").load_state_dict({"model.1.weight": heads[key]})
             except RuntimeError:
-                raise WeightsError(f"LPIPS head {key} has shape {tuple(heads[key].shape)}, wrong for the {net} backbone") from None
+                raise WeightsError(
+                    f"LPIPS head {key} has shape {tuple(heads[key].shape)}, wrong for the {net} backbone"
+                ) from None
         return model
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -171,8 +176,6 @@ def get_lpips(net: str = "alex", device: str | torch.device = "cpu", registry=No
 
     `registry` is a `pti.engine.weights.Registry` (default: the user's cache).
     """
-    from pti.engine.weights import default_registry
-
     if net not in WEIGHT_NAMES:
         raise WeightsError(f"unknown LPIPS backbone {net!r}; use 'alex' or 'vgg'")
     reg = registry or default_registry()
@@ -222,6 +225,4 @@ class VGG16Metric(nn.Module):
 
 def get_vgg16_metric(device: str | torch.device = "cpu", registry=None) -> VGG16Metric:
     """`VGG16Metric` on `vgg16.pt` from the cache; WeightsError (how to get it) when absent."""
-    from pti.engine.weights import default_registry
-
     return VGG16Metric((registry or default_registry()).resolve("vgg16-metric"), device)

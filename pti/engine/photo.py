@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pti.errors import ImageError, first_line
+from pti.fsutil import atomic_path
 
 # 100 megapixels: a 12 000 x 8 000 camera frame fits; decoding it takes ~300 MB as RGB.
 # Anything larger is almost surely a hostile or broken file, not a portrait.
@@ -63,7 +64,9 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"{path} is too large to decode safely (decompression bomb guard); downscale it first") from None
+        raise ImageError(
+            f"{path} is too large to decode safely (decompression bomb guard); downscale it first"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError(f"{path} is not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -144,11 +147,8 @@ def save_photo_atomic(img: Image.Image, path: str | Path) -> Path:
     Readers never see a half-written file, and an interrupted write leaves nothing behind.
     The format follows the extension (PNG when it has none Pillow knows).
     """
-    from pti.fsutil import atomic_path
-
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     with atomic_path(path) as tmp:
         img.save(tmp, format=fmt)
     return path
-

@@ -37,21 +37,26 @@ from typing import Any
 import torch
 
 from pti.engine.loaded import LoadedGenerator, build_generator
+from pti.engine.safe_pickle import load_weights_only, pickle_refusal
 from pti.errors import CheckpointError, first_line
 
-LR_MLP = 0.01                     # rosinality's Generator(lr_mlp=0.01); not stored in checkpoints
-W_AVG_SAMPLES = 10000             # mapped z's averaged when a checkpoint has no latent_avg
+LR_MLP = 0.01  # rosinality's Generator(lr_mlp=0.01); not stored in checkpoints
+W_AVG_SAMPLES = 10000  # mapped z's averaged when a checkpoint has no latent_avg
 W_AVG_SEED = 0
 
 
 def load_rosinality(path: Path) -> LoadedGenerator:
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} is a torch file holding a {type(ckpt).__name__}, not a rosinality checkpoint dict")
+        raise CheckpointError(
+            f"{path} is a torch file holding a {type(ckpt).__name__}, not a rosinality checkpoint dict"
+        )
     key = "g_ema" if "g_ema" in ckpt else "g" if "g" in ckpt else None
     if key is None:
         keys = ", ".join(sorted(map(str, ckpt))[:8]) or "nothing"
-        raise CheckpointError(f"{path} is a torch file without 'g_ema' or 'g' (a rosinality checkpoint); its keys: {keys}")
+        raise CheckpointError(
+            f"{path} is a torch file without 'g_ema' or 'g' (a rosinality checkpoint); its keys: {keys}"
+        )
     sd = ckpt[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: '{key}' is not a state dict of tensors")
@@ -68,23 +73,27 @@ def load_rosinality(path: Path) -> LoadedGenerator:
         state["mapping.w_avg"] = torch.zeros(kwargs["w_dim"])
         G = build_generator(kwargs, state, str(path), derive_filters=True)
         _estimate_w_avg(G)
-        notes.append(f"w_avg estimated from {W_AVG_SAMPLES} mapped z's (seed {W_AVG_SEED}): the checkpoint has no latent_avg")
+        notes.append(
+            f"w_avg estimated from {W_AVG_SAMPLES} mapped z's (seed {W_AVG_SEED}): the checkpoint has no latent_avg"
+        )
     return LoadedGenerator(G, "rosinality-pt", str(path), f"rosinality stylegan2-pytorch checkpoint, {key}", notes)
 
 
 def _torch_load(path: Path) -> Any:
-    from pti.engine.safe_pickle import load_weights_only, pickle_refusal
-
     try:
         return load_weights_only(path, (argparse.Namespace,))
     except Exception as e:  # truncated zip, foreign pickled classes, ...
         refusal = pickle_refusal(e)
         if refusal is not None:
-            raise CheckpointError(f"{path}: refused: a torch file holding more than weights and tensors; {refusal}") from None
+            raise CheckpointError(
+                f"{path}: refused: a torch file holding more than weights and tensors; {refusal}"
+            ) from None
         raise CheckpointError(f"{path} is a truncated or corrupt torch file ({first_line(e, 160)})") from None
 
 
-def rosinality_config(sd: dict[str, torch.Tensor], source: str, channel_multiplier: int | None = None) -> dict[str, Any]:
+def rosinality_config(
+    sd: dict[str, torch.Tensor], source: str, channel_multiplier: int | None = None
+) -> dict[str, Any]:
     """NVIDIA-style Generator kwargs for a rosinality state dict, inferred from its shapes."""
     try:
         n_mlp = len([k for k in sd if re.fullmatch(r"style\.\d+\.weight", k)])
@@ -104,7 +113,11 @@ def rosinality_config(sd: dict[str, torch.Tensor], source: str, channel_multipli
     if blur is not None and not torch.allclose(blur, _default_blur(), atol=1e-6):
         raise CheckpointError(f"{source}: non-default blur kernel; only rosinality's [1,3,3,1] is supported")
     return dict(
-        z_dim=style_dim, c_dim=0, w_dim=style_dim, img_resolution=res, img_channels=img_channels,
+        z_dim=style_dim,
+        c_dim=0,
+        w_dim=style_dim,
+        img_resolution=res,
+        img_channels=img_channels,
         mapping_kwargs=dict(num_layers=n_mlp, lr_multiplier=LR_MLP),
         synthesis_kwargs=dict(channel_base=base, channel_max=cmax, num_fp16_res=0, conv_clamp=None),
     )
@@ -168,7 +181,9 @@ def convert_state_dict(sd: dict[str, torch.Tensor], kwargs: dict[str, Any], sour
 
     leftover = sorted(k for k in set(sd) - used if not k.endswith(".kernel"))
     if leftover:
-        raise CheckpointError(f"{source}: rosinality state dict has unexpected tensors {leftover[:3]} ({len(leftover)})")
+        raise CheckpointError(
+            f"{source}: rosinality state dict has unexpected tensors {leftover[:3]} ({len(leftover)})"
+        )
     return out
 
 

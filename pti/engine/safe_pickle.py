@@ -14,7 +14,8 @@ its arguments and builds plain data:
 - `torch.storage._load_from_bytes` -> `torch.load(weights_only=True)` on those bytes (the original
   callable would `torch.load` them with the full unpickler);
 - `collections.OrderedDict`, `builtins.set`/`frozenset`, `dnnlib.util.EasyDict` (read as a dict),
-  torch dtypes, `torch.Size`, `_codecs.encode` (latin1 only: protocol-2 bytes), and the numpy scalar/array/dtype reconstructors (non-object dtypes).
+  torch dtypes, `torch.Size`, `_codecs.encode` (latin1 only: protocol-2 bytes), and the numpy scalar/array/dtype
+  reconstructors (non-object dtypes).
 
 Every other global (`os.system`, `builtins.eval`, `subprocess.Popen`, an unknown class, ...) raises
 `CheckpointError` from `find_class`, before anything could be called. Persistent ids are refused.
@@ -25,9 +26,12 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from pti.errors import CheckpointError
@@ -37,10 +41,10 @@ from pti.errors import CheckpointError
 class PersistentObject:
     """One `torch_utils.persistence` object, read as data (its source code is never run)."""
 
-    class_name: str                              # e.g. "Generator", "SynthesisNetwork", "SynthesisLayer"
-    version: int                                 # persistence format version (6 in stylegan2-ada-pytorch)
-    module_src: str                              # source the file carries; kept for inspection only
-    state: dict[str, Any]                        # the module's __dict__ as pickled (parameters, buffers, ...)
+    class_name: str  # e.g. "Generator", "SynthesisNetwork", "SynthesisLayer"
+    version: int  # persistence format version (6 in stylegan2-ada-pytorch)
+    module_src: str  # source the file carries; kept for inspection only
+    state: dict[str, Any]  # the module's __dict__ as pickled (parameters, buffers, ...)
 
     @property
     def init_args(self) -> tuple:
@@ -153,8 +157,6 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 
 def _numpy_allowed() -> dict[tuple[str, str], Any]:
-    import numpy as np
-
     def scalar(dtype, data=None):
         if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
             raise CheckpointError("unsupported numpy scalar in pickle")
@@ -180,9 +182,7 @@ def _numpy_allowed() -> dict[tuple[str, str], Any]:
     return table
 
 
-_TORCH_DTYPES = {
-    name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)
-}
+_TORCH_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
@@ -206,7 +206,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(self, file: BinaryIO, source: str = "checkpoint") -> None:
         super().__init__(file)
-        self.source = source                     # file name, for error messages
+        self.source = source  # file name, for error messages
         self._numpy: dict[tuple[str, str], Any] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -226,8 +226,10 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "convert it first with NVIDIA's stylegan2-ada-pytorch legacy.py "
                 "(python legacy.py --source=IN.pkl --dest=OUT.pkl) and load the result"
             )
-        raise CheckpointError(f"{self.source} refers to {module}.{name}, which a generator checkpoint has no "
-                              "reason to contain; refusing to load it (nothing from the file was run)")
+        raise CheckpointError(
+            f"{self.source} refers to {module}.{name}, which a generator checkpoint has no "
+            "reason to contain; refusing to load it (nothing from the file was run)"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         raise CheckpointError(f"{self.source} uses pickle persistent ids, which NVIDIA network pickles do not")
@@ -237,8 +239,6 @@ def load_weights_only(path, safe_globals: tuple = (), mmap: bool = False) -> Any
     """`torch.load(weights_only=True)` (tensors and plain containers, never code) on CPU. Torch's warnings are
     silenced: they point into its own sources, and its advice for a refused file (load it with
     weights_only=False) would run the file's code."""
-    import warnings
-
     with warnings.catch_warnings(), torch.serialization.safe_globals(list(safe_globals)):
         warnings.simplefilter("ignore")
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -247,8 +247,6 @@ def load_weights_only(path, safe_globals: tuple = (), mmap: bool = False) -> Any
 def pickle_refusal(e: BaseException) -> str | None:
     """Why a weights-only load refused a file (it needs pickled code or classes), in pti's words; None when
     `e` is another failure (truncated, not a torch file, ...)."""
-    import re
-
     text = str(e)
     if isinstance(e, pickle.UnpicklingError) and ("weights_only" in text or "GLOBAL" in text):
         m = re.search(r"GLOBAL ([\w.]+)", text)
@@ -261,14 +259,23 @@ def pickle_refusal(e: BaseException) -> str | None:
 
 def safe_load_pickle(f: BinaryIO, source: str = "checkpoint") -> Any:
     """Unpickle `f` with the restricted unpickler; every failure becomes a one-line CheckpointError."""
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TypedStorage deprecation chatter from torch internals
             return RestrictedUnpickler(f, source).load()
     except CheckpointError:
         raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as e:
+    except (
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        UnicodeDecodeError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+    ) as e:
         raise CheckpointError(f"{source} is truncated or not a valid pickle ({type(e).__name__}: {e})") from None

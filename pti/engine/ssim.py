@@ -23,7 +23,9 @@ def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor)
     return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
-def _ssim_terms(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _ssim_terms(
+    x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image, per-channel SSIM and contrast-structure term, [N, C] each ('valid' filtering)."""
     c = x.shape[1]
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2

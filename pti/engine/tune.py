@@ -30,44 +30,47 @@ from pti.engine.ssim import ms_ssim
 
 @dataclass(frozen=True)
 class TuneConfig:
-    lr: float = 3e-4                    # Adam learning rate, constant
-    max_steps: int = 350                # steps (single) or passes over all images (joint)
-    lpips_threshold: float = 0.06       # early stop when the perceptual term reaches this (single only)
-    l2_lambda: float = 1.0              # weight of MSE at the pivot
-    lpips_lambda: float = 1.0           # weight of LPIPS at the pivot
-    locality: bool = True               # locality regularization (paper); False = the repo's default
-    locality_alpha: float = 30.0        # distance moved from the pivot towards a sampled w
-    locality_psi: float = 0.5           # truncation of the sampled w's
-    locality_l2_lambda: float = 0.1     # weight of MSE between tuned and original renders
+    lr: float = 3e-4  # Adam learning rate, constant
+    max_steps: int = 350  # steps (single) or passes over all images (joint)
+    lpips_threshold: float = 0.06  # early stop when the perceptual term reaches this (single only)
+    l2_lambda: float = 1.0  # weight of MSE at the pivot
+    lpips_lambda: float = 1.0  # weight of LPIPS at the pivot
+    locality: bool = True  # locality regularization (paper); False = the repo's default
+    locality_alpha: float = 30.0  # distance moved from the pivot towards a sampled w
+    locality_psi: float = 0.5  # truncation of the sampled w's
+    locality_l2_lambda: float = 0.1  # weight of MSE between tuned and original renders
     locality_lpips_lambda: float = 0.1  # weight of LPIPS between them
-    locality_samples: int = 1           # sampled w's per regularized step
-    locality_interval: int = 1          # regularize every N-th step
-    seed: int | None = 0                # seeds the locality samples; None = nondeterministic
-    precision: str = "fp32"             # forward passes: fp32 (the paper) or bf16 autocast
+    locality_samples: int = 1  # sampled w's per regularized step
+    locality_interval: int = 1  # regularize every N-th step
+    seed: int | None = 0  # seeds the locality samples; None = nondeterministic
+    precision: str = "fp32"  # forward passes: fp32 (the paper) or bf16 autocast
 
     def __post_init__(self):
-        check_fields(self, {
-            "precision": one_of(*PRECISIONS),
-            "lr": real(0, above=True),
-            "max_steps": whole(1),
-            "lpips_threshold": real(0),                    # 0: never stop early
-            "l2_lambda": real(0),
-            "lpips_lambda": real(0),
-            "locality": one_of(True, False),
-            "locality_alpha": real(0, above=True),         # a distance from the pivot, divided by ||w_z - w_p||
-            "locality_psi": real(-1, 1),                   # truncation psi, as `pti generate --trunc` takes it
-            "locality_l2_lambda": real(0),
-            "locality_lpips_lambda": real(0),
-            "locality_samples": whole(1),                  # the loss is a mean over them
-            "locality_interval": whole(1),                 # step % interval
-            "seed": whole(0, 2**64 - 1, optional=True),    # torch.Generator's range
-        })
+        check_fields(
+            self,
+            {
+                "precision": one_of(*PRECISIONS),
+                "lr": real(0, above=True),
+                "max_steps": whole(1),
+                "lpips_threshold": real(0),  # 0: never stop early
+                "l2_lambda": real(0),
+                "lpips_lambda": real(0),
+                "locality": one_of(True, False),
+                "locality_alpha": real(0, above=True),  # a distance from the pivot, divided by ||w_z - w_p||
+                "locality_psi": real(-1, 1),  # truncation psi, as `pti generate --trunc` takes it
+                "locality_l2_lambda": real(0),
+                "locality_lpips_lambda": real(0),
+                "locality_samples": whole(1),  # the loss is a mean over them
+                "locality_interval": whole(1),  # step % interval
+                "seed": whole(0, 2**64 - 1, optional=True),  # torch.Generator's range
+            },
+        )
 
 
 @dataclass
 class TuneResult:
-    G: torch.nn.Module                  # the tuned generator (a new module; the input G is untouched)
-    steps: int = 0                      # optimizer steps applied
+    G: torch.nn.Module  # the tuned generator (a new module; the input G is untouched)
+    steps: int = 0  # optimizer steps applied
     early_stopped: bool = False
     curves: dict[str, list[float]] = field(default_factory=dict)  # per-step loss terms
     seconds: float = 0.0
@@ -118,7 +121,7 @@ def _prepare(G):
 def tune(
     G,
     targets: Sequence[torch.Tensor] | torch.Tensor,  # each [1, 3, R, R] in [-1, 1]
-    pivots: Sequence[torch.Tensor] | torch.Tensor,   # each [1, num_ws, w_dim]
+    pivots: Sequence[torch.Tensor] | torch.Tensor,  # each [1, num_ws, w_dim]
     perceptual: Perceptual,
     cfg: TuneConfig = TuneConfig(),
     progress: ProgressFn | None = None,
@@ -169,8 +172,12 @@ def tune(
                 curves[key].append(value)
             if progress is not None:  # the perceptual term under the name of the loss that ran (lpips, 1-ms_ssim)
                 label = getattr(perceptual, "label", "lpips")
-                progress("tune", step, total, {"loss": curves["loss"][-1],
-                                               **{k.replace("lpips", label): v for k, v in terms.items()}})
+                progress(
+                    "tune",
+                    step,
+                    total,
+                    {"loss": curves["loss"][-1], **{k.replace("lpips", label): v for k, v in terms.items()}},
+                )
         if result.early_stopped:
             break
     result.steps = step

@@ -214,9 +214,15 @@ class FirstUse:
         return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
 
     def valid(self) -> bool:
-        return (isinstance(self.sha256, str) and re.fullmatch(r"[0-9a-f]{64}", self.sha256) is not None
-                and type(self.size) is int and self.size >= 0 and type(self.mtime_ns) is int
-                and isinstance(self.recorded, str) and isinstance(self.source, str))
+        return (
+            isinstance(self.sha256, str)
+            and re.fullmatch(r"[0-9a-f]{64}", self.sha256) is not None
+            and type(self.size) is int
+            and self.size >= 0
+            and type(self.mtime_ns) is int
+            and isinstance(self.recorded, str)
+            and isinstance(self.source, str)
+        )
 
     def describe(self) -> str:
         return f"sha256 {self.sha256}, {self.size} bytes, first recorded {self.recorded} from {self.source}"
@@ -330,7 +336,9 @@ class Registry:
             return self._checked(self.get(name))
         if fetch:
             return self.fetch(name, progress=progress)
-        raise WeightsError(self.missing_message(name, None if status == "missing" else "cached copy has the wrong size"))
+        raise WeightsError(
+            self.missing_message(name, None if status == "missing" else "cached copy has the wrong size")
+        )
 
     def fetch(self, name: str, progress: ProgressFn | None = None, timeout: float = 30.0, force: bool = False) -> Path:
         """Download `name` into the cache (no-op when already cached, unless `force`).
@@ -350,8 +358,9 @@ class Registry:
         with response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else entry.size
-            return self._install(entry, response, total, progress, source=entry.url, prior=prior,
-                                 accept_new=False, via="fetch")
+            return self._install(
+                entry, response, total, progress, source=entry.url, prior=prior, accept_new=False, via="fetch"
+            )
 
     def import_file(self, src: str | Path, name: str | None = None, force: bool = False) -> Path:
         """Copy a user's file into the cache after checking it (the entry is guessed when `name` is None).
@@ -369,8 +378,16 @@ class Registry:
             return self._accept_in_place(entry, final, force)
         prior = self._prior(entry, accept_new=force)
         with open(src, "rb") as f:
-            return self._install(entry, f, src.stat().st_size, None, source=str(src.absolute()), prior=prior,
-                                 accept_new=force, via="import")
+            return self._install(
+                entry,
+                f,
+                src.stat().st_size,
+                None,
+                source=str(src.absolute()),
+                prior=prior,
+                accept_new=force,
+                via="import",
+            )
 
     def _guess_entry(self, src: Path) -> WeightEntry:
         """Match a file to an entry by its name (cache filename or source basename), then by checksum."""
@@ -414,13 +431,16 @@ class Registry:
         if rec is None:
             problem = entry.check_digest(digest)
             if problem:
-                raise WeightsError(f"{path} is not the expected {entry.name} file ({problem}); "
-                                   f"replace it with `pti weights fetch {entry.name} --force`")
+                raise WeightsError(
+                    f"{path} is not the expected {entry.name} file ({problem}); "
+                    f"replace it with `pti weights fetch {entry.name} --force`"
+                )
         elif digest != rec.sha256:
             raise WeightsError(
                 f"{entry.filename} in {self.cache_dir} changed since its first use (now sha256 {digest}, "
                 f"{st.st_size} bytes; was {rec.describe()}); restore it with `pti weights fetch {entry.name} --force`, "
-                f"or accept the new file with `pti weights import {path} --name {entry.name} --force`")
+                f"or accept the new file with `pti weights import {path} --name {entry.name} --force`"
+            )
         try:
             self._write_record(entry, _restamp(rec, digest, st, "found in the cache"))
         except OutputError:
@@ -432,18 +452,32 @@ class Registry:
         prior = self._prior(entry, accept_new=force)
         st = path.stat()
         digest = sha256_file(path)
-        problem = (f"size {st.st_size} bytes differs from the expected {entry.size}"
-                   if entry.size is not None and st.st_size != entry.size else entry.check_digest(digest))
+        problem = (
+            f"size {st.st_size} bytes differs from the expected {entry.size}"
+            if entry.size is not None and st.st_size != entry.size
+            else entry.check_digest(digest)
+        )
         if problem:
-            raise WeightsError(f"{path} is corrupt ({problem}); replace it with `pti weights fetch {entry.name} --force`")
+            raise WeightsError(
+                f"{path} is corrupt ({problem}); replace it with `pti weights fetch {entry.name} --force`"
+            )
         if prior is not None and digest != prior.sha256 and not force:
             raise WeightsError(self._refusal(entry, str(path), digest, st.st_size, prior, "import"))
         if entry.trust_on_first_use:
             self._write_record(entry, _restamp(prior, digest, st, str(path)))
         return path
 
-    def _install(self, entry: WeightEntry, stream: BinaryIO, total: int | None, progress: ProgressFn | None,
-                 source: str, prior: FirstUse | None, accept_new: bool, via: str) -> Path:
+    def _install(
+        self,
+        entry: WeightEntry,
+        stream: BinaryIO,
+        total: int | None,
+        progress: ProgressFn | None,
+        source: str,
+        prior: FirstUse | None,
+        accept_new: bool,
+        via: str,
+    ) -> Path:
         """Stream into a temp file in the cache dir, verify, then atomically rename into place and record it."""
         cache = self.cache_dir
         try:
@@ -470,11 +504,15 @@ class Registry:
                     problem = entry.check_digest(digest)
                 # raising inside the block removes the temporary file
                 if problem:
-                    raise WeightsError(f"{entry.filename} from {source} is corrupt or incomplete ({problem}); nothing was saved")
+                    raise WeightsError(
+                        f"{entry.filename} from {source} is corrupt or incomplete ({problem}); nothing was saved"
+                    )
                 if prior is not None and digest != prior.sha256 and not accept_new:
                     raise WeightsError(self._refusal(entry, source, digest, done, prior, via))
         except (OSError, EOFError, http.client.HTTPException) as e:  # connection reset, IncompleteRead, disk full
-            raise WeightsError(self.missing_message(entry.name, f"transfer from {source} failed: {type(e).__name__}: {e}")) from None
+            raise WeightsError(
+                self.missing_message(entry.name, f"transfer from {source} failed: {type(e).__name__}: {e}")
+            ) from None
         if entry.trust_on_first_use:
             self._write_record(entry, _restamp(prior, digest, final.stat(), source))
         return final
@@ -486,17 +524,23 @@ class Registry:
 
     def _refusal(self, entry: WeightEntry, source: str, digest: str, size: int, prior: FirstUse, via: str) -> str:
         """One line: a copy differs from the recorded first one, and how to take it on purpose."""
-        head = (f"{source} is not the {entry.filename} this cache recorded on first use (it has sha256 {digest}, "
-                f"{size} bytes; the record has {prior.describe()}); nothing was saved")
+        head = (
+            f"{source} is not the {entry.filename} this cache recorded on first use (it has sha256 {digest}, "
+            f"{size} bytes; the record has {prior.describe()}); nothing was saved"
+        )
         if via == "fetch":
-            return (f"{head}; if the file changed upstream on purpose, download {entry.url} yourself and run "
-                    f"`pti weights import PATH/TO/{entry.url.rsplit('/', 1)[-1]} --name {entry.name} --force`")
+            return (
+                f"{head}; if the file changed upstream on purpose, download {entry.url} yourself and run "
+                f"`pti weights import PATH/TO/{entry.url.rsplit('/', 1)[-1]} --name {entry.name} --force`"
+            )
         return f"{head}; to replace it on purpose run `pti weights import {source} --name {entry.name} --force`"
 
     def _unreadable_record(self, entry: WeightEntry, why: str) -> str:
         path, rp = self.cache_dir / entry.filename, self.cache_dir / (entry.filename + _RECORD_SUFFIX)
-        return (f"cannot read the first-use record {rp} ({why}); to trust the cached file again run "
-                f"`pti weights import {path} --name {entry.name} --force`, or delete {rp}")
+        return (
+            f"cannot read the first-use record {rp} ({why}); to trust the cached file again run "
+            f"`pti weights import {path} --name {entry.name} --force`, or delete {rp}"
+        )
 
 
 def default_registry() -> Registry:

@@ -20,16 +20,21 @@ The exported forward is the generator's own reference arithmetic in the export-f
 noise, non-fused modulated convolution (x * s, shared-weight conv, * d), so the batch is dynamic and every
 weight stays a graph weight. Layering: above `pti.engine`, below `pti.rendering`, which picks a backend.
 Inside: `pti.export.contract` (what every format shares) under the format modules `onnx`, `aoti` and
-`tensorrt` (optional extras, imported when one is asked for), under this package's `export` dispatch.
+`tensorrt` (their optional extras imported when one is asked for), under this package's `export` dispatch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator
+from pti.engine.identity import is_identity_file, open_identity
 from pti.errors import ExportError
+from pti.export.aoti import export_aoti
 from pti.export.config import ExportConfig
 from pti.export.contract import CONTRACT, Source, quiet  # noqa: F401  (CONTRACT, quiet: public names)
+from pti.export.onnx import export_onnx
+from pti.export.tensorrt import export_tensorrt
 from pti.fsutil import default_cache_dir
 
 FORMATS = ("onnx", "aoti", "tensorrt")
@@ -37,9 +42,6 @@ FORMATS = ("onnx", "aoti", "tensorrt")
 
 def load_source(path: str | Path | None, network: str | None = None, device="cpu") -> Source:
     """A `.pti` identity (its base from `network` or the path it records) or a generator checkpoint."""
-    from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator
-    from pti.engine.identity import is_identity_file, open_identity
-
     if path is not None and str(path) != BUILTIN_TINY and Path(path).is_file() and is_identity_file(path):
         ident, _, base_hash, G = open_identity(path, network, device)
         return Source(G, base_hash, str(network or ident.base_hint), ident, str(path))
@@ -52,16 +54,10 @@ def load_source(path: str | Path | None, network: str | None = None, device="cpu
 def export(kind: str, src: Source, out: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     """Export `src` as `kind` (one of FORMATS) into the folder `out`, as `config` says; return the contract's path."""
     if kind == "onnx":
-        from pti.export.onnx import export_onnx
-
         return export_onnx(src, out, precision=config.precision, batch=config.batch, external_data=config.external_data)
     if kind == "aoti":
-        from pti.export.aoti import export_aoti
-
         return export_aoti(src, out, precision=config.precision, batch=config.batch, device=config.device)
     if kind == "tensorrt":
-        from pti.export.tensorrt import export_tensorrt
-
         return export_tensorrt(src, out, batch=config.batch, fp16=config.precision == "fp16")
     raise ExportError(f"unknown export format {kind!r}; choose from {', '.join(FORMATS)}")
 

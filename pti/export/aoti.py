@@ -18,25 +18,41 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from pti.errors import ExportError, first_line
 from pti.export.contract import (
-    CONTRACT, DEFAULT_BATCH, ExportSynthesis, Source, check_base, check_batch, describe_device,
-    graph_weights, load_contract, make_contract, quiet, sample_input, verify_export, write_contract,
+    CONTRACT,
+    DEFAULT_BATCH,
+    ExportSynthesis,
+    Source,
+    check_base,
+    check_batch,
+    describe_device,
+    graph_weights,
+    load_contract,
+    make_contract,
+    quiet,
+    sample_input,
+    verify_export,
+    write_contract,
 )
+from pti.fsutil import staged_folder
 
 MODEL = "model.pt2"
 WEIGHTS = "weights.safetensors"
 INDUCTOR_CONFIG = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
 
 
-def export_aoti(src: Source, out: str | Path, *, precision: str = "fp32", batch: tuple[int, int, int] = DEFAULT_BATCH,
-                device: str | torch.device = "cpu") -> Path:
+def export_aoti(
+    src: Source,
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Compile `src`'s synthesis network into an AOTInductor package in the folder `out`; return the contract's path."""
-    from safetensors.torch import save_file
-
-    from pti.fsutil import staged_folder
-
     device = torch.device(device)
     module = ExportSynthesis(src.generator, precision).to(device)
     example = sample_input(src.generator, src.identity).repeat(2, 1, 1).to(device)
@@ -46,8 +62,13 @@ def export_aoti(src: Source, out: str | Path, *, precision: str = "fp32", batch:
         constants = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(constants, str(stage / WEIGHTS))
         contract = make_contract("aoti", precision, src, {"package": MODEL, "weights": WEIGHTS}, batch, device)
-        verify_export(contract, src.generator, AotiBackend(stage, contract=contract, device=device).render,
-                      f"AOTInductor (torch {torch.__version__}, {describe_device(device)})", "compiled package")
+        verify_export(
+            contract,
+            src.generator,
+            AotiBackend(stage, contract=contract, device=device).render,
+            f"AOTInductor (torch {torch.__version__}, {describe_device(device)})",
+            "compiled package",
+        )
         write_contract(contract, stage)
     return out / CONTRACT
 
@@ -57,15 +78,17 @@ def _compile(module, example, path: Path, batch) -> None:
     try:
         with quiet("torch"):
             program = torch.export.export(module, (example,), dynamic_shapes={"ws": {0: dim}})
-            torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIG))
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIG)
+            )
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001  compiler failures (no C++ compiler, ...): one line, --debug for more
         raise ExportError(f"AOTInductor could not compile the generator: {first_line(e)}") from e
 
 
-_PACKAGES: dict[tuple, object] = {}   # loaded packages, one per (path, mtime, device) in this process
-_OWNER: dict[tuple, int] = {}         # which backend's weights a cached package holds now
+_PACKAGES: dict[tuple, object] = {}  # loaded packages, one per (path, mtime, device) in this process
+_OWNER: dict[tuple, int] = {}  # which backend's weights a cached package holds now
 
 
 class AotiBackend:
@@ -73,27 +96,42 @@ class AotiBackend:
 
     name = "aoti"
 
-    def __init__(self, folder: str | Path, G=None, *, base_hash: str | None = None, contract: dict | None = None,
-                 device: str | torch.device | None = None):
-        from safetensors.torch import load_file
-
+    def __init__(
+        self,
+        folder: str | Path,
+        G=None,
+        *,
+        base_hash: str | None = None,
+        contract: dict | None = None,
+        device: str | torch.device | None = None,
+    ):
         if contract is None:
             folder, contract = load_contract(folder, "aoti")
         self.folder, self.contract = Path(folder), contract
         built = contract["built_with"]
         if built.get("torch") != torch.__version__:
-            raise ExportError(f"{self.folder}: the package was compiled by torch {built.get('torch')}, this is torch "
-                              f"{torch.__version__}; export it again here")
-        self.device = torch.device(device) if device is not None else (torch.device("cuda") if built["device"] != "cpu" else torch.device("cpu"))
+            raise ExportError(
+                f"{self.folder}: the package was compiled by torch {built.get('torch')}, this is torch "
+                f"{torch.__version__}; export it again here"
+            )
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else (torch.device("cuda") if built["device"] != "cpu" else torch.device("cpu"))
+        )
         if describe_device(self.device) != built["device"]:
-            raise ExportError(f"{self.folder}: the package was compiled for {built['device']}, not {describe_device(self.device)}; "
-                              "export it again for this device")
+            raise ExportError(
+                f"{self.folder}: the package was compiled for {built['device']}, not {describe_device(self.device)}; "
+                "export it again for this device"
+            )
         if base_hash is not None:
             check_base(contract, base_hash)
         try:
             constants = load_file(str(self.folder / contract["files"]["weights"]))
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"{self.folder / contract['files']['weights']}: unreadable weights ({type(e).__name__})") from None
+            raise ExportError(
+                f"{self.folder / contract['files']['weights']}: unreadable weights ({type(e).__name__})"
+            ) from None
         if G is not None:
             constants.update(graph_weights(G, contract))
         self.constants = {k: v.to(self.device) for k, v in constants.items()}
@@ -110,7 +148,9 @@ class AotiBackend:
         need = set(self.model.get_constant_fqns())
         lacking = sorted(need - set(self.constants))
         if lacking:
-            raise ExportError(f"{self.folder}: no weights for {len(lacking)} of the package's constants (e.g. {lacking[0]})")
+            raise ExportError(
+                f"{self.folder}: no weights for {len(lacking)} of the package's constants (e.g. {lacking[0]})"
+            )
         self.constants = {k: self.constants[k] for k in need}
         _OWNER.pop(self.key, None)
         self._swap()

@@ -37,8 +37,8 @@ CONTRACT = "contract.json"
 CONTRACT_FORMAT = "pti-export"
 CONTRACT_VERSION = 1
 INPUT, OUTPUT = "ws", "images"
-DEFAULT_BATCH = (1, 8, 16)            # min, opt, max of the batch profile
-POOL = 4                              # the sample checksum: the output average-pooled to 4 x 4 per channel
+DEFAULT_BATCH = (1, 8, 16)  # min, opt, max of the batch profile
+POOL = 4  # the sample checksum: the output average-pooled to 4 x 4 per channel
 # Largest difference from PyTorch fp32 an export may show, in image units (the image spans [-1, 1], range 2):
 # fp32 1e-4 (float32 rounding through about 20 layers, measured ~1e-5); fp16 1e-2 of the range.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -66,7 +66,9 @@ class ExportSynthesis(nn.Module):
         self.eval()
 
     def forward(self, ws: torch.Tensor) -> torch.Tensor:
-        return self.synthesis(ws, noise_mode="const", force_fp32=self.precision == "fp32", fused_modconv=False, impl="ref")
+        return self.synthesis(
+            ws, noise_mode="const", force_fp32=self.precision == "fp32", fused_modconv=False, impl="ref"
+        )
 
 
 def graph_weights(G, contract: dict) -> dict[str, torch.Tensor]:
@@ -134,34 +136,55 @@ def describe_device(device: torch.device | None) -> str:
 class Source:
     """What is exported: the generator to trace (base, or base + identity), and where it came from."""
 
-    generator: Any                      # pti.engine.generator.Generator, identity applied when there is one
+    generator: Any  # pti.engine.generator.Generator, identity applied when there is one
     base_hash: str
     base_hint: str
-    identity: Any = None                # pti.engine.identity.Identity or None
+    identity: Any = None  # pti.engine.identity.Identity or None
     identity_path: str | None = None
 
 
-def make_contract(kind: str, precision: str, src: Source, files: dict[str, str], batch: tuple[int, int, int],
-                  device: torch.device | None = None, **extra) -> dict[str, Any]:
+def make_contract(
+    kind: str,
+    precision: str,
+    src: Source,
+    files: dict[str, str],
+    batch: tuple[int, int, int],
+    device: torch.device | None = None,
+    **extra,
+) -> dict[str, Any]:
     """The contract of an export of `src` (described in `pti.export`); `extra` adds kind-specific fields."""
     G = src.generator
     dtype = "float16" if precision == "fp16" else "float32"
     bmin, bopt, bmax = batch
     sample = sample_input(G, src.identity)
     return {
-        "format": CONTRACT_FORMAT, "version": CONTRACT_VERSION, "kind": kind, "precision": precision,
+        "format": CONTRACT_FORMAT,
+        "version": CONTRACT_VERSION,
+        "kind": kind,
+        "precision": precision,
         "files": files,
         "input": {"name": INPUT, "dtype": "float32", "shape": ["batch", G.num_ws, G.w_dim]},
-        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", G.img_channels, G.img_resolution, G.img_resolution]},
+        "output": {
+            "name": OUTPUT,
+            "dtype": "float32",
+            "shape": ["batch", G.img_channels, G.img_resolution, G.img_resolution],
+        },
         "dynamic_axes": {INPUT: {"0": "batch"}, OUTPUT: {"0": "batch"}},
         "batch": {"min": bmin, "opt": bopt, "max": bmax},
-        "base_hash": src.base_hash, "base_hint": src.base_hint,
+        "base_hash": src.base_hash,
+        "base_hint": src.base_hint,
         "identity": src.identity_path,
         "generator_config": G.init_kwargs,
-        "weights": [{"tensor": n, "name": n, "dtype": dtype, "shape": list(p.shape)}
-                    for n, p in ((f"synthesis.{k}", v) for k, v in G.synthesis.named_parameters())],
-        "sample": {"input": encode_array(sample), "pooled_output": None, "pool": POOL,
-                   "tolerance": TOLERANCE[precision]},
+        "weights": [
+            {"tensor": n, "name": n, "dtype": dtype, "shape": list(p.shape)}
+            for n, p in ((f"synthesis.{k}", v) for k, v in G.synthesis.named_parameters())
+        ],
+        "sample": {
+            "input": encode_array(sample),
+            "pooled_output": None,
+            "pool": POOL,
+            "tolerance": TOLERANCE[precision],
+        },
         "built_with": environment(device),
         **extra,
     }
@@ -189,21 +212,29 @@ def load_contract(folder: str | Path, kind: str | None = None) -> tuple[Path, di
         if not (folder / name).is_file():
             raise ExportError(f"{folder}: the export is incomplete ({name} is missing)")
     sums = contract.get("checksums") or {}
-    if not (isinstance(sums, dict) and all(isinstance(w, dict) and isinstance(w.get("bytes"), int) and (folder / n).is_file()
-                                           for n, w in sums.items())):
+    if not (
+        isinstance(sums, dict)
+        and all(
+            isinstance(w, dict) and isinstance(w.get("bytes"), int) and (folder / n).is_file() for n, w in sums.items()
+        )
+    ):
         raise ExportError(f"{path}: unreadable contract (its file checksums are malformed); export again")
     for name, want in sums.items():  # cheap: sizes only; the hashes are verify_files'
         size = (folder / name).stat().st_size
         if size != want["bytes"]:
-            raise ExportError(f"{folder / name} is {size:,} bytes, but the export's contract says {want['bytes']:,}: "
-                              "the file is truncated or was replaced; export again")
+            raise ExportError(
+                f"{folder / name} is {size:,} bytes, but the export's contract says {want['bytes']:,}: "
+                "the file is truncated or was replaced; export again"
+            )
     return folder, contract
 
 
 def write_contract(contract: dict, folder: Path) -> Path:
     """Record the size and sha256 of every file the contract describes (`checksums`), then write it into `folder`."""
-    contract["checksums"] = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-                             for name in contract["files"].values()}
+    contract["checksums"] = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+        for name in contract["files"].values()
+    }
     return write_json(contract, folder / CONTRACT)
 
 
@@ -215,23 +246,30 @@ def verify_files(folder: Path, contract: dict) -> bool:
         return False
     for name, want in sums.items():
         if sha256_file(folder / name) != want.get("sha256"):
-            raise ExportError(f"{folder / name} does not match the sha256 its export's contract records: the file changed "
-                              "after the export was written; export again")
+            raise ExportError(
+                f"{folder / name} does not match the sha256 its export's contract records: the file changed "
+                "after the export was written; export again"
+            )
     return True
 
 
 def check_base(contract: dict, base_hash: str, what: str = "this identity") -> None:
     """Refuse weights of another base generator: the graph's other weights and shapes belong to its base."""
     if contract["base_hash"] != base_hash:
-        raise ExportError(f"the export was made from base generator {contract['base_hash'][:16]} ({contract.get('base_hint') or '?'}); "
-                          f"{what} belongs to {base_hash[:16]}: export that base, or pass the matching --engine")
+        raise ExportError(
+            f"the export was made from base generator {contract['base_hash'][:16]} "
+            f"({contract.get('base_hint') or '?'}); "
+            f"{what} belongs to {base_hash[:16]}: export that base, or pass the matching --engine"
+        )
 
 
 def check_batch(contract: dict, n: int) -> None:
     b = contract["batch"]
     if not b["min"] <= n <= b["max"]:
-        raise ExportError(f"batch {n} is outside the export's batch profile {b['min']}-{b['max']}; "
-                          f"use --batch {b['max']} or less, or export with --max-batch {n}")
+        raise ExportError(
+            f"batch {n} is outside the export's batch profile {b['min']}-{b['max']}; "
+            f"use --batch {b['max']} or less, or export with --max-batch {n}"
+        )
 
 
 def check_sample(contract: dict, images: torch.Tensor, where: str) -> float:
@@ -241,8 +279,11 @@ def check_sample(contract: dict, images: torch.Tensor, where: str) -> float:
         return 0.0
     diff = float((torch.tensor(checksum(images)) - torch.tensor(expected)).abs().max())
     if diff > contract["sample"]["tolerance"]:
-        raise ExportError(f"{where} does not reproduce its sample output (difference {diff:.3g} > {contract['sample']['tolerance']}); "
-                          "it was built for another runtime or is damaged: export again")
+        raise ExportError(
+            f"{where} does not reproduce its sample output (difference {diff:.3g} > "
+            f"{contract['sample']['tolerance']}); "
+            "it was built for another runtime or is damaged: export again"
+        )
     return diff
 
 
@@ -260,8 +301,10 @@ def verify_export(contract: dict, G, runner, runtime: str, what: str) -> None:
     contract["sample"]["pooled_output"] = checksum(reference)
     diff = float((runner(sample) - reference).abs().max())
     if diff > contract["sample"]["tolerance"]:
-        raise ExportError(f"the {what} differs from PyTorch by {diff:.3g} on the sample (tolerance "
-                          f"{contract['sample']['tolerance']}); nothing was written")
+        raise ExportError(
+            f"the {what} differs from PyTorch by {diff:.3g} on the sample (tolerance "
+            f"{contract['sample']['tolerance']}); nothing was written"
+        )
     contract["verified"] = {"runtime": runtime, "max_abs_diff_vs_torch_fp32": diff}
 
 

@@ -20,13 +20,27 @@ import torch
 
 from pti.errors import ExportError, first_line
 from pti.export.contract import (
-    CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, ExportSynthesis, Source, check_base, check_batch,
-    graph_weights, load_contract, make_contract, quiet, sample_input, verify_export, write_contract,
+    CONTRACT,
+    DEFAULT_BATCH,
+    INPUT,
+    OUTPUT,
+    ExportSynthesis,
+    Source,
+    check_base,
+    check_batch,
+    graph_weights,
+    load_contract,
+    make_contract,
+    quiet,
+    sample_input,
+    verify_export,
+    write_contract,
 )
+from pti.fsutil import staged_folder
 
 MODEL = "model.onnx"
 OPSET = 18
-EXTERNAL_OVER = 2 * 1024**3 - 64 * 1024**2   # protobuf's 2 GB limit, less room for the graph itself
+EXTERNAL_OVER = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, less room for the graph itself
 
 
 def _need(module: str, extra: str = "export"):
@@ -36,12 +50,17 @@ def _need(module: str, extra: str = "export"):
         raise ExportError(f"this needs {module}: pip install 'pti[{extra}]'") from None
 
 
-def export_onnx(src: Source, out: str | Path, *, precision: str = "fp32", batch: tuple[int, int, int] = DEFAULT_BATCH,
-                opset: int = OPSET, external_data: bool | None = None) -> Path:
+def export_onnx(
+    src: Source,
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    opset: int = OPSET,
+    external_data: bool | None = None,
+) -> Path:
     """Write `src`'s synthesis network as ONNX into the folder `out`; return the contract's path."""
     onnx = _need("onnx")
-    from pti.fsutil import staged_folder
-
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; the export needs opset 17 or newer")
     module = ExportSynthesis(src.generator, precision).cpu()
@@ -55,8 +74,13 @@ def export_onnx(src: Source, out: str | Path, *, precision: str = "fp32", batch:
         _check_graph(onnx, stage / MODEL, module, opset)
         files = {"graph": MODEL, **({"external_data": MODEL + ".data"} if external else {})}
         contract = make_contract("onnx", precision, src, files, batch, opset=opset, external_data=external)
-        verify_export(contract, src.generator, OnnxBackend(stage, contract=contract).render,
-                      f"onnxruntime {_need('onnxruntime').__version__} CPU", "exported graph")
+        verify_export(
+            contract,
+            src.generator,
+            OnnxBackend(stage, contract=contract).render,
+            f"onnxruntime {_need('onnxruntime').__version__} CPU",
+            "exported graph",
+        )
         write_contract(contract, stage)
     return out / CONTRACT
 
@@ -65,9 +89,19 @@ def _torch_export(module, example, path: Path, opset: int, external: bool, batch
     dim = torch.export.Dim("batch", min=1, max=max(batch[2], 2))
     try:
         with quiet("torch.onnx"):  # "torchvision is not installed. Skipping ..." and the like
-            torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_shapes={"ws": {0: dim}}, opset_version=opset, optimize=False,
-                              external_data=external, verbose=False)
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=True,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_shapes={"ws": {0: dim}},
+                opset_version=opset,
+                optimize=False,
+                external_data=external,
+                verbose=False,
+            )
     except (KeyboardInterrupt, ExportError):
         raise
     except ImportError as e:
@@ -97,12 +131,16 @@ def _check_graph(onnx, path: Path, module, opset: int) -> None:
     inits = {i.name for i in model.graph.initializer}
     missing = [n for n, _ in module.named_parameters() if n not in inits]
     if missing:
-        raise ExportError(f"the exporter folded {len(missing)} tuned weights into anonymous constants "
-                          f"(for example {missing[0]}); identities could not be swapped in")
+        raise ExportError(
+            f"the exporter folded {len(missing)} tuned weights into anonymous constants "
+            f"(for example {missing[0]}); identities could not be swapped in"
+        )
     inputs = {i.name for i in model.graph.input}
     fixed = [n for n, _ in module.named_parameters() if n not in inputs]
     if fixed:
-        raise ExportError(f"{len(fixed)} tuned weights (for example {fixed[0]}) are not overridable; a runtime could fold them")
+        raise ExportError(
+            f"{len(fixed)} tuned weights (for example {fixed[0]}) are not overridable; a runtime could fold them"
+        )
     domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
     if domains:
         raise ExportError(f"the graph uses ops outside the default ONNX domain: {sorted(domains)}")
@@ -129,8 +167,16 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, folder: str | Path, G=None, *, base_hash: str | None = None, contract: dict | None = None,
-                 provider_list: list[str] | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        G=None,
+        *,
+        base_hash: str | None = None,
+        contract: dict | None = None,
+        provider_list: list[str] | None = None,
+        threads: int | None = None,
+    ):
         ort = _need("onnxruntime")
         if contract is None:
             folder, contract = load_contract(folder, "onnx")

@@ -17,16 +17,32 @@ An engine is bound to the TensorRT version and GPU it was built on; any other is
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from pti.errors import ExportError
 from pti.export.contract import (
-    CONTRACT, DEFAULT_BATCH, INPUT, OUTPUT, Source, check_base, check_batch, check_sample, checksum,
-    decode_array, describe_device, graph_weights, load_contract, make_contract, torch_reference, write_contract,
+    CONTRACT,
+    DEFAULT_BATCH,
+    INPUT,
+    OUTPUT,
+    Source,
+    check_base,
+    check_batch,
+    check_sample,
+    checksum,
+    decode_array,
+    describe_device,
+    graph_weights,
+    load_contract,
+    make_contract,
+    torch_reference,
+    write_contract,
 )
-from pti.fsutil import default_cache_dir
+from pti.export.onnx import export_onnx
+from pti.fsutil import atomic_path, default_cache_dir, staged_folder
 
 ENGINE = "model.engine"
 WORKSPACE = 4 << 30
@@ -34,10 +50,12 @@ WORKSPACE = 4 << 30
 
 def _trt():
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # noqa: PLC0415  optional (TensorRT: NVIDIA's index, GPU machines only)
     except ImportError:
-        raise ExportError("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU and "
-                          "NVIDIA's package index); use --format onnx or aoti") from None
+        raise ExportError(
+            "TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU and "
+            "NVIDIA's package index); use --format onnx or aoti"
+        ) from None
     if not torch.cuda.is_available():
         raise ExportError("TensorRT needs a CUDA GPU, and torch sees none")
     return trt
@@ -51,13 +69,11 @@ def timing_cache_path() -> Path:
     return default_cache_dir() / "tensorrt" / "timing.cache"
 
 
-def export_tensorrt(src: Source, out: str | Path, *, batch: tuple[int, int, int] = DEFAULT_BATCH, fp16: bool = True) -> Path:
-    """Export ONNX (fp32) to a private folder, build a refittable engine from it, write `model.engine` and the contract."""
-    import tempfile
-
-    from pti.export.onnx import export_onnx
-    from pti.fsutil import atomic_path, staged_folder
-
+def export_tensorrt(
+    src: Source, out: str | Path, *, batch: tuple[int, int, int] = DEFAULT_BATCH, fp16: bool = True
+) -> Path:
+    """Export ONNX (fp32) to a private folder, build a refittable engine from it,
+    write `model.engine` and the contract."""
     trt = _trt()
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp, staged_folder(out, last=[CONTRACT]) as stage:
@@ -67,14 +83,23 @@ def export_tensorrt(src: Source, out: str | Path, *, batch: tuple[int, int, int]
         cache = timing_cache_path()
         with atomic_path(cache) as t:
             t.write_bytes(cache_bytes)
-        contract = make_contract("tensorrt", "fp16" if fp16 else "fp32", src, {"engine": ENGINE}, batch,
-                                 torch.device("cuda"), onnx_opset=onnx_contract["opset"])
+        contract = make_contract(
+            "tensorrt",
+            "fp16" if fp16 else "fp32",
+            src,
+            {"engine": ENGINE},
+            batch,
+            torch.device("cuda"),
+            onnx_opset=onnx_contract["opset"],
+        )
         for entry in contract["weights"]:  # refit takes the fp32 values; TensorRT converts
             entry["dtype"] = "float32"
         contract["sample"]["pooled_output"] = onnx_contract["sample"]["pooled_output"]
         backend = TensorRTBackend(stage, contract=contract)
-        contract["verified"] = {"runtime": f"TensorRT {trt.__version__}",
-                                "pooled_diff": check_sample(contract, backend.render(backend.sample()), "the engine")}
+        contract["verified"] = {
+            "runtime": f"TensorRT {trt.__version__}",
+            "pooled_diff": check_sample(contract, backend.render(backend.sample()), "the engine"),
+        }
         write_contract(contract, stage)
     return out / CONTRACT
 
@@ -108,8 +133,6 @@ def build_engine(trt, onnx_path: Path, batch: tuple[int, int, int], fp16: bool) 
 
 def refit(base: str | Path, src: Source, out: str | Path) -> Path:
     """A copy of the engine in `base` holding `src`'s weights (same base generator), without a rebuild."""
-    from pti.fsutil import staged_folder
-
     folder, contract = load_contract(base, "tensorrt")
     check_base(contract, src.base_hash, "this identity")
     out = Path(out)
@@ -120,7 +143,10 @@ def refit(base: str | Path, src: Source, out: str | Path) -> Path:
         reference = torch_reference(src.generator, backend.sample())
         new["sample"] = dict(contract["sample"], pooled_output=checksum(reference))
         (stage / ENGINE).write_bytes(bytes(backend.engine.serialize()))
-        new["verified"] = {"runtime": "TensorRT refit", "pooled_diff": check_sample(new, backend.render(backend.sample()), "the refit engine")}
+        new["verified"] = {
+            "runtime": "TensorRT refit",
+            "pooled_diff": check_sample(new, backend.render(backend.sample()), "the refit engine"),
+        }
         write_contract(new, stage)
     return out / CONTRACT
 
@@ -134,8 +160,15 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, folder: str | Path, G=None, *, base_hash: str | None = None, contract: dict | None = None,
-                 cuda_graph: bool = False):
+    def __init__(
+        self,
+        folder: str | Path,
+        G=None,
+        *,
+        base_hash: str | None = None,
+        contract: dict | None = None,
+        cuda_graph: bool = False,
+    ):
         trt = _trt()
         if contract is None:
             folder, contract = load_contract(folder, "tensorrt")
@@ -143,8 +176,10 @@ class TensorRTBackend:
         built = contract["built_with"]
         here = describe_device(torch.device("cuda"))
         if built.get("tensorrt") != trt.__version__ or built.get("device") != here:
-            raise ExportError(f"{self.folder}: the engine was built with TensorRT {built.get('tensorrt')} on {built.get('device')}; "
-                              f"this is TensorRT {trt.__version__} on {here}: export it again here")
+            raise ExportError(
+                f"{self.folder}: the engine was built with TensorRT {built.get('tensorrt')} on {built.get('device')}; "
+                f"this is TensorRT {trt.__version__} on {here}: export it again here"
+            )
         if base_hash is not None:
             check_base(contract, base_hash)
         path = self.folder / contract["files"]["engine"]
@@ -170,7 +205,9 @@ class TensorRTBackend:
         keep = []  # the arrays must live until refit_cuda_engine returns
         for name, t in self.weights.items():
             if name not in refittable:
-                raise ExportError(f"{self.folder}: weight {name!r} is not refittable in this engine (built without REFIT?)")
+                raise ExportError(
+                    f"{self.folder}: weight {name!r} is not refittable in this engine (built without REFIT?)"
+                )
             arr = t.float().numpy()
             keep.append(arr)
             refitter.set_named_weights(name, trt.Weights(arr))

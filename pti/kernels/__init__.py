@@ -17,6 +17,9 @@ benchmark can state what it measured.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +31,7 @@ class Impl:
     name: str
     fn: Callable
     supports: Callable[..., bool]
-    auto: bool = True            # False: only when asked for by name (not yet measured faster)
+    auto: bool = True  # False: only when asked for by name (not yet measured faster)
 
 
 OPS = ("bias_act", "upfirdn2d", "conv2d_resample", "modulated_conv2d", "modulated_conv2d_act")
@@ -36,8 +39,9 @@ _REGISTRY: dict[str, list[Impl]] = {op: [] for op in OPS}
 _LAST: dict[str, str] = {}
 
 
-def register(op: str, name: str, fn: Callable, supports: Callable[..., bool] = lambda *a, **k: True,
-             auto: bool = True) -> None:
+def register(
+    op: str, name: str, fn: Callable, supports: Callable[..., bool] = lambda *a, **k: True, auto: bool = True
+) -> None:
     """Add a fast implementation of `op`. Later registrations take precedence under "auto"; `auto=False`
     keeps it out of "auto" (it runs only when asked for by name) until it has been measured faster."""
     if op not in _REGISTRY:
@@ -66,11 +70,11 @@ def _is_name(impl: str) -> bool:
 def _pick(op: str, impl: str, args, kwargs) -> Impl | None:
     """The registered implementation that runs `op` on these inputs, or None for the reference:
 
-        "ref"          None
-        "auto"         the first registered with auto=True whose `supports` takes the inputs, else None
-        "prefer:NAME"  NAME if it is registered for `op` and takes the inputs, else None (how a whole network
-                       uses a kernel that covers only some of its layers)
-        "NAME"         NAME; ValueError if it is not registered for `op` or cannot take the inputs
+    "ref"          None
+    "auto"         the first registered with auto=True whose `supports` takes the inputs, else None
+    "prefer:NAME"  NAME if it is registered for `op` and takes the inputs, else None (how a whole network
+                   uses a kernel that covers only some of its layers)
+    "NAME"         NAME; ValueError if it is not registered for `op` or cannot take the inputs
     """
     if impl == "ref":
         return None
@@ -100,7 +104,9 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, 
 
 def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, impl="auto"):
     """Upsample, pad, FIR-filter, downsample (see `ref.upfirdn2d`)."""
-    return _dispatch("upfirdn2d", impl, (x, f), dict(up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain))
+    return _dispatch(
+        "upfirdn2d", impl, (x, f), dict(up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+    )
 
 
 def conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight=True, flip_filter=False, impl="auto"):
@@ -135,9 +141,24 @@ def modulated_conv2d(
     return _dispatch("modulated_conv2d", impl, (x, weight, styles), kw)
 
 
-def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
-                         flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None,
-                         clamp=None, impl="auto"):
+def modulated_conv2d_act(
+    x,
+    weight,
+    styles,
+    noise=None,
+    up=1,
+    padding=0,
+    resample_filter=None,
+    demodulate=True,
+    flip_weight=True,
+    fused_modconv=True,
+    bias=None,
+    act="linear",
+    alpha=None,
+    gain=None,
+    clamp=None,
+    impl="auto",
+):
     """A whole synthesis layer: `modulated_conv2d`, then `bias_act(bias, act, alpha, gain, clamp)`.
 
     It runs as one fused kernel or "split" (the two ops, each dispatched with this same `impl`):
@@ -153,17 +174,39 @@ def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resampl
     The first four lines are `_pick`'s rule, the same as for every op. `chosen()["modulated_conv2d_act"]`
     is the fused kernel's name, or "split"."""
     args = (x, weight, styles)
-    kw = dict(noise=noise, up=up, padding=padding, resample_filter=resample_filter, demodulate=demodulate,
-              flip_weight=flip_weight, fused_modconv=fused_modconv, bias=bias, act=act, alpha=alpha, gain=gain,
-              clamp=clamp)
+    kw = dict(
+        noise=noise,
+        up=up,
+        padding=padding,
+        resample_filter=resample_filter,
+        demodulate=demodulate,
+        flip_weight=flip_weight,
+        fused_modconv=fused_modconv,
+        bias=bias,
+        act=act,
+        alpha=alpha,
+        gain=gain,
+        clamp=clamp,
+    )
     only_ops = _is_name(impl) and impl not in available("modulated_conv2d_act")  # the table's last line
     cand = None if only_ops else _pick("modulated_conv2d_act", impl, args, kw)
     if cand is not None:
         _LAST["modulated_conv2d_act"] = cand.name
         return cand.fn(*args, **kw)
     _LAST["modulated_conv2d_act"] = "split"
-    y = modulated_conv2d(x, weight, styles, noise=noise, up=up, padding=padding, resample_filter=resample_filter,
-                         demodulate=demodulate, flip_weight=flip_weight, fused_modconv=fused_modconv, impl=impl)
+    y = modulated_conv2d(
+        x,
+        weight,
+        styles,
+        noise=noise,
+        up=up,
+        padding=padding,
+        resample_filter=resample_filter,
+        demodulate=demodulate,
+        flip_weight=flip_weight,
+        fused_modconv=fused_modconv,
+        impl=impl,
+    )
     b = None if bias is None else bias.to(y.dtype)
     return bias_act(y, b, act=act, alpha=alpha, gain=gain, clamp=clamp, impl=impl)
 
@@ -186,8 +229,6 @@ activation_gain = ref.activation_gain
 
 @functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:  # asked per layer under impl="prefer:triton": look once
-    import importlib.util
-
     return importlib.util.find_spec("triton") is not None
 
 
@@ -195,16 +236,11 @@ def _triton(module: str, fn: str, supports_fn: str = "supports"):
     """The op `fn` of the kernel module `pti.kernels.<module>` and its `supports`, imported on first call."""
 
     def supports(x, *args, **kwargs) -> bool:
-        import importlib
-        import os
-
         if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or not _triton_available():
             return False
         return getattr(importlib.import_module(f"pti.kernels.{module}"), supports_fn)(x, *args, **kwargs)
 
     def run(*args, **kwargs):
-        import importlib
-
         return getattr(importlib.import_module(f"pti.kernels.{module}"), fn)(*args, **kwargs)
 
     return run, supports
@@ -213,4 +249,6 @@ def _triton(module: str, fn: str, supports_fn: str = "supports"):
 register("modulated_conv2d", "triton", *_triton("triton_modconv", "modulated_conv2d"), auto=False)
 register("bias_act", "triton", *_triton("triton_bias_act", "bias_act"), auto=False)
 register("upfirdn2d", "triton", *_triton("triton_upfirdn", "upfirdn2d"), auto=False)
-register("modulated_conv2d_act", "triton", *_triton("triton_modconv", "modulated_conv2d_act", "supports_act"), auto=False)
+register(
+    "modulated_conv2d_act", "triton", *_triton("triton_modconv", "modulated_conv2d_act", "supports_act"), auto=False
+)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from pti.kernels import ref
 
-ACTS = {"linear": 0, "relu": 1, "lrelu": 2}              # the activations the kernels know, as a constexpr code
+ACTS = {"linear": 0, "relu": 1, "lrelu": 2}  # the activations the kernels know, as a constexpr code
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels load and store
 
 
@@ -59,15 +59,23 @@ def resolve(act, alpha, gain, clamp):
     """(act, alpha, gain, clamp) with the activation's defaults filled in as floats; clamp None when off
     (None or negative, as in the reference)."""
     _, def_alpha, def_gain = ref.ACTIVATIONS[act]
-    return (act, float(alpha if alpha is not None else def_alpha), float(gain if gain is not None else def_gain),
-            float(clamp) if clamp is not None and clamp >= 0 else None)
+    return (
+        act,
+        float(alpha if alpha is not None else def_alpha),
+        float(gain if gain is not None else def_gain),
+        float(clamp) if clamp is not None and clamp >= 0 else None,
+    )
 
 
 def epilogue_supported(bias, channels, act, alpha, gain) -> bool:
     """Whether a fused layer kernel can apply this bias_act: a known activation, a positive gain (the
     backward recovers the activation's input from the output), a per-channel bias."""
-    return (act in ACTS and (gain is None or gain > 0) and (alpha is None or alpha >= 0)
-            and (bias is None or (bias.ndim == 1 and bias.shape[0] == channels)))
+    return (
+        act in ACTS
+        and (gain is None or gain > 0)
+        and (alpha is None or alpha >= 0)
+        and (bias is None or (bias.ndim == 1 and bias.shape[0] == channels))
+    )
 
 
 def act_backward(grad, y, bias, act, alpha, gain, clamp):
@@ -94,7 +102,7 @@ def act_backward(grad, y, bias, act, alpha, gain, clamp):
 
 def demod_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
     """[N, O] = rsqrt(s^2 @ Wsq^T + 1e-8), in float32: the reference's per-output sum of squared modulated weights."""
-    wsq = weight.float().square().sum(dim=[2, 3])                   # [O, I]
+    wsq = weight.float().square().sum(dim=[2, 3])  # [O, I]
     return (styles.float().square() @ wsq.t() + 1e-8).rsqrt()
 
 

@@ -38,8 +38,21 @@ def _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, b_ptr, y_ptr, numel, C, INNER, alpha, gain, clamp,
-                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    b_ptr,
+    y_ptr,
+    numel,
+    C,
+    INNER,
+    alpha,
+    gain,
+    clamp,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     v = _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS)
@@ -48,8 +61,22 @@ def _forward_kernel(x_ptr, b_ptr, y_ptr, numel, C, INNER, alpha, gain, clamp,
 
 
 @triton.jit
-def _backward_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, numel, C, INNER, alpha, gain, clamp,
-                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+def _backward_kernel(
+    g_ptr,
+    x_ptr,
+    b_ptr,
+    dx_ptr,
+    numel,
+    C,
+    INNER,
+    alpha,
+    gain,
+    clamp,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     v = _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS)
@@ -62,10 +89,19 @@ def _backward_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, numel, C, INNER, alpha, gain, 
 def _params(x, b, dim, act, alpha, gain, clamp):
     act, alpha, gain, clamp = resolve(act, alpha, gain, clamp)
     inner = 1
-    for s in x.shape[dim + 1:]:
+    for s in x.shape[dim + 1 :]:
         inner *= int(s)
-    return dict(C=int(x.shape[dim]), INNER=inner, alpha=alpha, gain=gain, clamp=0.0 if clamp is None else clamp,
-                HAS_BIAS=b is not None, ACT=ACTS[act], CLAMP=clamp is not None, BLOCK=BLOCK)
+    return dict(
+        C=int(x.shape[dim]),
+        INNER=inner,
+        alpha=alpha,
+        gain=gain,
+        clamp=0.0 if clamp is None else clamp,
+        HAS_BIAS=b is not None,
+        ACT=ACTS[act],
+        CLAMP=clamp is not None,
+        BLOCK=BLOCK,
+    )
 
 
 def _launch(kernel, out, *tensors, params):
@@ -90,7 +126,9 @@ class BiasAct(torch.autograd.Function):
         x, b = ctx.saved_tensors
         dim = ctx.args[0]
         if torch.is_grad_enabled():  # create_graph=True
-            dx, db = reference_grads(lambda x_, b_: ref.bias_act(x_, b_, *ctx.args), (x, b), ctx.needs_input_grad[:2], g)
+            dx, db = reference_grads(
+                lambda x_, b_: ref.bias_act(x_, b_, *ctx.args), (x, b), ctx.needs_input_grad[:2], g
+            )
             return dx, db, None, None, None, None, None
         p = _params(x, b, *ctx.args)
         dx = _launch(_backward_kernel, torch.empty_like(x), g.contiguous(), x, x if b is None else b, params=p)
@@ -108,5 +146,4 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
 
 
 def supports(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None) -> bool:
-    return (act in ACTS and x.dtype in DTYPES and 0 <= dim < x.ndim
-            and (b is None or b.device == x.device))
+    return act in ACTS and x.dtype in DTYPES and 0 <= dim < x.ndim and (b is None or b.device == x.device)

@@ -32,29 +32,72 @@ import triton
 import triton.language as tl
 
 from pti.kernels import ref, triton_upfirdn
-from pti.kernels._triton_common import (ACTS, DTYPES, act_and_mask, act_backward, demod_coefficients,
-                                        epilogue_supported, reference_grads, resolve, round_to)
+from pti.kernels._triton_common import (
+    ACTS,
+    DTYPES,
+    act_and_mask,
+    act_backward,
+    demod_coefficients,
+    epilogue_supported,
+    reference_grads,
+    resolve,
+    round_to,
+)
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 16
 
 
 @triton.jit
 def _modconv_kernel(
-    x_ptr, w_ptr, s_ptr, d_ptr, noise_ptr, b_ptr, y_ptr,
-    C_IN, C_OUT, H, W, alpha, gain, clamp,
-    sxn, sxc, sxh, sxw,            # x strides
-    swo, swi, swh, sww,            # weight strides
-    ssn, ssi,                      # input scale (styles) strides
-    sdn, sdo,                      # output scale (demodulation) strides
-    snn, snc, snh, snw,            # noise strides (0 where broadcast)
-    syn, syc, syh, syw,            # y strides
-    KSIZE: tl.constexpr, PAD: tl.constexpr, OUT_SCALE: tl.constexpr, HAS_NOISE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, EPILOGUE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    d_ptr,
+    noise_ptr,
+    b_ptr,
+    y_ptr,
+    C_IN,
+    C_OUT,
+    H,
+    W,
+    alpha,
+    gain,
+    clamp,
+    sxn,
+    sxc,
+    sxh,
+    sxw,  # x strides
+    swo,
+    swi,
+    swh,
+    sww,  # weight strides
+    ssn,
+    ssi,  # input scale (styles) strides
+    sdn,
+    sdo,  # output scale (demodulation) strides
+    snn,
+    snc,
+    snh,
+    snw,  # noise strides (0 where broadcast)
+    syn,
+    syc,
+    syh,
+    syw,  # y strides
+    KSIZE: tl.constexpr,
+    PAD: tl.constexpr,
+    OUT_SCALE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    CLAMP: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)       # a tile of output pixels
-    pid_n = tl.program_id(1)       # a tile of output channels
-    n = tl.program_id(2)           # the sample
+    pid_m = tl.program_id(0)  # a tile of output pixels
+    pid_n = tl.program_id(1)  # a tile of output channels
+    n = tl.program_id(2)  # the sample
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     oh = offs_m // W
@@ -71,26 +114,38 @@ def _modconv_kernel(
         for k0 in range(0, C_IN, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < C_IN
-            a = tl.load(x_ptr + n * sxn + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
-                        mask=pix_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.load(
+                x_ptr + n * sxn + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                mask=pix_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             s = tl.load(s_ptr + n * ssn + offs_k * ssi, mask=k_ok, other=0.0).to(tl.float32)
-            a = a * s[None, :]                       # modulate the input as it is loaded
-            b = tl.load(w_ptr + offs_n[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            a = a * s[None, :]  # modulate the input as it is loaded
+            b = tl.load(
+                w_ptr + offs_n[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
+                mask=k_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             acc += tl.dot(a, b, input_precision="ieee")
     if OUT_SCALE:
         d = tl.load(d_ptr + n * sdn + offs_n * sdo, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * d[None, :]
     if HAS_NOISE:
-        nz = tl.load(noise_ptr + n * snn + offs_n[None, :] * snc + oh[:, None] * snh + ow[:, None] * snw,
-                     mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        nz = tl.load(
+            noise_ptr + n * snn + offs_n[None, :] * snc + oh[:, None] * snh + ow[:, None] * snw,
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = acc + nz
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE:  # the layer's activation, gain and clamp (pti.kernels._triton_common)
         acc, _, _ = act_and_mask(acc, alpha, gain, clamp, ACT, CLAMP)
-    tl.store(y_ptr + n * syn + offs_n[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
-             round_to(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        y_ptr + n * syn + offs_n[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
+        round_to(acc, y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
 
 
 def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epilogue=None):
@@ -105,12 +160,37 @@ def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epi
     bias, act, alpha, gain, clamp = epilogue or (None, "linear", 0.0, 1.0, None)
     grid = (triton.cdiv(h * w, BLOCK_M), triton.cdiv(c_out, BLOCK_N), n)
     _modconv_kernel[grid](
-        x, weight, in_scale, d, nz, y if bias is None else bias, y,
-        c_in, c_out, h, w, float(alpha), float(gain), float(clamp) if clamp is not None else 0.0,
-        *x.stride(), *weight.stride(), *in_scale.stride(), *d.stride(), *nz.stride(), *y.stride(),
-        KSIZE=k, PAD=k // 2, OUT_SCALE=out_scale is not None, HAS_NOISE=noise is not None,
-        HAS_BIAS=bias is not None, ACT=ACTS[act], CLAMP=clamp is not None, EPILOGUE=epilogue is not None,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+        x,
+        weight,
+        in_scale,
+        d,
+        nz,
+        y if bias is None else bias,
+        y,
+        c_in,
+        c_out,
+        h,
+        w,
+        float(alpha),
+        float(gain),
+        float(clamp) if clamp is not None else 0.0,
+        *x.stride(),
+        *weight.stride(),
+        *in_scale.stride(),
+        *d.stride(),
+        *nz.stride(),
+        *y.stride(),
+        KSIZE=k,
+        PAD=k // 2,
+        OUT_SCALE=out_scale is not None,
+        HAS_NOISE=noise is not None,
+        HAS_BIAS=bias is not None,
+        ACT=ACTS[act],
+        CLAMP=clamp is not None,
+        EPILOGUE=epilogue is not None,
+        BM=BLOCK_M,
+        BN=BLOCK_N,
+        BK=BLOCK_K,
     )
     return y
 
@@ -151,7 +231,7 @@ def backward(grad, x, weight, styles, noise, y, demodulate, needs=(True, True, T
         dw = torch.nn.grad.conv2d_weight(x.float() * s32[:, :, None, None], weight.shape, dz, padding=k // 2)
     if demodulate and (need_w or need_s):
         z_sum = grad.float() * (y.float() - (0 if noise is None else noise.float()))
-        dq = -0.5 * d.pow(3) * (z_sum.sum(dim=[2, 3]) / d)                  # [N, O]
+        dq = -0.5 * d.pow(3) * (z_sum.sum(dim=[2, 3]) / d)  # [N, O]
         if need_s:
             ds = ds + 2 * s32 * (dq @ weight.float().square().sum(dim=[2, 3]))
         if need_w:
@@ -178,7 +258,9 @@ class ModulatedConv2dAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp):
         ctx.args = (demodulate, *resolve(act, alpha, gain, clamp))
-        y = forward(x, weight, styles, noise, demodulate, epilogue=(None if bias is None else bias.to(x.dtype), *ctx.args[1:]))
+        y = forward(
+            x, weight, styles, noise, demodulate, epilogue=(None if bias is None else bias.to(x.dtype), *ctx.args[1:])
+        )
         ctx.save_for_backward(x, weight, styles, noise, bias, y)
         return y
 
@@ -188,47 +270,150 @@ class ModulatedConv2dAct(torch.autograd.Function):
         demodulate, act, alpha, gain, clamp = ctx.args
         needs = ctx.needs_input_grad[:5]
         if not torch.is_grad_enabled():
-            return (*backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs),
-                    None, None, None, None, None)
+            return (
+                *backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs),
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
 
         def layer(x, weight, styles, noise, bias):  # create_graph=True: the reference's graph
-            z = ref.modulated_conv2d(x, weight, styles, noise=noise, padding=weight.shape[-1] // 2,
-                                     demodulate=demodulate, fused_modconv=False)
-            return ref.bias_act(z, None if bias is None else bias.to(z.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp)
+            z = ref.modulated_conv2d(
+                x,
+                weight,
+                styles,
+                noise=noise,
+                padding=weight.shape[-1] // 2,
+                demodulate=demodulate,
+                fused_modconv=False,
+            )
+            return ref.bias_act(
+                z, None if bias is None else bias.to(z.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp
+            )
 
         return (*reference_grads(layer, (x, weight, styles, noise, bias), needs, grad), None, None, None, None, None)
 
 
-def modulated_conv2d_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
-                         flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None, clamp=None):
+def modulated_conv2d_act(
+    x,
+    weight,
+    styles,
+    noise=None,
+    up=1,
+    padding=0,
+    resample_filter=None,
+    demodulate=True,
+    flip_weight=True,
+    fused_modconv=True,
+    bias=None,
+    act="linear",
+    alpha=None,
+    gain=None,
+    clamp=None,
+):
     """Same signature and result as `pti.kernels.modulated_conv2d_act`'s reference, for the inputs `supports_act`
     accepts: the stride-1 layers here, the up-sampling ones in `triton_upfirdn`."""
     if up > 1:
-        return triton_upfirdn.modulated_conv2d_up_act(x, weight, styles, noise, up, padding, resample_filter, demodulate,
-                                                      flip_weight, fused_modconv, bias, act, alpha, gain, clamp)
+        return triton_upfirdn.modulated_conv2d_up_act(
+            x,
+            weight,
+            styles,
+            noise,
+            up,
+            padding,
+            resample_filter,
+            demodulate,
+            flip_weight,
+            fused_modconv,
+            bias,
+            act,
+            alpha,
+            gain,
+            clamp,
+        )
     return ModulatedConv2dAct.apply(x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp)
 
 
-def supports_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
-                 flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None, clamp=None) -> bool:
+def supports_act(
+    x,
+    weight,
+    styles,
+    noise=None,
+    up=1,
+    padding=0,
+    resample_filter=None,
+    demodulate=True,
+    flip_weight=True,
+    fused_modconv=True,
+    bias=None,
+    act="linear",
+    alpha=None,
+    gain=None,
+    clamp=None,
+) -> bool:
     if up > 1:
-        return triton_upfirdn.supports_up_act(x, weight, styles, noise, up, padding, resample_filter, demodulate,
-                                              flip_weight, fused_modconv, bias, act, alpha, gain, clamp)
-    return (supports(x, weight, styles, noise, up, padding, resample_filter, demodulate, flip_weight, fused_modconv)
-            and epilogue_supported(bias, weight.shape[0], act, alpha, gain))
+        return triton_upfirdn.supports_up_act(
+            x,
+            weight,
+            styles,
+            noise,
+            up,
+            padding,
+            resample_filter,
+            demodulate,
+            flip_weight,
+            fused_modconv,
+            bias,
+            act,
+            alpha,
+            gain,
+            clamp,
+        )
+    return supports(
+        x, weight, styles, noise, up, padding, resample_filter, demodulate, flip_weight, fused_modconv
+    ) and epilogue_supported(bias, weight.shape[0], act, alpha, gain)
 
 
-def modulated_conv2d(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
-                     flip_weight=True, fused_modconv=True):
+def modulated_conv2d(
+    x,
+    weight,
+    styles,
+    noise=None,
+    up=1,
+    padding=0,
+    resample_filter=None,
+    demodulate=True,
+    flip_weight=True,
+    fused_modconv=True,
+):
     """Same signature and result as `ref.modulated_conv2d`, for the inputs `supports` accepts: the fused layer
     with no bias and a linear, unit-gain epilogue (the same bits as no epilogue)."""
     return ModulatedConv2dAct.apply(x, weight, styles, noise, None, demodulate, "linear", None, 1.0, None)
 
 
-def supports(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
-             flip_weight=True, fused_modconv=True) -> bool:
+def supports(
+    x,
+    weight,
+    styles,
+    noise=None,
+    up=1,
+    padding=0,
+    resample_filter=None,
+    demodulate=True,
+    flip_weight=True,
+    fused_modconv=True,
+) -> bool:
     """Stride-1 3x3 (padding 1) or 1x1 (padding 0) correlation on 4-D inputs; noise per pixel or broadcast."""
     k = weight.shape[-1]
-    return (up == 1 and flip_weight and x.ndim == 4 and weight.shape[-2] == k and k in (1, 3) and padding == k // 2
-            and x.dtype in DTYPES
-            and (noise is None or noise.ndim <= 4))
+    return (
+        up == 1
+        and flip_weight
+        and x.ndim == 4
+        and weight.shape[-2] == k
+        and k in (1, 3)
+        and padding == k // 2
+        and x.dtype in DTYPES
+        and (noise is None or noise.ndim <= 4)
+    )

@@ -23,21 +23,65 @@ import triton
 import triton.language as tl
 
 from pti.kernels import ref
-from pti.kernels._triton_common import (ACTS, DTYPES, act_and_mask, act_backward, demod_coefficients,
-                                        epilogue_supported, resolve, round_to)
+from pti.kernels._triton_common import (
+    ACTS,
+    DTYPES,
+    act_and_mask,
+    act_backward,
+    demod_coefficients,
+    epilogue_supported,
+    resolve,
+    round_to,
+)
 
 BLOCK = 256
 
 
 @triton.jit
 def _fir_kernel(
-    x_ptr, f_ptr, d_ptr, noise_ptr, b_ptr, y_ptr,
-    C, H, W, OH, OW, fir_gain, alpha, gain, clamp,
-    sxn, sxc, sxh, sxw, sdn, sdc, snn, snc, snh, snw, syn, syc, syh, syw,
-    UP: tl.constexpr, DOWN: tl.constexpr, PX0: tl.constexpr, PY0: tl.constexpr,
-    FH: tl.constexpr, FW: tl.constexpr, FLIP: tl.constexpr,
-    OUT_SCALE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, CLAMP: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    f_ptr,
+    d_ptr,
+    noise_ptr,
+    b_ptr,
+    y_ptr,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    fir_gain,
+    alpha,
+    gain,
+    clamp,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sdn,
+    sdc,
+    snn,
+    snc,
+    snh,
+    snw,
+    syn,
+    syc,
+    syh,
+    syw,
+    UP: tl.constexpr,
+    DOWN: tl.constexpr,
+    PX0: tl.constexpr,
+    PY0: tl.constexpr,
+    FH: tl.constexpr,
+    FW: tl.constexpr,
+    FLIP: tl.constexpr,
+    OUT_SCALE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    CLAMP: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     nc = tl.program_id(0)
     n = nc // C
@@ -48,7 +92,7 @@ def _fir_kernel(
     ox = offs % OW
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for ky in tl.static_range(FH):
-        jy = oy * DOWN + ky - PY0                     # row in the zero-inserted, padded input
+        jy = oy * DOWN + ky - PY0  # row in the zero-inserted, padded input
         row_ok = ok & (jy >= 0) & (jy % UP == 0) & (jy < H * UP)
         iy = tl.where(row_ok, jy // UP, 0)
         for kx in tl.static_range(FW):
@@ -58,7 +102,7 @@ def _fir_kernel(
             v = tl.load(x_ptr + n * sxn + c * sxc + iy * sxh + ix * sxw, mask=valid, other=0.0).to(tl.float32)
             if FLIP:  # correlation with f as given
                 tap = tl.load(f_ptr + ky * FW + kx)
-            else:     # convolution: the filter flipped
+            else:  # convolution: the filter flipped
                 tap = tl.load(f_ptr + (FH - 1 - ky) * FW + (FW - 1 - kx))
             acc += v * tap
     acc = acc * fir_gain
@@ -89,12 +133,39 @@ def _launch(x, f, up, down, padding, flip_filter, gain, out_dtype=None, d=None, 
     dd = d if d is not None else y.new_empty([1, 1])
     nz = y if noise is None else noise.to(y.dtype).expand(y.shape)
     _fir_kernel[(n * c, triton.cdiv(oh * ow, BLOCK))](
-        x, f.float().contiguous(), dd, nz, y if bias is None else bias, y,
-        c, h, w, oh, ow, float(gain), float(alpha), float(act_gain), float(clamp) if clamp is not None else 0.0,
-        *x.stride(), *dd.stride(), *nz.stride(), *y.stride(),
-        UP=up, DOWN=down, PX0=px0, PY0=py0, FH=fh, FW=fw, FLIP=flip_filter,
-        OUT_SCALE=d is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None,
-        ACT=ACTS[act], CLAMP=clamp is not None, EPILOGUE=epilogue is not None, BLOCK=BLOCK,
+        x,
+        f.float().contiguous(),
+        dd,
+        nz,
+        y if bias is None else bias,
+        y,
+        c,
+        h,
+        w,
+        oh,
+        ow,
+        float(gain),
+        float(alpha),
+        float(act_gain),
+        float(clamp) if clamp is not None else 0.0,
+        *x.stride(),
+        *dd.stride(),
+        *nz.stride(),
+        *y.stride(),
+        UP=up,
+        DOWN=down,
+        PX0=px0,
+        PY0=py0,
+        FH=fh,
+        FW=fw,
+        FLIP=flip_filter,
+        OUT_SCALE=d is not None,
+        HAS_NOISE=noise is not None,
+        HAS_BIAS=bias is not None,
+        ACT=ACTS[act],
+        CLAMP=clamp is not None,
+        EPILOGUE=epilogue is not None,
+        BLOCK=BLOCK,
     )
     return y
 
@@ -137,8 +208,13 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
 
 
 def supports(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1) -> bool:
-    return (x.ndim == 4 and x.dtype in DTYPES and up >= 1 and down >= 1
-            and (f is None or (f.ndim == 2 and not f.requires_grad and f.device == x.device)))
+    return (
+        x.ndim == 4
+        and x.dtype in DTYPES
+        and up >= 1
+        and down >= 1
+        and (f is None or (f.ndim == 2 and not f.requires_grad and f.device == x.device))
+    )
 
 
 # ----------------------------------------------------------------------------- the up-sampling layer
@@ -149,8 +225,19 @@ class FirAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, f, d, noise, bias, up, padding, flip_filter, epilogue, out_dtype):
-        y = _launch(t, f, 1, 1, padding, flip_filter, up * up, out_dtype=out_dtype, d=d, noise=noise,
-                    epilogue=(None if bias is None else bias.to(out_dtype), *epilogue))
+        y = _launch(
+            t,
+            f,
+            1,
+            1,
+            padding,
+            flip_filter,
+            up * up,
+            out_dtype=out_dtype,
+            d=d,
+            noise=noise,
+            epilogue=(None if bias is None else bias.to(out_dtype), *epilogue),
+        )
         ctx.save_for_backward(f, d, noise, bias, y)
         ctx.args = (up, padding, flip_filter, epilogue, t.shape, t.dtype)
         return y
@@ -159,9 +246,9 @@ class FirAct(torch.autograd.Function):
     def backward(ctx, grad):
         f, d, noise, bias, y = ctx.saved_tensors
         up, padding, flip_filter, (act, alpha, gain, clamp), t_shape, t_dtype = ctx.args
-        dv, pre = act_backward(grad, y, bias, act, alpha, gain, clamp)   # float32, [N, C, OH, OW]
+        dv, pre = act_backward(grad, y, bias, act, alpha, gain, clamp)  # float32, [N, C, OH, OW]
         dd = dnoise = db = None
-        if ctx.needs_input_grad[2]:   # pre = d * u + noise
+        if ctx.needs_input_grad[2]:  # pre = d * u + noise
             u_dv = dv * (pre - (0 if noise is None else noise.float()))
             dd = (u_dv.sum(dim=[2, 3]) / d.float()).to(d.dtype)
         du = dv * d.float()[:, :, None, None] if d is not None else dv
@@ -175,9 +262,23 @@ class FirAct(torch.autograd.Function):
         return dt, None, dd, dnoise, db, None, None, None, None, None
 
 
-def modulated_conv2d_up_act(x, weight, styles, noise=None, up=2, padding=0, resample_filter=None, demodulate=True,
-                            flip_weight=False, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None,
-                            clamp=None):
+def modulated_conv2d_up_act(
+    x,
+    weight,
+    styles,
+    noise=None,
+    up=2,
+    padding=0,
+    resample_filter=None,
+    demodulate=True,
+    flip_weight=False,
+    fused_modconv=True,
+    bias=None,
+    act="linear",
+    alpha=None,
+    gain=None,
+    clamp=None,
+):
     """The up-sampling synthesis layer; the same result as the reference's modulated conv + bias_act."""
     # The reference's fp16 overflow guard (weight and styles rescaled by their max-norms) is not needed: the
     # convolution runs in float32, and with demodulation the scale would cancel anyway.
@@ -189,10 +290,31 @@ def modulated_conv2d_up_act(x, weight, styles, noise=None, up=2, padding=0, resa
     return FirAct.apply(t, f, d, noise, bias, up, fir_padding, False, resolve(act, alpha, gain, clamp), x.dtype)
 
 
-def supports_up_act(x, weight, styles, noise=None, up=1, padding=0, resample_filter=None, demodulate=True,
-                    flip_weight=True, fused_modconv=True, bias=None, act="linear", alpha=None, gain=None,
-                    clamp=None) -> bool:
-    return (up == 2 and x.ndim == 4 and x.dtype in DTYPES
-            and resample_filter is not None and resample_filter.ndim == 2 and not resample_filter.requires_grad
-            and weight.shape[-1] == weight.shape[-2] and (noise is None or noise.ndim <= 4)
-            and epilogue_supported(bias, weight.shape[0], act, alpha, gain))
+def supports_up_act(
+    x,
+    weight,
+    styles,
+    noise=None,
+    up=1,
+    padding=0,
+    resample_filter=None,
+    demodulate=True,
+    flip_weight=True,
+    fused_modconv=True,
+    bias=None,
+    act="linear",
+    alpha=None,
+    gain=None,
+    clamp=None,
+) -> bool:
+    return (
+        up == 2
+        and x.ndim == 4
+        and x.dtype in DTYPES
+        and resample_filter is not None
+        and resample_filter.ndim == 2
+        and not resample_filter.requires_grad
+        and weight.shape[-1] == weight.shape[-2]
+        and (noise is None or noise.ndim <= 4)
+        and epilogue_supported(bias, weight.shape[0], act, alpha, gain)
+    )

@@ -23,37 +23,47 @@ import io
 import os
 import re
 import shlex
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+from PIL import Image
+
+from pti.engine import edits as E
+from pti.engine.device import apply_cpu_threads, resolve_device
+from pti.engine.identity import is_identity_file, open_identity
+from pti.engine.images import save_gif, save_png, to_uint8
 from pti.engine.layout import Layout
+from pti.engine.weights import default_registry
 from pti.errors import PTIError
+from pti.fsutil import atomic_path
+from pti.rendering import _id_similarity, edit_batch, make_backend
 from pti.studio.checks import Move, RequestError
 from pti.studio.worker import QUEUE, Worker
 
 GANSPACE_FILE = "ganspace.pt"
-GANSPACE_COMPONENTS = 20          # computed and cached; the page shows `components` of them
+GANSPACE_COMPONENTS = 20  # computed and cached; the page shows `components` of them
 GANSPACE_SAMPLES = 20_000
 PAGE = Path(__file__).with_name("page.html")
-TIMEOUT = 30.0                    # seconds a request may wait for its render (queue included)
-SAVE_NAME_BYTES = 100             # longer readable names give way to a short hash
-VALUE_SLACK = 1e-6                # a slider's value may pass its end by this much (the page's float steps)
+TIMEOUT = 30.0  # seconds a request may wait for its render (queue included)
+SAVE_NAME_BYTES = 100  # longer readable names give way to a short hash
+VALUE_SLACK = 1e-6  # a slider's value may pass its end by this much (the page's float steps)
 
 
 def need_server():
     try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
+        import fastapi  # noqa: F401, PLC0415  optional extra (studio)
+        import uvicorn  # noqa: F401, PLC0415  optional extra (studio)
     except ImportError:
         raise PTIError("pti studio needs FastAPI and uvicorn: pip install 'pti[studio]'") from None
 
 
 def find_identities(paths: list[Path]) -> list[Path]:
     """The identity files given (folders: their .pti files), else the .pti files in the current folder."""
-    from pti.engine.identity import is_identity_file
-
     found: list[Path] = []
     for p in paths or [Path(".")]:
         if p.is_dir():
@@ -73,20 +83,24 @@ def find_identities(paths: list[Path]) -> list[Path]:
 class Slider:
     id: str
     label: str
-    kind: str                       # preset | ganspace
-    target: str                     # preset name or the GANSpace file's absolute path (what renders)
-    shown: str                      # the same as the page shows it: the name, or the path from the identity's folder
+    kind: str  # preset | ganspace
+    target: str  # preset name or the GANSpace file's absolute path (what renders)
+    shown: str  # the same as the page shows it: the name, or the path from the identity's folder
     component: int | None
-    neutral: float                  # the value that leaves the pivot as it is
+    neutral: float  # the value that leaves the pivot as it is
     low: float
     high: float
     layers: tuple[int, int]
-    default_layers: tuple[int, int] | None   # preset's own layers (None: all)
+    default_layers: tuple[int, int] | None  # preset's own layers (None: all)
 
     def edit(self, value: float | str, layers: tuple[int, int], shown: bool = False) -> str:
         """The `--edit` string for this slider at `value` (a number, or a sweep's START:STOP:N) over `layers`."""
         value = f"{value:+.2f}" if isinstance(value, (int, float)) else value
-        text = (self.shown if shown else self.target) + (f":{self.component}" if self.component is not None else "") + f"={value}"
+        text = (
+            (self.shown if shown else self.target)
+            + (f":{self.component}" if self.component is not None else "")
+            + f"={value}"
+        )
         if self.kind == "ganspace" or layers != (self.default_layers or self.layers):
             text += f"@{layers[0]}-{layers[1]}"
         return text
@@ -99,24 +113,34 @@ class Person:
     ident: Any
     backend: Any
     sliders: list[Slider]
-    reconstruction: bytes | None = None   # PNG, made once
+    reconstruction: bytes | None = None  # PNG, made once
 
 
 @dataclass
 class Slot:
     """One identity the studio serves: its render worker, and what is loaded or read once."""
+
     path: Path
     name: str
     worker: Worker
-    person: Person | None = None          # set by the worker once loaded
-    input: bytes | None = field(default=None, repr=False)   # the aligned photo as PNG
+    person: Person | None = None  # set by the worker once loaded
+    input: bytes | None = field(default=None, repr=False)  # the aligned photo as PNG
 
 
 class Studio:
     """The state behind the page: people loaded on first use by their own worker, one job at a time each."""
 
-    def __init__(self, identities: list[Path], network: str | None = None, backend: str = "auto", device: str = "auto",
-                 components: int = 10, registry=None, timeout: float = TIMEOUT, queue: int = QUEUE):
+    def __init__(
+        self,
+        identities: list[Path],
+        network: str | None = None,
+        backend: str = "auto",
+        device: str = "auto",
+        components: int = 10,
+        registry=None,
+        timeout: float = TIMEOUT,
+        queue: int = QUEUE,
+    ):
         self.network, self.backend_name, self.timeout = network, backend, timeout
         self.device, self.components, self.registry = device, components, registry
         self.slots = [Slot(p, n, Worker(n, queue)) for p, n in zip(identities, _names(identities))]
@@ -128,7 +152,9 @@ class Studio:
 
     def slot(self, index: int, status: int = 400) -> Slot:
         if not 0 <= index < len(self.slots):
-            raise RequestError(f"no identity number {index}; there are {len(self.slots)} (0-{len(self.slots) - 1})", status)
+            raise RequestError(
+                f"no identity number {index}; there are {len(self.slots)} (0-{len(self.slots) - 1})", status
+            )
         return self.slots[index]
 
     def submit(self, index: int, work: Callable[[Person], Any], sweep: bool = False, status: int = 400):
@@ -154,7 +180,9 @@ class Studio:
         """`text` without the absolute folders of the identities and of the studio (a message for the page)."""
         for folder in self._hide:
             text = text.replace(folder + os.sep, "")
-            text = re.sub(re.escape(folder) + r"(?=$|[^\w.\-]|\.(?:$|\s))", ".", text)  # the folder itself, not /tmp/a in /tmp/ab
+            text = re.sub(
+                re.escape(folder) + r"(?=$|[^\w.\-]|\.(?:$|\s))", ".", text
+            )  # the folder itself, not /tmp/a in /tmp/ab
         return text
 
     def _person(self, slot: Slot) -> Person:
@@ -163,30 +191,25 @@ class Studio:
         return slot.person
 
     def _load(self, path: Path, name: str) -> Person:
-        from pti.engine.device import apply_cpu_threads, resolve_device
-        from pti.engine.identity import open_identity
-        from pti.rendering import make_backend
-
         dev = resolve_device(self.device)
         ident, base, base_hash, G = open_identity(path, self.network, dev)
         apply_cpu_threads(G, dev, "auto")
-        backend = make_backend(self._backend(), G, base, base_hash, dev, 8, base_hint=str(self.network or ident.base_hint))
+        backend = make_backend(
+            self._backend(), G, base, base_hash, dev, 8, base_hint=str(self.network or ident.base_hint)
+        )
         return Person(path, name, ident, backend, self._sliders(path, ident, base))
 
     def _backend(self) -> str:
         if self.backend_name != "auto":
             return self.backend_name
         try:
-            import onnxruntime  # noqa: F401
-            import onnxscript  # noqa: F401
+            import onnxruntime  # noqa: F401, PLC0415  optional extra (export): is it installed?
+            import onnxscript  # noqa: F401, PLC0415  optional extra (export): is it installed?
         except ImportError:
             return "torch"
         return "onnx"
 
     def _sliders(self, path: Path, ident, base) -> list[Slider]:
-        from pti.engine import edits as E
-        from pti.engine.weights import default_registry
-
         num_ws, w_dim = ident.pivot.shape
         all_layers = (0, num_ws - 1)
         sliders = []
@@ -199,7 +222,9 @@ class Studio:
                 if preset.kind == "ganspace":
                     d = E.resolve(E.parse_edit(f"{name}=0"), num_ws, w_dim, registry)
                     neutral = float(d.coordinate(ident.pivot))
-                    sliders.append(Slider(name, name, "preset", name, name, None, round(neutral, 2), -10, 10, layers, layers))
+                    sliders.append(
+                        Slider(name, name, "preset", name, name, None, round(neutral, 2), -10, 10, layers, layers)
+                    )
                 else:
                     sliders.append(Slider(name, name, "preset", name, name, None, 0.0, -5, 5, layers, None))
         pca_path = Layout.of(path).folder / GANSPACE_FILE
@@ -213,8 +238,21 @@ class Studio:
             except PTIError:
                 break
             neutral = float(d.coordinate(ident.pivot))
-            sliders.append(Slider(f"pc{k}", f"GANSpace {k}", "ganspace", str(pca_path), shown, k, round(neutral, 2),
-                                  round(neutral - 5, 2), round(neutral + 5, 2), all_layers, None))
+            sliders.append(
+                Slider(
+                    f"pc{k}",
+                    f"GANSpace {k}",
+                    "ganspace",
+                    str(pca_path),
+                    shown,
+                    k,
+                    round(neutral, 2),
+                    round(neutral - 5, 2),
+                    round(neutral + 5, 2),
+                    all_layers,
+                    None,
+                )
+            )
         return sliders
 
     # ------------------------------------------------------------------ what the page asks for (on the worker)
@@ -224,10 +262,25 @@ class Studio:
 
     def describe(self, index: int, person: Person) -> dict:
         num_ws = person.ident.pivot.shape[0]
-        return {"index": index, "name": person.name, "num_ws": num_ws, "backend": person.backend.name,
-                "has_input": _aligned(person.path).is_file(),
-                "sliders": [{"id": s.id, "label": s.label, "kind": s.kind, "neutral": s.neutral, "low": s.low, "high": s.high,
-                             "layers": list(s.layers)} for s in person.sliders]}
+        return {
+            "index": index,
+            "name": person.name,
+            "num_ws": num_ws,
+            "backend": person.backend.name,
+            "has_input": _aligned(person.path).is_file(),
+            "sliders": [
+                {
+                    "id": s.id,
+                    "label": s.label,
+                    "kind": s.kind,
+                    "neutral": s.neutral,
+                    "low": s.low,
+                    "high": s.high,
+                    "layers": list(s.layers),
+                }
+                for s in person.sliders
+            ],
+        }
 
     def edits(self, person: Person, moves: tuple[Move, ...]) -> tuple[list[str], list[str]]:
         """The `--edit` strings of the page's slider moves, as rendered and as shown; unmoved sliders add nothing.
@@ -267,12 +320,6 @@ class Studio:
     def _images(self, person: Person, texts: list[str]):
         """(specs, uint8 images, ms): `texts` parsed with the CLI's grammar and rendered as `pti render` renders
         them (the same batch: the reconstruction first when there are edits) on the person's backend."""
-        import torch
-
-        from pti.engine import edits as E
-        from pti.engine.images import to_uint8
-        from pti.rendering import edit_batch
-
         specs = E.parse_edits(texts)
         _, ws = edit_batch(person.ident, specs, self.registry)
         t0 = time.perf_counter()
@@ -284,27 +331,32 @@ class Studio:
 
     def render(self, person: Person, moves: tuple[Move, ...]) -> dict:
         """The edited image for the page, the edit strings, the command that reproduces it, ms and ID similarity."""
-        from pti.rendering import _id_similarity
-
         texts, shown = self.edits(person, moves)
         _, rendered, ms = self._images(person, texts)
         recon, img = rendered[0], rendered[-1]
-        return {"image": _png_data_url(img), "edits": shown, "command": self.command(person, shown), "ms": round(ms, 1),
-                "identity_similarity": _id_similarity(recon, img) if texts else 1.0, "backend": person.backend.name}
+        return {
+            "image": _png_data_url(img),
+            "edits": shown,
+            "command": self.command(person, shown),
+            "ms": round(ms, 1),
+            "identity_similarity": _id_similarity(recon, img) if texts else 1.0,
+            "backend": person.backend.name,
+        }
 
     def command(self, person: Person, shown: list[str]) -> str:
         """The `pti render` command, to run in the identity's folder, that gives the same pixels."""
         parts = ["pti", "render", person.path.name] + [x for t in shown for x in ("--edit", t)]
         if self.network:
             network = Path(self.network)
-            parts += ["--network", os.path.relpath(network.resolve(), person.path.parent) if network.is_file() else self.network]
+            parts += [
+                "--network",
+                os.path.relpath(network.resolve(), person.path.parent) if network.is_file() else self.network,
+            ]
         return " ".join(shlex.quote(p) for p in parts)
 
     def input_png(self, slot: Slot) -> bytes:
         """The aligned photo beside the identity, as PNG (read once)."""
         if slot.input is None:
-            from PIL import Image
-
             aligned = _aligned(slot.path)
             if not aligned.is_file():
                 raise RequestError(f"no input photo beside {slot.name} ({slot.name}/aligned.png)", 404)
@@ -322,9 +374,6 @@ class Studio:
     def save(self, person: Person, moves: tuple[Move, ...]) -> dict:
         """Write the current image and its edit strings into `<identity folder>/<name>/studio/`: a readable name
         (a short hash where it would be long), never one that holds another edit already."""
-        from pti.engine.images import save_png
-        from pti.fsutil import atomic_path
-
         texts, shown = self.edits(person, moves)
         specs, rendered, _ = self._images(person, texts)
         line = " ".join(shown)
@@ -340,10 +389,6 @@ class Studio:
 
     def sweep(self, person: Person, moves: tuple[Move, ...], slider: str, frames: int) -> bytes:
         """A GIF of one slider from its low to its high end over its layers, the other sliders as they are."""
-        import tempfile
-
-        from pti.engine.images import save_gif
-
         s = self._slider(person, slider)
         mine = next((m for m in moves if m.id == slider), None)
         layers = self._move(person, mine)[1] if mine else s.layers  # checked like any other move
@@ -371,7 +416,11 @@ def _save_name(folder: Path, labels: list[str], line: str) -> str:
     label = "_".join(labels) or "reconstruction"
     if len(label.encode()) > SAVE_NAME_BYTES:
         label = f"{len(labels)}-edits_{digest}"
-    candidates = [label] + ([f"{label}_{digest}"] if digest not in label else []) + [f"{label}_{digest}-{k}" for k in range(2, 100)]
+    candidates = (
+        [label]
+        + ([f"{label}_{digest}"] if digest not in label else [])
+        + [f"{label}_{digest}-{k}" for k in range(2, 100)]
+    )
     for name in candidates:
         png, txt = folder / f"{name}.png", folder / f"{name}.txt"
         if not png.exists() and not txt.exists():
@@ -386,9 +435,6 @@ def _save_name(folder: Path, labels: list[str], line: str) -> str:
 
 
 def _png_bytes(img) -> bytes:
-    import numpy as np
-    from PIL import Image
-
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
     buf = io.BytesIO()
@@ -398,4 +444,3 @@ def _png_bytes(img) -> bytes:
 
 def _png_data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(_png_bytes(img)).decode()
-

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from pti.errors import PTIError
 
-MAX_BODY = 64 * 1024       # bytes; the page's largest request, every slider moved, is about 2 KB
-MAX_MOVES = 64             # moves per request; a person has at most 20 GANSpace sliders plus the presets
-MAX_DEPTH = 4              # {"moves": [{"layers": [a, b]}]}: object, list, object, list
-SWEEP_FRAMES = 9           # a sweep's frames unless the request says
-MAX_SWEEP_FRAMES = 30      # a sweep renders frames + 1 images in one request; this bounds its time
-MAX_ID = 64                # characters of a slider id (theirs are a few)
+MAX_BODY = 64 * 1024  # bytes; the page's largest request, every slider moved, is about 2 KB
+MAX_MOVES = 64  # moves per request; a person has at most 20 GANSpace sliders plus the presets
+MAX_DEPTH = 4  # {"moves": [{"layers": [a, b]}]}: object, list, object, list
+SWEEP_FRAMES = 9  # a sweep's frames unless the request says
+MAX_SWEEP_FRAMES = 30  # a sweep renders frames + 1 images in one request; this bounds its time
+MAX_ID = 64  # characters of a slider id (theirs are a few)
 
 FIELDS = {
     "render": ("identity", "moves"),
@@ -40,17 +40,17 @@ class RequestError(PTIError):
 
 @dataclass(frozen=True)
 class Move:
-    id: str                           # the slider's id, e.g. "pc3" or "age"
-    value: float                      # finite; its range is checked against the slider later
-    layers: tuple[int, int] | None    # first and last layer; None: the slider's own
+    id: str  # the slider's id, e.g. "pc3" or "age"
+    value: float  # finite; its range is checked against the slider later
+    layers: tuple[int, int] | None  # first and last layer; None: the slider's own
 
 
 @dataclass(frozen=True)
 class Ask:
-    identity: int                     # index into the studio's identities (checked later)
+    identity: int  # index into the studio's identities (checked later)
     moves: tuple[Move, ...]
-    slider: str | None = None         # sweep only: which slider runs from end to end
-    frames: int = SWEEP_FRAMES        # sweep only
+    slider: str | None = None  # sweep only: which slider runs from end to end
+    frames: int = SWEEP_FRAMES  # sweep only
 
 
 def parse(raw: bytes, kind: str) -> Ask:
@@ -89,7 +89,9 @@ def moves(value) -> tuple[Move, ...]:
         if unknown:
             raise RequestError(f"move {k}: unknown field {_show(unknown[0])}; a move has id, value and layers")
         if not isinstance(m.get("id"), str) or not 0 < len(m["id"]) <= MAX_ID:
-            raise RequestError(f"move {k}: id must be a slider's id (a short string), not {_kind(m.get('id', _MISSING))}")
+            raise RequestError(
+                f"move {k}: id must be a slider's id (a short string), not {_kind(m.get('id', _MISSING))}"
+            )
         what = f"move {k} ({_show(m['id'])})"
         layers = m.get("layers")
         if "layers" in m:

@@ -28,6 +28,7 @@ import json
 import socket
 from urllib.parse import parse_qs, urlsplit
 
+from pti.errors import first_line
 from pti.studio.checks import MAX_BODY
 
 WILDCARD = ("0.0.0.0", "::", "")  # every address of the machine
@@ -74,14 +75,19 @@ class Guard:
         hosts = headers.get("host", [])
         if len(hosts) != 1 or not self._host_ok(hosts[0]):
             shown = repr(hosts[0][:60]) if len(hosts) == 1 else "no Host" if not hosts else "several"
-            return await reply(403, f"pti studio answers only at the address it printed (127.0.0.1, localhost or [::1] "
-                                    f"at port {self.port}, or its --host); this request named {shown}")
+            return await reply(
+                403,
+                f"pti studio answers only at the address it printed (127.0.0.1, localhost or [::1] "
+                f"at port {self.port}, or its --host); this request named {shown}",
+            )
         host = hosts[0].strip().lower()
 
         if method not in READ_ONLY:
             ctype = _one(headers, "content-type").split(";")[0].strip().lower()
             if ctype != "application/json":
-                return await reply(403, f"only JSON is accepted here (Content-Type: application/json), not {ctype or 'no type'!r}")
+                return await reply(
+                    403, f"only JSON is accepted here (Content-Type: application/json), not {ctype or 'no type'!r}"
+                )
             origin, referer = _one(headers, "origin", None), _one(headers, "referer", None)
             own = f"http://{host}"
             if origin is not None and origin.strip().lower() != own:
@@ -97,7 +103,9 @@ class Guard:
                     return await reply(403, "wrong token: open the address pti studio printed when it started")
                 set_cookie = path == "/"
             elif api and not self._authorized(headers):
-                return await reply(403, "no token: open the address pti studio printed when it started (it ends in ?token=...)")
+                return await reply(
+                    403, "no token: open the address pti studio printed when it started (it ends in ?token=...)"
+                )
 
         if method not in READ_ONLY:
             body = await self._body(headers, receive, reply)
@@ -110,9 +118,13 @@ class Guard:
         async def guarded_send(message):
             if message["type"] == "http.response.start":
                 started[0] = True
-                extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                         (b"content-security-policy", b"frame-ancestors 'none'"), (b"referrer-policy", b"no-referrer"),
-                         (b"cache-control", b"no-store")]
+                extra = [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"content-security-policy", b"frame-ancestors 'none'"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"cache-control", b"no-store"),
+                ]
                 if cookie:
                     extra.append((b"set-cookie", cookie.encode()))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
@@ -124,8 +136,6 @@ class Guard:
             return
         except Exception as e:  # noqa: BLE001  the app answers its own errors; this is the last line of defence
             if not started[0]:
-                from pti.errors import first_line
-
                 await _Reply(send, api, None)(500, f"{first_line(e)} (this is a bug in pti)")
 
     def _host_ok(self, value: str) -> bool:
@@ -177,8 +187,11 @@ class Guard:
             body += message.get("body", b"")
             if len(body) > self.body_limit:
                 reply.drained = len(body)
-                await reply(413, f"the body is over {self.body_limit} bytes; at most {self.body_limit} are accepted",
-                            more=message.get("more_body", False))
+                await reply(
+                    413,
+                    f"the body is over {self.body_limit} bytes; at most {self.body_limit} are accepted",
+                    more=message.get("more_body", False),
+                )
                 return None
             if not message.get("more_body", False):
                 return bytes(body)
@@ -195,9 +208,18 @@ class _Reply:
             await self._drain()
         body = (json.dumps({"error": message}) if self.api else message + "\n").encode()
         ctype = b"application/json" if self.api else b"text/plain; charset=utf-8"
-        await self.send({"type": "http.response.start", "status": status,
-                         "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
-                                     (b"connection", b"close"), (b"x-content-type-options", b"nosniff")]})
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", ctype),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                    (b"x-content-type-options", b"nosniff"),
+                ],
+            }
+        )
         await self.send({"type": "http.response.body", "body": body})
 
     async def _drain(self) -> None:

@@ -28,18 +28,18 @@ from pti.studio import PAGE, Studio, need_server
 from pti.studio.checks import RequestError, index as parse_index, parse
 from pti.studio.guard import Guard
 
-GRACE = 3.0        # seconds uvicorn waits for open requests when stopping (they are answered at once; a backstop)
-JOIN = 3.0         # seconds to let renders in progress end when stopping (a save completes its files)
+GRACE = 3.0  # seconds uvicorn waits for open requests when stopping (they are answered at once; a backstop)
+JOIN = 3.0  # seconds to let renders in progress end when stopping (a save completes its files)
 CONNECTIONS = 256  # open connections at most; uvicorn answers more with 503
 
 
 def create_app(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, token: str | None = None):
     """The ASGI app: `Guard` in front of FastAPI routes that answer errors as {"error": "one line"}."""
     need_server()
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI, Request  # noqa: PLC0415  optional extra (studio), after need_server's message
+    from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: PLC0415  optional extra (studio)
+    from starlette.concurrency import run_in_threadpool  # noqa: PLC0415  optional extra (studio)
+    from starlette.exceptions import HTTPException  # noqa: PLC0415  optional extra (studio)
 
     app = FastAPI(title="pti studio", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -56,6 +56,7 @@ def create_app(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, tok
 
     def answering(fn):
         """The route's answer, or its error as one line: 4xx for the request's faults, 500 for ours."""
+
         @functools.wraps(fn)
         async def route(*args, **kwargs):
             try:
@@ -66,6 +67,7 @@ def create_app(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, tok
                 return error(str(e), 400)
             except Exception as e:  # noqa: BLE001  a bug of ours must not take the server down either
                 return error(f"{first_line(e)} (this is a bug in pti)", 500)
+
         return route
 
     async def done(future):
@@ -73,7 +75,9 @@ def create_app(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, tok
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), studio.timeout)
         except (asyncio.TimeoutError, TimeoutError):
-            raise RequestError(f"no answer within {studio.timeout:g} s (renders are slow or queued); try again", 503) from None
+            raise RequestError(
+                f"no answer within {studio.timeout:g} s (renders are slow or queued); try again", 503
+            ) from None
 
     html = PAGE.read_text()
 
@@ -123,8 +127,12 @@ def create_app(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, tok
     @answering
     async def sweep(request: Request):
         ask = parse(await request.body(), "sweep")
-        gif = await done(studio.submit(ask.identity, lambda p: studio.sweep(p, ask.moves, ask.slider, ask.frames), sweep=True))
-        return Response(gif, media_type="image/gif", headers={"Content-Disposition": 'attachment; filename="sweep.gif"'})
+        gif = await done(
+            studio.submit(ask.identity, lambda p: studio.sweep(p, ask.moves, ask.slider, ask.frames), sweep=True)
+        )
+        return Response(
+            gif, media_type="image/gif", headers={"Content-Disposition": 'attachment; filename="sweep.gif"'}
+        )
 
     return Guard(app, host=host, port=port, token=token, timeout=studio.timeout)
 
@@ -132,7 +140,7 @@ def create_app(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, tok
 def serve(app, studio: Studio, host: str, port: int, on_ready=None) -> bool:
     """Serve until Ctrl-C or SIGTERM, calling `on_ready()` once it listens; False when it could not listen.
     A signal ends in KeyboardInterrupt (raised by the handler that was in place before, `pti.signals` for the CLI)."""
-    import uvicorn
+    import uvicorn  # noqa: PLC0415  optional extra (studio)
 
     class Server(uvicorn.Server):
         def install_signal_handlers(self) -> None:  # uvicorn < 0.29: ours are in place
@@ -151,8 +159,16 @@ def serve(app, studio: Studio, host: str, port: int, on_ready=None) -> bool:
             studio.stop()  # the requests waiting for renders are answered now, so none holds the shutdown
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="critical", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=GRACE, limit_concurrency=CONNECTIONS)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="critical",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=GRACE,
+        limit_concurrency=CONNECTIONS,
+    )
     server = Server(config)
     caught: list[int] = []
 

@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 from pti.studio.checks import RequestError
 
-QUEUE = 6  # jobs queued or running per person; the page has at most 4 in flight (load, reconstruction, render, save/sweep)
+QUEUE = (
+    6  # jobs queued or running per person; the page has at most 4 in flight (load, reconstruction, render, save/sweep)
+)
 
 
 class Worker:
@@ -26,8 +28,8 @@ class Worker:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._jobs: deque[tuple[Future, Callable[[], Any], bool]] = deque()
-        self._taken = 0           # jobs queued or running
-        self._sweeps = 0          # of them, sweeps
+        self._taken = 0  # jobs queued or running
+        self._sweeps = 0  # of them, sweeps
         self._running: Future | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
