@@ -91,6 +91,7 @@ FAST = [
 ]
 
 
+@pytest.mark.slow
 def test_bench_checks_its_output_before_measuring(tmp_path):
     """A folder given as the JSON file, a file where a folder must be, a read-only folder: one line, no
     benchmark run."""

@@ -104,6 +104,7 @@ def test_onnx_runtime_matches_torch_fp32_at_every_batch_from_one_graph(people, b
     assert (got - want).abs().max() <= FP32
 
 
+@pytest.mark.slow
 def test_initializer_names_are_the_same_for_every_identity(people, tmp_path):
     base = onnx.load(
         str(export_onnx(load_source(None), tmp_path / "base").parent / "model.onnx"), load_external_data=False
@@ -170,6 +171,7 @@ def test_a_graph_whose_weights_were_folded_is_refused(people, tmp_path):
         _check_graph(onnx, path, module, 18)
 
 
+@pytest.mark.slow
 def test_external_data_on_request(people, tmp_path):
     folder = export_onnx(load_source(people["a"]), tmp_path / "ext", external_data=True).parent
     _, c = load_contract(folder)

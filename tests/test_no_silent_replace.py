@@ -87,6 +87,7 @@ def test_the_same_photo_again_resumes_and_a_folder_clash_is_refused_before_any_w
     assert files_under(out) == before  # refused before any photo was tuned
 
 
+@pytest.mark.slow
 def test_joint_runs_refuse_the_same_way(tmp_path):
     a = _photo(tmp_path / "dirA" / "face.png", 0)
     b = _photo(tmp_path / "dirB" / "face.png", 1)
@@ -124,6 +125,7 @@ def test_renders_of_another_identity_into_one_folder_are_refused(tmp_path):
     assert json.loads((edits / "render.json").read_text())["identity"].endswith("b.pti")
 
 
+@pytest.mark.slow
 def test_a_file_that_pti_did_not_write_is_not_replaced(tmp_path):
     out = tmp_path / "out"
     assert run_pti("tune", _photo(tmp_path / "a.png", 0), "-o", out, *FAST).returncode == 0
