@@ -190,9 +190,9 @@ def render(
     apply_cpu_threads(G, dev, cfg.threads)
     frames, ws = edit_batch(ident, specs, registry)
     out = Path(out) if out is not None else Layout.of(path).edits
-    ident_sha = sha256_file(path)
+    ident_key = ident.checksum or sha256_file(path)  # a v2 file's verified checksum: no second read of the file
     if not cfg.force:
-        check_render_folder(out, path, ident_sha, planned_files(frames, specs, cfg.compare, cfg.mp4))
+        check_render_folder(out, path, ident_key, planned_files(frames, specs, cfg.compare, cfg.mp4))
     ensure_writable_dir(out)
 
     base_hint = str(cfg.network or ident.base_hint)
@@ -225,7 +225,7 @@ def render(
     result.report.update(
         identity=str(path),
         identity_path=str(path.resolve()),
-        identity_sha256=ident_sha,
+        identity_checksum=ident_key,
         base_generator=base_hint,
         base_hash=ident.base_hash,
         edits=[s.text for s in specs],
@@ -317,7 +317,7 @@ def planned_files(frames, specs, compare: bool, mp4: bool) -> list[str]:
     return files + (["compare.png"] if compare else []) + ["render.json"]
 
 
-def check_render_folder(out: Path, identity: Path, identity_sha: str, files: list[str]) -> None:
+def check_render_folder(out: Path, identity: Path, identity_key: str, files: list[str]) -> None:
     """Refuse to replace, in `out`, renders of another identity or files pti did not write (see `render`'s `force`).
 
     A folder's `render.json` says whose renders it holds: the same identity file (by path or content) may
@@ -329,7 +329,7 @@ def check_render_folder(out: Path, identity: Path, identity_sha: str, files: lis
         except (OSError, ValueError):
             rec = {}
         owner = rec.get("identity_path") or rec.get("identity")
-        same = rec.get("identity_sha256") == identity_sha or (
+        same = rec.get("identity_checksum") == identity_key or (
             owner is not None and Path(owner).resolve() == identity.resolve()
         )
         if not same:

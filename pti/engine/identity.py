@@ -52,6 +52,7 @@ class Identity:
     exact: bool = False  # True: full fp32 weights; False: fp16 deltas
     meta: dict[str, Any] = field(default_factory=dict)  # config, curves, timings, versions, ...
     notes: list[str] = field(default_factory=list, compare=False)  # what loading found worth telling (not stored)
+    checksum: str | None = field(default=None, compare=False)  # the verified file checksum (v2 files; None: v1)
 
     # ------------------------------------------------------------------ building and applying
 
@@ -155,6 +156,7 @@ class Identity:
             meta.get("encoding") == "weight-fp32",
             record,
             notes,
+            meta.get(CHECKSUM),
         )
 
     @property
