@@ -1,11 +1,20 @@
 """Seconds per step of each PTI phase on this machine: inversion, tuning, tuning with locality.
 
-    python -m benchmarks.bench_tune [--steps 5] [--warmup 1] [--configs tiny,paper256] [--threads N]
+    python -m benchmarks.bench_tune [--steps 5] [--warmup 1] [--configs tiny,paper256] [--impls ref,compile]
+                                    [--threads auto|N]
 
 Each phase runs the engine's own loop (`invert`, `tune`) and is timed between consecutive progress
 callbacks, so a "step" is exactly what the engine does per step: forward, loss, backward, Adam. The
-first `--warmup` steps (which also carry the phase's setup) are dropped; the median, min and max of
-the rest are reported, as wall-clock seconds and as process CPU seconds (all threads).
+first `--warmup` steps (which also carry the phase's setup, and under `compile` the compiling) are
+dropped; the median, min and max of the rest are reported, as wall-clock seconds and as process CPU
+seconds (all threads).
+
+Implementations (`--impls`, the engine's `impl` setting): `ref` and `compile` (torch.compile of the
+step; its one-time compile is reported apart, as `compile_seconds`: the first step's wall time). Each
+phase runs every implementation in the same process, one after the other, and `speedup_vs_ref` is
+ref's median over the implementation's. `triton` runs on CPUs only in Triton's interpreter, which is
+never a speed: it is not offered here (`pti bench` marks such rows). Threads: `auto` is pti's policy
+(one thread for small generators, torch's count otherwise), as `pti tune` runs.
 
 Generators: the built-in tiny one (64 px) and "paper256" (256 px config-f with channel_base 16384,
 random weights, fp32: num_fp16_res 0 on CPU). Perceptual nets: the weight-free pair (MS-SSIM based)
@@ -36,6 +45,7 @@ import torch
 
 from pti.benchmark import CONFIGS as BENCH_CONFIGS
 from pti.benchmark import build
+from pti.engine.device import apply_cpu_threads
 from pti.engine.generator import TINY_CONFIG, Generator
 
 # The perceptual stand-ins (random-weight LPIPS, the VGG16 TorchScript stand-in) are test helpers:
@@ -67,8 +77,12 @@ class _Clock:
 
     def __init__(self):
         self.marks = [(time.perf_counter(), time.process_time())]
+        self.compile_seconds = None
 
     def __call__(self, phase, step, total, values):
+        if phase == "compile":  # the engine's report of its one-time compile (inside the first step)
+            self.compile_seconds = values.get("seconds", self.compile_seconds)
+            return
         self.marks.append((time.perf_counter(), time.process_time()))
 
     def per_step(self, warmup: int) -> dict:
@@ -86,7 +100,7 @@ class _Clock:
         }
 
 
-def run_phase(G, phase: str, metric, perceptual, steps: int, warmup: int) -> dict:
+def run_phase(G, phase: str, metric, perceptual, steps: int, warmup: int, impl: str = "ref") -> dict:
     from pti.engine.invert import InvertConfig, invert
     from pti.engine.tune import TuneConfig, tune
 
@@ -98,11 +112,13 @@ def run_phase(G, phase: str, metric, perceptual, steps: int, warmup: int) -> dic
         pivot = G.mapping(torch.randn([1, G.z_dim], generator=g), truncation_psi=0.5)
     clock, n = _Clock(), steps + warmup
     if phase == "invert step":
-        invert(G, target, metric, InvertConfig(steps=n), progress=clock)
+        result = invert(G, target, metric, InvertConfig(steps=n, impl=impl), progress=clock)
     else:  # threshold 0: never stop early (the perceptual term of two different images is > 0)
-        cfg = TuneConfig(max_steps=n, lpips_threshold=0.0, locality=phase.endswith("locality"))
-        tune(G, target, pivot, perceptual, cfg, progress=clock)
-    return clock.per_step(warmup)
+        cfg = TuneConfig(max_steps=n, lpips_threshold=0.0, locality=phase.endswith("locality"), impl=impl)
+        result = tune(G, target, pivot, perceptual, cfg, progress=clock)
+    out = clock.per_step(warmup)
+    out["impl"] = {k: v for k, v in result.impl.items() if k != "ops"}
+    return out
 
 
 # ---------------------------------------------------------------------------- NVIDIA's networks, driven by our loop
@@ -150,35 +166,41 @@ def reference_generator(name: str, ours: Generator):
 def main(argv: list[str] | None = None) -> dict:
     import tempfile
 
-    import pti.kernels
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per phase")
     ap.add_argument("--warmup", type=int, default=1, help="steps dropped first (they include setup)")
     ap.add_argument("--configs", default="tiny,paper256")
     ap.add_argument("--losses", default="weight-free,nets")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--impls", default="ref,compile", help="the engine's impl settings to time, in one run")
+    ap.add_argument("--threads", default="auto", help="torch threads: auto (pti's policy per generator) or N")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    impls = args.impls.split(",")
+    if not set(impls) <= {"ref", "compile"}:
+        ap.error(f"--impls takes ref and compile, not {args.impls!r}")
 
     rows, tmp = [], Path(tempfile.mkdtemp())
     started = time.perf_counter()
     for cfg_name in args.configs.split(","):
         G = build(cfg_name)
+        threads = apply_cpu_threads(G, torch.device("cpu"), args.threads)
         G_ref = reference_generator(cfg_name, G)
         for loss_kind in args.losses.split(","):
             metric, perceptual = losses(loss_kind, tmp)
             for phase in PHASES:
+                by_impl = {i: run_phase(G, phase, metric, perceptual, args.steps, args.warmup, i) for i in impls}
                 row = {
                     "config": cfg_name,
                     "losses": loss_kind,
                     "phase": phase,
-                    "ours": run_phase(G, phase, metric, perceptual, args.steps, args.warmup),
+                    "threads": threads,
+                    "ours": by_impl.get("ref", by_impl[impls[0]]),
+                    "by_impl": by_impl,
+                    "speedup_vs_ref": {
+                        i: by_impl["ref"]["median_s"] / r["median_s"] for i, r in by_impl.items() if "ref" in by_impl
+                    },
                 }
-                row["implementation"] = pti.kernels.chosen()
                 if G_ref is not None:
                     row["reference"] = run_phase(G_ref, phase, metric, perceptual, args.steps, args.warmup)
                     row["ratio_ours_over_reference"] = row["ours"]["median_s"] / row["reference"]["median_s"]
@@ -190,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": "cpu",
         "precision": "fp32",
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": args.threads,
         "load_average_after": os.getloadavg(),
         "python": platform.python_version(),
         "steps": args.steps,
@@ -220,6 +242,12 @@ def _line(row: dict) -> str:
         f"{row['config']:>9} {row['losses']:>11} {row['phase']:<21} {o['median_s']:8.3f} s/step "
         f"[{o['min_s']:.3f}-{o['max_s']:.3f}] cpu {o['cpu_median_s']:.3f}"
     )
+    for impl, r in row.get("by_impl", {}).items():
+        if impl != "ref":
+            c = r["impl"].get("compile_seconds")
+            s += f" | {impl} {r['median_s']:8.3f} s/step ({row['speedup_vs_ref'][impl]:.2f}x ref" + (
+                f", compiled in {c:.0f} s)" if c else ")"
+            )
     if "reference" in row:
         r = row["reference"]
         s += (

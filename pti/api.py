@@ -11,7 +11,7 @@ from typing import Sequence
 
 from pti.batch import tune_many
 from pti.batch.manifest import Manifest, check_identity_slots
-from pti.engine.config import ProgressFn
+from pti.engine.config import ProgressFn, resolve_impl
 from pti.engine.device import resolve_device
 from pti.engine.invert import InvertConfig
 from pti.engine.photo import expand_photo_paths, unique_stems
@@ -35,8 +35,8 @@ def tune(
     align: bool = True,  # False: photos are already aligned crops (--no-align)
     face: int | None = None,  # which face when a photo has several (largest = 0)
     joint: bool = False,  # tune one generator for all photos (multi-ID PTI)
-    invert_cfg: InvertConfig = InvertConfig(),
-    tune_cfg: TuneConfig = TuneConfig(),
+    invert_cfg: InvertConfig = InvertConfig(),  # the inversion: steps, space, seed, precision, impl (auto|ref|...)
+    tune_cfg: TuneConfig = TuneConfig(),  # the tuning: steps, locality, seed, precision, impl
     exact: bool = False,  # store exact fp32 weights instead of fp16 deltas
     allow_fallback: bool = True,  # weight-free losses when the official weights are absent
     progress: ProgressFn | None = None,
@@ -54,6 +54,8 @@ def tune(
     Joint runs tune one generator for all photos, so any bad photo stops them before tuning."""
     out = Path(out)
     dev = resolve_device(device)  # a device that is not there fails first
+    for cfg in (invert_cfg, tune_cfg):
+        resolve_impl(cfg.impl, dev)  # then an implementation it cannot run (triton without CUDA)
     if network is not None and Path(network).is_file():
         network = str(Path(network).resolve())  # the identity records it: `pti render` works from any folder
     paths = expand_photo_paths(list(photos))

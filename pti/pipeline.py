@@ -248,6 +248,7 @@ class Pipeline:
             pivot_img = self.G.synthesis(inv.pivot, noise_mode="const", force_fp32=True)
         res.files["pivot"] = save_png(to_uint8(pivot_img[0]), self.layout(res.name).pivot)
         res.report["seconds"]["invert"] = inv.seconds
+        res.report["impl"] = {"invert": inv.impl}  # what ran: implementation, ops, precision, flags, compile time
         res.report["steps"] = {"invert": cfg.steps}
         res.report["before_tuning"] = self._metrics(pivot_img, res.target)
         res.report["curves"] = {"invert_loss": inv.losses, "invert_dist": inv.dists}
@@ -261,6 +262,10 @@ class Pipeline:
         rep = res.report
         rep["after_tuning"] = self._metrics(recon, res.target)
         rep["seconds"]["tune"] = tuned.seconds
+        rep.setdefault("impl", {})["tune"] = tuned.impl
+        compiled = [r["compile_seconds"] for r in rep["impl"].values() if r and r.get("compile_seconds") is not None]
+        if compiled:  # the one-time cost of impl=compile, apart from the steps (seconds.invert/tune include it)
+            rep["seconds"]["compile"] = sum(compiled)
         rep["steps"]["tune"] = tuned.steps
         rep["early_stopped"] = tuned.early_stopped
         rep["joint_with"] = joint_with
@@ -297,6 +302,7 @@ class Pipeline:
                 "joint_with",
                 "device",
                 "precision",
+                "impl",
                 "before_tuning",
                 "after_tuning",
                 "identity_similarity",

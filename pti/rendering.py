@@ -19,6 +19,7 @@ Outputs in `out/`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -29,14 +30,26 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pti import kernels
 from pti.engine import edits as E
-from pti.engine.config import EXPORT_PRECISIONS, ProgressFn, check_fields, instance_of, one_of, real, whole
+from pti.engine.config import (
+    EXPORT_PRECISIONS,
+    IMPLS,
+    ProgressFn,
+    check_fields,
+    instance_of,
+    one_of,
+    real,
+    resolve_impl,
+    whole,
+)
 from pti.engine.device import apply_cpu_threads, resolve_device
 from pti.engine.faceid import identity_similarity
 from pti.engine.identity import load_base, open_identity
 from pti.engine.images import grid, labelled_sheet, save_gif, save_png, to_uint8
 from pti.engine.layout import Layout
 from pti.engine.photo import load_photo, save_photo_atomic
+from pti.engine.speed import compiled_synthesis
 from pti.errors import PTIError
 from pti.export import CONTRACT, Source, default_export_dir, export
 from pti.export.aoti import AotiBackend
@@ -44,6 +57,8 @@ from pti.export.config import ExportConfig
 from pti.export.onnx import OnnxBackend
 from pti.export.tensorrt import TensorRTBackend
 from pti.fsutil import atomic_path, ensure_writable_dir, sha256_file
+from pti.kernels.precision import PRECISIONS, precision_scope
+from pti.kernels.precision import flags as precision_flags
 
 
 class Backend(Protocol):
@@ -54,23 +69,99 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The tuned generator in PyTorch, in batches of `batch` (constant noise, fp32: the tuned pixels)."""
+    """The tuned generator in PyTorch, in batches of `batch` (constant noise: the tuned pixels), run by `impl`
+    ("ref": the reference ops, eager; "compile": a compiled synthesis, `pti.engine.speed.compiled_synthesis`;
+    "triton": the Triton kernels where they take a layer, `G.impl = "prefer:triton"`) in `precision`
+    (fp32 | tf32 | bf16, inside `pti.kernels.precision.precision_scope`)."""
 
     name = "torch"
 
-    def __init__(self, G, device: torch.device, batch: int = 8):
+    def __init__(self, G, device: torch.device, batch: int = 8, *, impl: str = "ref", precision: str = "fp32"):
+        if impl not in ("ref", "compile", "triton"):
+            raise ValueError(f"TorchBackend runs impl ref, compile or triton (resolved), not {impl!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"TorchBackend computes in {', '.join(PRECISIONS)}, not {precision!r}")
         self.G, self.device, self.batch = G.to(device).eval(), device, batch
+        self.impl, self.precision = impl, precision
+        self.G.impl = "prefer:triton" if impl == "triton" else "ref"
+        self.synthesis = compiled_synthesis(self.G, device) if impl == "compile" else self.G.synthesis
+        self.compile_seconds: float | None = None  # the first call of a compiled synthesis (see `warm`)
+        self._compiled_batch: int | None = None  # the batch size it was compiled for (see `_synthesize`)
+        self.flags: dict | None = None  # the precision flags in effect in the last render
+        self.ops: dict[str, dict[str, int]] = {}  # eager runs: per op, calls per implementation that ran it
 
     @torch.no_grad()
     def render(self, ws: torch.Tensor) -> torch.Tensor:
-        chunks = [
-            self.G.synthesis(ws[i : i + self.batch].to(self.device), noise_mode="const", force_fp32=True).float().cpu()
-            for i in range(0, ws.shape[0], self.batch)
-        ]
+        # Compiled code dispatches only while it is traced: nothing to count, and nothing to guard on.
+        counting = kernels.recording() if self.impl != "compile" else contextlib.nullcontext({})
+        with precision_scope(self.precision, self.device), counting as ops:
+            self.flags = precision_flags()
+            chunks = [self._synthesize(ws[i : i + self.batch]) for i in range(0, ws.shape[0], self.batch)]
+        for op, names in ops.items():
+            for name, n in names.items():
+                self.ops.setdefault(op, {})[name] = self.ops.get(op, {}).get(name, 0) + n
         return torch.cat(chunks)
+
+    def _synthesize(self, ws: torch.Tensor) -> torch.Tensor:
+        """One chunk of at most `batch` frames. Compiled code is compiled for one batch size: a smaller chunk
+        (a render's last) is padded to the size compiled first, so it runs without compiling again."""
+        n, size = ws.shape[0], self._compiled_batch
+        if self.impl == "compile" and size is not None and n < size:
+            ws = torch.cat([ws, ws[-1:].expand(size - n, *ws.shape[1:])])
+        elif self.impl == "compile" and size is None:
+            self._compiled_batch = n
+        images = self.synthesis(ws.to(self.device), noise_mode="const", force_fp32=True)
+        return images[:n].float().cpu()
+
+    def warm(self, ws: torch.Tensor) -> float | None:
+        """Compile a compiled synthesis for the batch of `ws`'s first chunk (its first call; the images are
+        dropped), so that its one-time cost is measured apart (`compile_seconds`) and not as rendering time.
+        None: nothing to compile."""
+        if self.impl != "compile":
+            return None
+        t0 = time.perf_counter()
+        self.render(ws[: self.batch])
+        self.compile_seconds = time.perf_counter() - t0
+        return self.compile_seconds
+
+    def record(self, requested: str) -> dict[str, Any]:
+        """What ran, as render.json records it (`RenderResult.report["impl"]`)."""
+        return {
+            "requested": requested,
+            "impl": self.impl,
+            "ops": {op: dict(sorted(n.items())) for op, n in sorted(self.ops.items())},  # which ran, per op
+            "precision": self.precision,
+            "flags": self.flags,
+            "compile_seconds": self.compile_seconds,
+        }
 
 
 BACKENDS = ("torch", "onnx", "aoti", "tensorrt")
+# One --precision for every backend: the torch backend's compute precision (fp32, tf32, bf16), or an export
+# backend's (fp32, fp16: the precision of its weights and blocks, as the export was built and verified).
+RENDER_PRECISIONS = (*PRECISIONS, *(p for p in EXPORT_PRECISIONS if p not in PRECISIONS))
+
+
+def backend_mismatch(backend: str, impl: str, precision: str) -> tuple[str, str] | None:
+    """(field, one-line reason) when `impl` or `precision` does not apply to `backend`; None when they fit."""
+    if backend == "torch":
+        if precision not in PRECISIONS:
+            return "precision", (
+                f"{precision} is an export's precision (backend onnx, aoti or tensorrt); the torch backend "
+                f"computes in {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}"
+            )
+        return None
+    if precision not in EXPORT_PRECISIONS:
+        return "precision", (
+            f"{precision} is a precision of the torch backend; the {backend} backend renders an export, whose "
+            f"weights are {' or '.join(EXPORT_PRECISIONS)}"
+        )
+    if impl != "auto":
+        return "impl", (
+            f"{impl} is for the torch backend; the {backend} backend runs the graph its runtime built "
+            "(leave it at auto)"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -87,7 +178,10 @@ class RenderConfig:
     # (onnx, aoti, tensorrt: BACKENDS)
     engine: str | Path | None = None  # an export folder for that backend; None = the base generator's export,
     # made once into the user cache
-    precision: str = "fp32"  # of that cached export: fp32 or fp16
+    precision: str = "fp32"  # the torch backend: its compute precision, fp32 (TF32 off) | tf32 | bf16 (autocast);
+    # an export backend: the cached export's, fp32 | fp16 (RENDER_PRECISIONS; backend_mismatch says what fits)
+    impl: str = "auto"  # how the torch backend runs: auto | ref | compile | triton (pti.engine.config.IMPLS);
+    # an export backend runs its runtime's graph: auto only
     threads: str | int | None = None  # CPU threads: None or "torch" = torch's as set, "auto" = pti's policy, N
     force: bool = False  # replace renders of another identity (or files pti did not write) in `out`
 
@@ -103,11 +197,15 @@ class RenderConfig:
                 "mp4": one_of(True, False),
                 "backend": one_of(*BACKENDS),
                 "engine": instance_of(str, Path, optional=True),
-                "precision": one_of(*EXPORT_PRECISIONS),
+                "precision": one_of(*RENDER_PRECISIONS),
+                "impl": one_of(*IMPLS),
                 "threads": instance_of(str, int, optional=True),
                 "force": one_of(True, False),
             },
         )
+        mismatch = backend_mismatch(self.backend, self.impl, self.precision)
+        if mismatch is not None:
+            raise ValueError(f"{type(self).__name__}.{mismatch[0]}: {mismatch[1]}")
 
 
 def make_backend(
@@ -122,12 +220,14 @@ def make_backend(
     base_hint: str = "",
     precision: str = "fp32",
     progress: ProgressFn | None = None,
+    impl: str = "ref",
 ):
-    """The backend `name` rendering `G` (base + identity). Exported backends use the export in `engine`, else
-    the base generator's export in the user cache (made on first use from `base`), with `G`'s weights swapped
-    in by name: one graph per base generator, whatever the person."""
+    """The backend `name` rendering `G` (base + identity). The torch backend runs `impl` (resolved: ref, compile
+    or triton) in `precision` (fp32, tf32, bf16). Exported backends use the export in `engine`, else the base
+    generator's export in `precision` (fp32, fp16) in the user cache (made on first use from `base`), with `G`'s
+    weights swapped in by name: one graph per base generator, whatever the person."""
     if name == "torch":
-        return TorchBackend(G, device, batch)
+        return TorchBackend(G, device, batch, impl=impl, precision=precision)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
     folder = Path(engine) if engine is not None else default_export_dir(base_hash, name, precision)
@@ -186,6 +286,7 @@ def render(
     specs = E.parse_edits(list(edits))  # grammar first: a typo costs nothing
     path = Path(identity)
     dev = resolve_device(cfg.device)
+    impl = resolve_impl(cfg.impl, dev) if cfg.backend == "torch" else None  # triton without CUDA: refused here
     ident, base, base_hash, G = open_identity(path, cfg.network, dev)
     apply_cpu_threads(G, dev, cfg.threads)
     frames, ws = edit_batch(ident, specs, registry)
@@ -207,14 +308,24 @@ def render(
         base_hint=base_hint,
         precision=cfg.precision,
         progress=progress,
+        impl=impl or "ref",
     )
     recon_needed = bool(specs)
+    if impl == "compile":
+        if progress is not None:
+            progress("compile", 0, 1, {"for": "render"})
+        seconds = runner.warm(ws[: cfg.batch])
+        if progress is not None:
+            progress("compile", 1, 1, {"for": "render", "seconds": seconds})
     t0 = time.perf_counter()
     images = []
-    for i in range(0, ws.shape[0], cfg.batch):
-        images.append(runner.render(ws[i : i + cfg.batch]))
-        if progress is not None:
-            progress("render", min(i + cfg.batch, ws.shape[0]), ws.shape[0], {})
+    # An export runs under fp32's flags (TF32 off), as it was verified; the torch backend sets its own precision.
+    with precision_scope("fp32", dev):
+        for i in range(0, ws.shape[0], cfg.batch):
+            images.append(runner.render(ws[i : i + cfg.batch]))
+            if progress is not None:
+                progress("render", min(i + cfg.batch, ws.shape[0]), ws.shape[0], {})
+        export_flags = precision_flags()
     seconds = time.perf_counter() - t0
     pixels = torch.cat(images)
     _check_finite(pixels, ["reconstruction"] * recon_needed + [f.label for f in frames])
@@ -230,6 +341,8 @@ def render(
         base_hash=ident.base_hash,
         edits=[s.text for s in specs],
         backend=runner.name,
+        impl=runner.record(cfg.impl) if isinstance(runner, TorchBackend) else _export_record(runner, export_flags),
+        identity_tuned_with=ident.tuned_with,
         engine=str(getattr(runner, "folder", "")) or None,
         device=str(dev),
         batch=cfg.batch,
@@ -239,6 +352,20 @@ def render(
     )
     result.files["report"] = _write_report(result.report, out / "render.json")
     return result
+
+
+def _export_record(runner, flags: dict) -> dict[str, Any]:
+    """What ran for an export backend, in the torch backend's record's shape: the runtime's graph, in the
+    export's precision, under `flags`."""
+    contract = getattr(runner, "contract", None) or {}
+    return {
+        "requested": "auto",
+        "impl": runner.name,  # the export's runtime ran its own graph of the reference arithmetic
+        "ops": {},
+        "precision": contract.get("precision"),
+        "flags": flags,
+        "compile_seconds": None,
+    }
 
 
 def _check_finite(pixels: torch.Tensor, labels: list[str]) -> None:

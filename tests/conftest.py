@@ -16,7 +16,12 @@ import pytest
 import torch
 
 TESTS = Path(__file__).parent
-INTERPRETER_FILES = ("test_kernels.py", "test_kernels_bias_act.py", "test_kernels_upfirdn.py")
+INTERPRETER_FILES = (
+    "test_kernels.py",
+    "test_kernels_bias_act.py",
+    "test_kernels_precision.py",
+    "test_kernels_upfirdn.py",
+)
 CONSOLE_SCRIPT = frozenset({"run_pti", "start_pti", "pti_bin", "start_studio"})  # clirun.py, studiorun.py
 
 

@@ -226,6 +226,41 @@ def test_workers_use_the_weights_registry_they_are_given(photos, tmp_path):
         assert report["official_losses"] is True and "lpips_alex" in report["after_tuning"]
 
 
+def test_the_fingerprint_keeps_the_precision_and_leaves_out_how_the_steps_run() -> None:
+    """Resume compares recipes: the precision rounds differently enough to move the early stop (another
+    recipe); the implementation computes the same recipe at float32 parity, like another device (not in)."""
+    from pti.batch.manifest import fingerprint
+    from pti.pipeline import RunConfig
+
+    def settings(**kw):
+        run = RunConfig(invert_cfg=InvertConfig(steps=4, **kw), tune_cfg=TuneConfig(max_steps=3, **kw))
+        return fingerprint(run, "hash", {"projector": "p", "perceptual": "q"})
+
+    assert settings(impl="ref") == settings(impl="compile") == settings(impl="triton") == settings()
+    assert "impl" not in settings()["invert"] and "impl" not in settings()["tune"]
+    for precision in ("tf32", "bf16"):
+        other = settings(precision=precision)
+        assert other != settings() and other["invert"]["precision"] == other["tune"]["precision"] == precision
+
+
+@pytest.mark.slow
+def test_workers_run_the_implementation_and_precision_they_are_given(photos, tmp_path):
+    """The setting travels in the run's config to each worker process, which records what it ran."""
+    out = tmp_path / "out"
+    cfgs = dict(
+        invert_cfg=InvertConfig(steps=2, impl="ref", precision="tf32"),
+        tune_cfg=TuneConfig(max_steps=2, lpips_threshold=0.0, impl="ref", precision="tf32"),
+    )
+    results = pti.tune([photos / "a.png", photos / "b.png"], out=out, workers=2, device="cpu", **cfgs)
+    assert [r.status for r in results] == ["done", "done"]
+    for res in results:
+        for step in ("invert", "tune"):
+            rec = res.report["impl"][step]
+            assert (rec["requested"], rec["impl"], rec["precision"]) == ("ref", "ref", "tf32")
+            assert rec["flags"] == {"tf32_matmul": True, "tf32_cudnn": True}
+    assert [rec["impl"] for rec in _manifest(out)] == [{"invert": "ref", "tune": "ref"}] * 2
+
+
 def test_joint_cannot_use_workers(photos, tmp_path):
     p = run_pti("tune", photos / "a.png", photos / "b.png", "--joint", "--workers", "2", "-o", tmp_path / "o")
     assert p.returncode == 2 and "--joint" in p.stderr and no_traceback(p)

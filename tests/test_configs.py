@@ -46,7 +46,8 @@ RENDER_REFUSED = {
     "mp4": [0, "no"],
     "backend": ["ort", "Torch", None],
     "engine": [3, b"dir"],
-    "precision": ["bf16", "fp64", None],  # an export's precisions: fp32, fp16
+    "precision": ["fp64", "FP32", None],  # torch: fp32, tf32, bf16; an export: fp32, fp16
+    "impl": ["cuda", "Triton", None],  # auto, ref, compile, triton
     "threads": [True, 2.5],
     "force": [1, None],
 }
@@ -61,6 +62,9 @@ RENDER_EDGES = [
         threads="torch",
     ),
     dict(batch=np.int64(256), compare=True, mp4=True, force=True, network=Path("g.pkl"), engine=Path("e"), threads=4),
+    dict(precision="bf16", impl="compile"),
+    dict(precision="tf32", impl="triton"),
+    dict(backend="onnx", precision="fp32", impl="auto"),
 ]
 
 EXPORT_REFUSED = {
@@ -93,6 +97,23 @@ def test_a_bad_run_config_is_refused_naming_the_field(name, value) -> None:
 @pytest.mark.parametrize("name,value", refused_cases(RENDER_REFUSED))
 def test_a_bad_render_config_is_refused_naming_the_field(name, value) -> None:
     assert_refused(RenderConfig, name, value)
+
+
+@pytest.mark.parametrize(
+    "fields,name,needle",
+    [
+        (dict(precision="fp16"), "precision", "fp16 is an export's precision"),
+        (dict(backend="onnx", precision="bf16"), "precision", "bf16 is a precision of the torch backend"),
+        (dict(backend="tensorrt", precision="tf32"), "precision", "tf32 is a precision of the torch backend"),
+        (dict(backend="aoti", impl="compile"), "impl", "compile is for the torch backend"),
+        (dict(backend="onnx", impl="ref"), "impl", "ref is for the torch backend"),
+    ],
+)
+def test_render_options_that_do_not_fit_the_backend_are_refused(fields, name, needle) -> None:
+    """One --precision and one --impl for every backend: the torch backend computes in fp32, tf32 or bf16 by
+    any implementation; an export renders its fp32 or fp16 graph as its runtime built it."""
+    with pytest.raises(ValueError, match=rf"^RenderConfig\.{name}: {needle}[^\n]*$"):
+        RenderConfig(**fields)
 
 
 @pytest.mark.parametrize("name,value", refused_cases(EXPORT_REFUSED))

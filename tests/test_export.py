@@ -104,6 +104,34 @@ def test_onnx_runtime_matches_torch_fp32_at_every_batch_from_one_graph(people, b
     assert (got - want).abs().max() <= FP32
 
 
+def test_verification_runs_the_torch_reference_with_tf32_off_whatever_the_caller_set(people, tmp_path):
+    """CUDA's default (TF32 on in cuDNN) would round every convolution of the reference past the fp32 tolerance:
+    the check sets fp32's flags itself, puts the caller's back, and records them in the contract. (On a CPU
+    the flags change no pixel, but they are set all the same: a hook sees them during the reference's forward.)"""
+    from pti.export.contract import torch_reference
+
+    fp32 = {"tf32_matmul": False, "tf32_cudnn": False}
+    G, seen = people["G_a"], []
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as on CUDA, and more
+    try:
+        hook = G.synthesis.register_forward_pre_hook(
+            lambda module, args: seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        )
+        try:
+            images, flags = torch_reference(G, _ws(1))
+        finally:
+            hook.remove()  # before the export copies the network
+        _, contract = load_contract(export_onnx(Source(G, people["hash"], "builtin:tiny"), tmp_path / "x").parent)
+        after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert seen == [(False, False)] and flags == fp32 and images.shape == (1, 3, 64, 64)
+    assert contract["verified"]["reference"] == {"precision": "fp32", "flags": fp32}
+    assert contract["verified"]["flags"] == fp32  # the export's own run, too
+    assert after == (True, True)  # the caller's flags are back
+
+
 @pytest.mark.slow
 def test_initializer_names_are_the_same_for_every_identity(people, tmp_path):
     base = onnx.load(
@@ -229,6 +257,15 @@ def test_render_backend_onnx_gives_the_torch_pixels(people, tmp_path):
     ref = pti.render(people["b"], edit, tmp_path / "torch", device="cpu")
     got = pti.render(people["b"], edit, tmp_path / "onnx", device="cpu", backend="onnx", engine=people["onnx_a"])
     assert got.report["backend"] == "onnx"
+    fp32 = {"tf32_matmul": False, "tf32_cudnn": False}  # as the export was verified
+    assert got.report["impl"] == {
+        "requested": "auto",
+        "impl": "onnx",
+        "ops": {},
+        "precision": "fp32",
+        "flags": fp32,
+        "compile_seconds": None,
+    }
     for label in ref.labels:  # one 8-bit level at most: fp32 rounding (1e-4 << 1/127.5) at a rounding boundary
         assert (
             np.abs(

@@ -155,6 +155,48 @@ def test_newer_format_versions_are_refused(tmp_path, base, base_hash, tuned) -> 
         Identity.load(no_pivot)
 
 
+def test_how_it_was_tuned_is_recorded_under_the_checksum_and_old_files_still_load(
+    tmp_path, base, base_hash, tuned
+) -> None:
+    """The metadata's `impl` record (what the tuning ran) reads back as `tuned_with`; a file from before pti
+    recorded it (v2 without it, or v1 without a checksum) still loads, as tuned with the reference ops (the only
+    path `pti tune` ran then) at its precision, its flags unknown; and the record cannot be altered unnoticed."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from pti.engine.identity import describe
+
+    flags = {"tf32_matmul": True, "tf32_cudnn": True}
+    record = {"requested": "auto", "impl": "compile", "ops": {}, "precision": "tf32", "flags": flags}
+    new = Identity.from_tuning(base, *tuned, base_hash, meta={"precision": "tf32", "impl": {"tune": record}})
+    path = new.save(tmp_path / "new.pti")
+    want = {"impl": "compile", "precision": "tf32", "flags": flags, "recorded": True}
+    assert Identity.load(path).tuned_with == want and describe(path)["tuned_with"] == want
+    assert describe(path)["impl"] == {"tune": record}
+
+    old = Identity.from_tuning(base, *tuned, base_hash, meta={"precision": "bf16"}).save(tmp_path / "old.pti")
+    was = {"impl": "ref", "precision": "bf16", "flags": None, "recorded": False}
+    assert Identity.load(old).tuned_with == was and describe(old)["tuned_with"] == was
+    with safe_open(str(old), framework="pt") as f:
+        header = dict(f.metadata())
+    v1 = tmp_path / "v1.pti"
+    save_file(load_file(old), v1, metadata={**{k: v for k, v in header.items() if k != "checksum"}, "version": "1"})
+    loaded = Identity.load(v1)
+    assert loaded.checksum is None and loaded.notes and loaded.tuned_with == was
+    assert loaded.apply(base, base_hash) is not None
+
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+    meta = json.loads(header["meta"])
+    meta["impl"]["tune"]["impl"] = "ref"  # the record rewritten, the checksum kept
+    forged = tmp_path / "forged.pti"
+    save_file(load_file(path), forged, metadata={**header, "meta": json.dumps(meta)})
+    with pytest.raises(IdentityError, match="checksum mismatch"):
+        Identity.load(forged)
+
+
 def test_save_is_atomic(tmp_path, base, base_hash, tuned, monkeypatch) -> None:
     ident = Identity.from_tuning(base, *tuned, base_hash)
     target = tmp_path / "me.pti"

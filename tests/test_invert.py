@@ -167,6 +167,7 @@ NAN, INF = float("nan"), float("inf")
 # Every field, with values it must refuse: out of range, not finite, or of the wrong kind.
 INVERT_REFUSED = {
     "precision": ["fp16", "bf 16", None],
+    "impl": ["compiled", "Ref", None, 0],
     "steps": [0, -5, 10.0, True],
     "space": ["z", "W", None],
     "w_avg_samples": [0, 600.5],

@@ -48,5 +48,10 @@ def test_a_test_that_starts_nothing_is_not_marked(request) -> None:
 
 
 def test_the_triton_kernel_tests_are_marked_interpreter() -> None:
-    assert conftest.INTERPRETER_FILES == ("test_kernels.py", "test_kernels_bias_act.py", "test_kernels_upfirdn.py")
+    assert conftest.INTERPRETER_FILES == (
+        "test_kernels.py",
+        "test_kernels_bias_act.py",
+        "test_kernels_precision.py",
+        "test_kernels_upfirdn.py",
+    )
     assert all((conftest.TESTS / name).is_file() for name in conftest.INTERPRETER_FILES)

@@ -101,6 +101,22 @@ def test_no_edit_renders_the_reconstruction(person, tmp_path):
     assert res.report["outputs"][0]["label"] == "reconstruction"
 
 
+def test_an_identity_that_records_no_impl_renders_and_says_so(person, tmp_path):
+    """Files from before pti recorded how they were tuned (these fixtures hold no `impl`) render as before;
+    render.json says what it assumes of them and what ran now (auto's pick, fp32 with TF32 off: the pixels
+    the exact encoding must reproduce bit for bit)."""
+    from pti.engine.config import AUTO_IMPL
+
+    res = pti.render(person["paths"][True], [], tmp_path, device="cpu")
+    rec = json.loads((tmp_path / "render.json").read_text())
+    assert rec["identity_tuned_with"] == {"impl": "ref", "precision": "fp32", "flags": None, "recorded": False}
+    assert rec["impl"]["requested"] == "auto" and rec["impl"]["impl"] == AUTO_IMPL["cpu"] == "ref"
+    assert rec["impl"]["precision"] == "fp32" and rec["impl"]["flags"] == {"tf32_matmul": False, "tf32_cudnn": False}
+    assert rec == json.loads(json.dumps(res.report))  # what the API returns is what the file holds
+    want = to_uint8(_expected(person["G"], person["pivot"][None])[0])
+    assert np.array_equal(res.images[0], want)
+
+
 def test_a_sweep_writes_frames_a_grid_and_a_gif(person, tmp_path):
     res = pti.render(
         person["paths"][True],

@@ -225,6 +225,7 @@ NAN, INF = float("nan"), float("inf")
 # Every field, with values it must refuse: out of range, not finite, or of the wrong kind.
 TUNE_REFUSED = {
     "precision": ["fp16", "BF16", None, 32],
+    "impl": ["triton-cuda", "REF", None, 1, "prefer:triton"],
     "lr": [0.0, -3e-4, NAN, INF, "3e-4"],
     "max_steps": [0, -1, 2.5, True],
     "lpips_threshold": [-0.01, NAN, INF],

@@ -40,18 +40,31 @@ class Job:
     result: Any = field(default=None, repr=False)
 
 
+# Settings of the step configs that say how a step runs, not what it computes: left out of the fingerprint.
+HOW_IT_RUNS = ("impl",)
+
+
 def fingerprint(config: RunConfig, base_hash: str, losses: dict[str, str]) -> dict:
-    """The settings that change an identity file (not the device, threads or worker count): what decides
-    whether a photo done before can be reused."""
+    """The settings that change an identity file (not the device, threads, worker count or implementation):
+    what decides whether a photo done before can be reused.
+
+    The precision is in (fp32, tf32 and bf16 round differently enough to move the early stop and the
+    losses). The implementation (`impl`) is not: ref, compile and triton compute the same recipe, equal at
+    float32 parity (the engine's parity tests), as a photo tuned on another device is; a re-run with
+    another `--impl` reuses what is done, and each line records what ran (`impl`)."""
     return {
         "base_hash": base_hash,
         "align": config.align,
         "face": config.face,
         "exact": config.exact,
         "losses": dict(losses),
-        "invert": plain(asdict(config.invert_cfg)),
-        "tune": plain(asdict(config.tune_cfg)),
+        "invert": _recipe(config.invert_cfg),
+        "tune": _recipe(config.tune_cfg),
     }
+
+
+def _recipe(cfg) -> dict:
+    return {k: v for k, v in plain(asdict(cfg)).items() if k not in HOW_IT_RUNS}
 
 
 class Manifest:
@@ -175,6 +188,7 @@ def record(job: Job, res, fingerprint: dict, worker: str) -> dict:
         "identity": None,
         "identity_sha256": None,
         "metrics": None,
+        "impl": None,
     }
     if res.status == "done" and res.identity is not None:
         rep = res.report
@@ -188,6 +202,7 @@ def record(job: Job, res, fingerprint: dict, worker: str) -> dict:
                 "steps": rep.get("steps"),
                 "early_stopped": rep.get("early_stopped"),
             },
+            impl={step: (r or {}).get("impl") for step, r in (rep.get("impl") or {}).items()},  # what ran
         )
     return rec
 

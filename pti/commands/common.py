@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -46,6 +47,61 @@ def _check_device(value: str) -> str:
 DeviceOption = Annotated[
     str, typer.Option("--device", callback=_check_device, help="auto (the GPU if there is one), cpu, cuda or cuda:N.")
 ]
+
+
+# The implementation and precision names, as the help texts say them. `--help` must not import torch, so these
+# are copies of pti.engine.config.IMPLS and AUTO_IMPL and pti.kernels.precision.PRECISIONS; tests/
+# test_impl_setting.py checks that they are equal.
+IMPLS = ("auto", "ref", "compile", "triton")
+AUTO_IMPL = {"cpu": "ref", "cuda": "ref"}  # what auto runs, per device kind
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+class Impl(str, Enum):  # IMPLS
+    auto = "auto"
+    ref = "ref"
+    compile = "compile"
+    triton = "triton"
+
+
+class Precision(str, Enum):  # PRECISIONS: the compute precisions
+    fp32 = "fp32"
+    tf32 = "tf32"
+    bf16 = "bf16"
+
+
+def impl_help(what: str) -> str:
+    """The help of `--impl` for a command whose work is `what`."""
+    auto = ", ".join(f"{kind} -> {impl}" for kind, impl in AUTO_IMPL.items())
+    return (
+        f"The implementation of {what}: ref (the reference ops, eager: the faithful path), compile (torch.compile, "
+        "compiled once and cached in the user cache), triton (the Triton kernels where they take a layer; needs "
+        f"CUDA), or auto, which picks per device: {auto}."
+    )
+
+
+PRECISION_HELP = (
+    "fp32 (the paper: float32, TF32 off), tf32 (float32 tensors, TF32 tensor-core matmuls and convolutions on "
+    "GPUs; on a CPU the same as fp32) or bf16 (bfloat16 autocast, fp32 master weights)."
+)
+
+
+def compile_line(phase: str, step: int, values: dict, out: Console = console) -> bool:
+    """Print the engine's "compile" phase as lines ("compiling the tuning step (one-time) ...", then its
+    seconds); False for any other phase."""
+    if phase != "compile":
+        return False
+    what = COMPILED.get(str(values.get("for")), f"{values.get('for', 'the')} step")
+    if step == 0:
+        out.print(f"compiling {what} (one-time) ...", markup=False)
+    else:
+        seconds = values.get("seconds")
+        took = f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+        out.print(f"compiled {what}{took}", markup=False)
+    return True
+
+
+COMPILED = {"invert": "the inversion step", "tune": "the tuning step", "render": "the synthesis network"}
 
 
 def thread_setting() -> str:

@@ -241,6 +241,15 @@ def _tuning_rows(d: dict) -> list[tuple[str, str]]:
                 f"stop at perceptual <= {tun.get('lpips_threshold')}, {locality}, seed {tun.get('seed')}",
             )
         )
+    tuned_with = d.get("tuned_with")
+    if tuned_with:
+        rows.append(
+            (
+                "tuned with",
+                f"{tuned_with.get('impl')}, {tuned_with.get('precision')}"
+                + ("" if tuned_with.get("recorded") else " (not recorded: the reference ops)"),
+            )
+        )
     if d.get("joint_with"):
         rows.append(("tuned jointly with", ", ".join(d["joint_with"])))
     losses = d.get("losses") or {}

@@ -9,13 +9,36 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from pti.commands.common import DeviceOption, PhaseProgress, console, help_text, plural, thread_setting
-from pti.commands.export import Precision
+from pti.commands.common import (
+    DeviceOption,
+    Impl,
+    PhaseProgress,
+    compile_line,
+    console,
+    help_text,
+    impl_help,
+    plural,
+    thread_setting,
+)
 
 EDIT_HELP = (
     "An edit, repeatable (edits sum): NAME=VALUE (age=+3, smile=-1.5), a sweep NAME=START:STOP:N "
     "(age=-3:3:7), layers NAME=VALUE@A-B (age=+3@0-8). NAME is a preset (age, smile, pose, eye_openness, "
     "smile_ganspace, trimmed_beard), a direction file (./dir.npy) or FILE:K for GANSpace component K."
+)
+
+
+class RenderPrecision(str, Enum):  # pti.rendering.RENDER_PRECISIONS
+    fp32 = "fp32"
+    tf32 = "tf32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PRECISION_HELP = (
+    "--backend torch computes in fp32 (float32, TF32 off), tf32 (TF32 tensor-core matmuls and convolutions on "
+    "GPUs) or bf16 (bfloat16 autocast); an export backend renders its export's fp32 or fp16 weights (the cached "
+    "export is made in that precision). Other pairs are refused."
 )
 
 
@@ -80,9 +103,15 @@ def render(
             ),
         ),
     ] = None,
-    precision: Annotated[
-        Precision, typer.Option("--precision", help="Precision of the cached export (fp32 | fp16).")
-    ] = Precision.fp32,
+    precision: Annotated[RenderPrecision, typer.Option("--precision", help=PRECISION_HELP)] = RenderPrecision.fp32,
+    impl: Annotated[
+        Impl,
+        typer.Option(
+            "--impl",
+            help=impl_help("the torch backend")
+            + " The export backends run the graph their runtime built: --impl is for --backend torch.",
+        ),
+    ] = Impl.auto,
     force: Annotated[
         bool,
         typer.Option(
@@ -96,6 +125,9 @@ def render(
 
     if engine is not None and backend is BackendName.torch:
         raise typer.BadParameter("--engine is for --backend onnx, aoti or tensorrt", param_hint="--engine")
+    mismatch = pti.rendering.backend_mismatch(backend.value, impl.value, precision.value)
+    if mismatch is not None:
+        raise typer.BadParameter(mismatch[1], param_hint=f"--{mismatch[0]}")
     config = pti.rendering.RenderConfig(
         network=network,
         device=device,
@@ -106,19 +138,28 @@ def render(
         backend=backend.value,
         engine=engine,
         precision=precision.value,
+        impl=impl.value,
         threads=thread_setting(),
         force=force,
     )
     with PhaseProgress() as bar:
-        result = pti.rendering.render(identity, edit or [], out, config, progress=bar.update)
+
+        def progress(phase: str, step: int, total: int, values: dict) -> None:
+            if not compile_line(phase, step, values):
+                bar.update(phase, step, total, values)
+
+        result = pti.rendering.render(identity, edit or [], out, config, progress=progress)
     _summary(result)
 
 
 def _summary(result) -> None:
     rep = result.report
+    ran = rep.get("impl") or {}
+    how = f"{ran.get('impl')}, {ran.get('precision')}" if rep["backend"] == "torch" else ran.get("precision")
+    compiled = f"; compiled once in {ran['compile_seconds']:.1f} s" if ran.get("compile_seconds") else ""
     console.print(
-        f"{result.identity}: {plural(rep['frames'], 'frame')} on {rep['backend']} ({rep['device']}), "
-        f"{rep['ms_per_image']:.1f} ms per image at batch {rep['batch']}",
+        f"{result.identity}: {plural(rep['frames'], 'frame')} on {rep['backend']} ({how}, {rep['device']}), "
+        f"{rep['ms_per_image']:.1f} ms per image at batch {rep['batch']}{compiled}",
         markup=False,
     )
     for o in rep["outputs"]:

@@ -14,7 +14,9 @@ The recipe of the FFHQ dataset (Karras et al. 2019), written for Pillow >= 10:
    not asked to reproduce mirrored content sharply.
 5. Map the quad onto a 4096 px square (bilinear), then Lanczos-downsample to the output size.
 
-dlib's models come from the `face-recognition-models` package and are loaded once per process.
+dlib's models come from the `face-recognition-models` package and are loaded once per process; dlib itself
+is imported on first use (`dlib_module`), so that `import pti.cli`, `pti bench` and everything else that does
+not look for faces run where dlib is not installed (the GPU check's machine).
 dlib's other face model, the identity embedding that reports score reconstructions with, is
 `pti.engine.faceid`; it reads the faces `detect_faces` finds here.
 """
@@ -26,7 +28,6 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dlib
 import numpy as np
 import scipy.ndimage
 from PIL import Image
@@ -71,13 +72,23 @@ def dlib_model_path(filename: str) -> Path:
 
 
 @functools.cache
+def dlib_module():
+    """dlib, imported here on first use rather than with this module (see the module's docstring)."""
+    try:
+        import dlib  # noqa: PLC0415  only finding faces needs it, and some machines running pti lack it
+    except ImportError as e:
+        raise PTIError(f"dlib is not installed ({e}); run `pip install dlib-bin` to find and align faces") from None
+    return dlib
+
+
+@functools.cache
 def _detector():
-    return dlib.get_frontal_face_detector()
+    return dlib_module().get_frontal_face_detector()
 
 
 @functools.cache
 def _predictor():
-    return dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
+    return dlib_module().shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
 
 
 def detect_faces(img: Image.Image, upsample: int = UPSAMPLE) -> list[Face]:

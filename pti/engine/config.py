@@ -7,13 +7,18 @@ the value, so a mistyped setting fails at construction instead of deep inside a 
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import math
+import os
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from pti.errors import PTIError
+
+from pti.kernels.precision import PRECISIONS  # noqa: F401  (defined there; importable here too)
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, step, total, values): what long runs report
 
@@ -89,16 +94,40 @@ def seeded_generator(seed: int | None, device) -> torch.Generator:
     return gen
 
 
-# The precision names, defined here once. Inversion, tuning and `pti bench` run their forward passes in
-# fp32 (the paper) or under bf16 autocast (`autocast` below); an export stores and runs its weights in fp32
-# or fp16 (the generator's own fp16 blocks, which deployment runtimes run fast).
-PRECISIONS = ("fp32", "bf16")
+# The precision names are defined once, in `pti.kernels.precision` (fp32, tf32, bf16; the flags each sets);
+# an export stores and runs its weights in fp32 or fp16 (the generator's own fp16 blocks, which deployment
+# runtimes run fast).
 EXPORT_PRECISIONS = ("fp32", "fp16")
 
+# ---------------------------------------------------------------------------- the implementation setting
+#
+#   ref      the reference ops, eager: the faithful path that reproduces the authors' PTI step for step
+#   compile  torch.compile of the inversion and tuning steps (synthesis forward and backward, the
+#            perceptual losses, the locality pass); the compile cache in the user cache folder
+#   triton   the Triton kernels where they take the layer (CUDA; the reference ops elsewhere)
+#   auto     per device kind, what the benchmarks showed fastest at parity (AUTO_IMPL below)
+IMPLS = ("auto", "ref", "compile", "triton")
 
-def autocast(device: torch.device, precision: str):
-    """The forward passes' precision: "fp32" as is; "bf16" under autocast (bfloat16 matmuls and convolutions,
-    float32 master weights, optimizer state and reductions; bfloat16 keeps float32's range, so no loss scaling)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+# What "auto" runs, per device kind, and the measurement it rests on.
+# - cpu: ref. benchmarks/results/tune_cpu.json (2-core Xeon, one run): a compiled tuning step is 1.2-1.3x
+#   faster per step, but compiling costs 60-90 s, more than a whole single-photo run saves; the Triton
+#   kernels run on CPUs only in their interpreter.
+# - cuda: ref until a GPU run of benchmarks/gpu_check.sh measures compile and triton at parity (no GPU has
+#   been lent yet; issue 18's note says what remains).
+AUTO_IMPL = {"cpu": "ref", "cuda": "ref"}
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that runs for the setting `impl` on `device`: `impl` itself, or AUTO_IMPL's choice."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+    chosen = AUTO_IMPL.get(device.type, "ref") if impl == "auto" else impl
+    if chosen == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise PTIError("--impl triton needs Triton (pip install triton, or pti[kernels]); use --impl ref or auto")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise PTIError(
+                f"--impl triton runs its kernels on CUDA GPUs, and this run is on {device.type} "
+                "(TRITON_INTERPRET=1 runs them in Triton's interpreter, for tests); use --impl ref or auto"
+            )
+    return chosen

@@ -5,7 +5,8 @@ Reports score a reconstruction by the cosine similarity of its embedding to the 
 `pti.engine.align.detect_faces` has already found: `face_embedding(img, face)` takes them as they are,
 and without `face` it detects the faces once and uses the largest; the landmark predictor runs once.
 
-dlib's recognition model comes from the `face-recognition-models` package and is loaded once per process.
+dlib's recognition model comes from the `face-recognition-models` package and is loaded once per process;
+dlib itself is imported on first use (`pti.engine.align.dlib_module`), not with this module.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import dlib
 import numpy as np
 from PIL import Image
 
-from pti.engine.align import Face, detect_faces, dlib_model_path
+from pti.engine.align import Face, detect_faces, dlib_model_path, dlib_module
 from pti.engine.images import to_uint8
 
 DLIB_SAME_PERSON = 0.6  # dlib's published threshold on the euclidean distance of its 128-d embeddings
@@ -32,7 +32,7 @@ class IdentityScore:
 
 @functools.cache
 def _face_encoder():
-    return dlib.face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
+    return dlib_module().face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
 
 
 def _rgb_array(img) -> np.ndarray:
@@ -48,6 +48,7 @@ def _rgb_array(img) -> np.ndarray:
 def _shape(face: Face):
     """The face's box and 68 landmarks as dlib's `full_object_detection`, what the recognition model reads.
     The landmarks are whole pixels (dlib's own points), so the round trip through float64 is exact."""
+    dlib = dlib_module()
     points = dlib.points([dlib.point(int(x), int(y)) for x, y in face.landmarks])
     return dlib.full_object_detection(dlib.rectangle(*face.box), points)
 

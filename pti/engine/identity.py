@@ -6,7 +6,8 @@ Format: a safetensors file (no pickle, nothing executable) holding
   about 56 MB at 1024 px against 127 MB for the authors' whole-module save) or, with `exact=True`,
   as `weight.<param>` float32 tensors equal to the tuned weights bit for bit;
 - metadata (strings): format tag and version, the base generator's content hash and a path hint,
-  its config, the run's config, per-step loss curves, timings and library versions;
+  its config, the run's config, per-step loss curves, timings and library versions, and how it was tuned
+  (`impl`: per step, the implementation that ran, its ops, precision and flags; see `tuned_with`);
 - from format v2, `checksum`: sha256 over every tensor (name, dtype, shape, bytes) and the other metadata,
   checked on every load, so a damaged file is refused instead of rendering garbage. v1 files (no
   checksum) still load, with a note saying damage to them cannot be detected.
@@ -160,8 +161,30 @@ class Identity:
         )
 
     @property
+    def tuned_with(self) -> dict[str, Any]:
+        """How the tuning ran (see `tuned_with`)."""
+        return tuned_with(self.meta)
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()) + self.pivot.numel() * 4
+
+
+def tuned_with(meta: dict) -> dict[str, Any]:
+    """How an identity was tuned, from its metadata: {"impl", "precision", "flags", "recorded"}.
+
+    The record is `meta["impl"]["tune"]` (what the engine's `TuneResult.impl` said). Files written before pti
+    recorded it (no `impl` in their metadata) were tuned with the reference ops, the only path `pti tune` ran
+    then, at the precision they record; their TF32 flags are not known (None), and `recorded` is False."""
+    rec = (meta.get("impl") or {}).get("tune") if isinstance(meta.get("impl"), dict) else None
+    if isinstance(rec, dict):
+        return {
+            "impl": rec.get("impl"),
+            "precision": rec.get("precision", meta.get("precision")),
+            "flags": rec.get("flags"),
+            "recorded": True,
+        }
+    return {"impl": "ref", "precision": meta.get("precision", "fp32"), "flags": None, "recorded": False}
 
 
 def load_base(ident: Identity, network=None, device="cpu"):
@@ -319,10 +342,12 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "seconds",
                 "device",
                 "precision",
+                "impl",
                 "joint_with",
                 "versions",
             )
         },
+        "tuned_with": tuned_with(meta),
     }
 
 

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pti.engine.config import PRECISIONS, ProgressFn, autocast, check_fields, one_of, real, seeded_generator, whole
+from pti.engine.config import IMPLS, ProgressFn, check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import ProjectorMetric, to_0_255
+from pti.engine.speed import StepRunner
+from pti.kernels.precision import PRECISIONS, autocast_scope
 
 
 # ---------------------------------------------------------------------------- the projector
@@ -41,13 +43,15 @@ class InvertConfig:
     noise_ramp: float = 0.75  # exploration noise decays to zero by this fraction of steps
     noise_reg_weight: float = 1e5  # weight of the noise-map autocorrelation penalty
     seed: int | None = 0  # seeds noise init and exploration; None = nondeterministic
-    precision: str = "fp32"  # forward passes: fp32 (the paper) or bf16 autocast
+    precision: str = "fp32"  # fp32 (the paper), tf32, or bf16 autocast forward passes (pti.kernels.precision)
+    impl: str = "auto"  # ref (the faithful path), compile, triton, or auto (pti.engine.config.IMPLS)
 
     def __post_init__(self):
         check_fields(
             self,
             {
                 "precision": one_of(*PRECISIONS),
+                "impl": one_of(*IMPLS),
                 "steps": whole(1),
                 "space": one_of("w", "w+"),
                 "w_avg_samples": whole(1),
@@ -70,6 +74,7 @@ class InversionResult:
     dists: list[float] = field(default_factory=list)  # perceptual distance per step
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
+    impl: dict = field(default_factory=dict)  # what ran (pti.engine.speed.StepRunner.record)
 
 
 def learning_rate(step: int, cfg: InvertConfig) -> float:
@@ -111,6 +116,15 @@ def noise_regularization(noise_bufs: list[torch.Tensor]) -> torch.Tensor:
     return reg
 
 
+def step_loss(synthesis, metric: ProjectorMetric, ws, prepared, noise_bufs, noise_reg_weight: float, precision: str):
+    """(loss, distance) of one projector step: the render at ws (noise 'const') in `precision`, the metric
+    in float32, plus the weighted noise autocorrelation penalty."""
+    with autocast_scope(precision, ws.device):
+        synth = synthesis(ws, noise_mode="const", force_fp32=True)
+    dist = metric.distance(to_0_255(synth.float()), prepared)  # the metric in float32
+    return dist + noise_regularization(noise_bufs) * noise_reg_weight, dist
+
+
 def invert(
     G,
     target: torch.Tensor,  # [1, 3, R, R] or [3, R, R] in [-1, 1], R = G.img_resolution
@@ -138,28 +152,30 @@ def invert(
     optimizer = torch.optim.Adam([w_opt] + noise_bufs, betas=(0.9, 0.999), lr=cfg.initial_lr)
     prepared = metric.prepare(to_0_255(target))
     result = InversionResult(pivot=w_start, config=asdict(cfg))
+    runner = StepRunner(cfg.impl, cfg.precision, device, "invert", progress, (synthesis, metric))
+    synthesis.impl = runner.network_impl()
+    loss_of = runner.fn(step_loss)
 
-    for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        w_noise = torch.randn(w_opt.shape, generator=gen, device=device) * w_noise_scale(step, w_std, cfg)
-        ws = (w_opt + w_noise).repeat([1, G.num_ws // w_opt.shape[1], 1])
-        with autocast(device, cfg.precision):
-            synth = synthesis(ws, noise_mode="const", force_fp32=True)
-        dist = metric.distance(to_0_255(synth.float()), prepared)  # the metric in float32
-        loss = dist + noise_regularization(noise_bufs) * cfg.noise_reg_weight
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():  # renormalize every noise map to zero mean, unit variance
-            for buf in noise_bufs:
-                buf -= buf.mean()
-                buf *= buf.square().mean().rsqrt()
-        result.losses.append(float(loss.detach()))
-        result.dists.append(float(dist.detach()))
-        if progress is not None:
-            progress("invert", step + 1, cfg.steps, {"loss": result.losses[-1], "dist": result.dists[-1]})
+    with runner:
+        for step in range(cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            w_noise = torch.randn(w_opt.shape, generator=gen, device=device) * w_noise_scale(step, w_std, cfg)
+            ws = (w_opt + w_noise).repeat([1, G.num_ws // w_opt.shape[1], 1])
+            with runner.step():
+                loss, dist = loss_of(synthesis, metric, ws, prepared, noise_bufs, cfg.noise_reg_weight, cfg.precision)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():  # renormalize every noise map to zero mean, unit variance
+                for buf in noise_bufs:
+                    buf -= buf.mean()
+                    buf *= buf.square().mean().rsqrt()
+            result.losses.append(float(loss.detach()))
+            result.dists.append(float(dist.detach()))
+            if progress is not None:
+                progress("invert", step + 1, cfg.steps, {"loss": result.losses[-1], "dist": result.dists[-1]})
+    result.impl = runner.record()
 
     pivot = w_opt.detach()
     result.pivot = pivot.repeat([1, G.num_ws // pivot.shape[1], 1])

@@ -23,9 +23,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pti.engine.config import PRECISIONS, ProgressFn, autocast, check_fields, one_of, real, seeded_generator, whole
+from pti.engine.config import IMPLS, ProgressFn, check_fields, one_of, real, seeded_generator, whole
 from pti.engine.losses import Perceptual
+from pti.engine.speed import StepRunner
 from pti.engine.ssim import ms_ssim
+from pti.kernels.precision import PRECISIONS, autocast_scope
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,15 @@ class TuneConfig:
     locality_samples: int = 1  # sampled w's per regularized step
     locality_interval: int = 1  # regularize every N-th step
     seed: int | None = 0  # seeds the locality samples; None = nondeterministic
-    precision: str = "fp32"  # forward passes: fp32 (the paper) or bf16 autocast
+    precision: str = "fp32"  # fp32 (the paper), tf32, or bf16 autocast forward passes (pti.kernels.precision)
+    impl: str = "auto"  # ref (the faithful path), compile, triton, or auto (pti.engine.config.IMPLS)
 
     def __post_init__(self):
         check_fields(
             self,
             {
                 "precision": one_of(*PRECISIONS),
+                "impl": one_of(*IMPLS),
                 "lr": real(0, above=True),
                 "max_steps": whole(1),
                 "lpips_threshold": real(0),  # 0: never stop early
@@ -75,6 +79,7 @@ class TuneResult:
     curves: dict[str, list[float]] = field(default_factory=dict)  # per-step loss terms
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
+    impl: dict = field(default_factory=dict)  # what ran (pti.engine.speed.StepRunner.record)
 
 
 def locality_ws(G_orig, pivot: torch.Tensor, cfg: TuneConfig, gen: torch.Generator) -> list[torch.Tensor]:
@@ -90,19 +95,34 @@ def locality_ws(G_orig, pivot: torch.Tensor, cfg: TuneConfig, gen: torch.Generat
     return out
 
 
-def locality_loss(G, G_orig, pivot, perceptual: Perceptual, cfg: TuneConfig, gen) -> tuple[torch.Tensor, dict]:
-    """Mean over samples of 0.1 MSE + 0.1 LPIPS between tuned and original renders near the pivot."""
+def pivot_terms(synthesis, perceptual, pivot, target, precision: str):
+    """(MSE, perceptual) of the render at the pivot (noise 'const') against the target: the forward pass
+    in `precision`, the losses in float32 (SSIM's variances cancel badly in bfloat16)."""
+    with autocast_scope(precision, pivot.device):
+        synth = synthesis(pivot, noise_mode="const", force_fp32=True)
+    synth = synth.float()
+    return F.mse_loss(synth, target), perceptual(synth, target).mean()
+
+
+def locality_terms(synthesis, orig_synthesis, perceptual, w_r, precision: str):
+    """(MSE, perceptual) between the tuned and the original renders at w_r (noise 'none')."""
+    with autocast_scope(precision, w_r.device):
+        new = synthesis(w_r, noise_mode="none", force_fp32=True)
+        with torch.no_grad():
+            old = orig_synthesis(w_r, noise_mode="none", force_fp32=True)
+    new, old = new.float(), old.float()
+    return F.mse_loss(old, new), perceptual(old, new).mean()
+
+
+def locality_loss(
+    G, G_orig, pivot, perceptual: Perceptual, cfg: TuneConfig, gen, terms=locality_terms
+) -> tuple[torch.Tensor, dict]:
+    """Mean over samples of 0.1 MSE + 0.1 LPIPS between tuned and original renders near the pivot;
+    `terms` is `locality_terms` as the implementation setting runs it."""
     total, l2_sum, lp_sum = 0.0, 0.0, 0.0
     ws_list = locality_ws(G_orig, pivot, cfg, gen)
-    device = pivot.device
     for w_r in ws_list:
-        with autocast(device, cfg.precision):
-            new = G.synthesis(w_r, noise_mode="none", force_fp32=True)
-            with torch.no_grad():
-                old = G_orig.synthesis(w_r, noise_mode="none", force_fp32=True)
-        new, old = new.float(), old.float()
-        l2 = F.mse_loss(old, new)
-        lp = perceptual(old, new).mean()
+        l2, lp = terms(G.synthesis, G_orig.synthesis, perceptual, w_r, cfg.precision)
         total = total + cfg.locality_l2_lambda * l2 + cfg.locality_lpips_lambda * lp
         l2_sum += float(l2.detach())
         lp_sum += float(lp.detach())
@@ -135,6 +155,9 @@ def tune(
     device = next(G.parameters()).device
     start = time.perf_counter()
     G_tuned, G_orig = _prepare(G)
+    runner = StepRunner(cfg.impl, cfg.precision, device, "tune", progress, (G_tuned.synthesis, perceptual))
+    G_tuned.impl = G_orig.impl = runner.network_impl()
+    at_pivot, near_pivot = runner.fn(pivot_terms), runner.fn(locality_terms)
     optimizer = torch.optim.Adam(G_tuned.synthesis.parameters(), lr=cfg.lr)
     gen = seeded_generator(cfg.seed, device)
     result = TuneResult(G=G_tuned, config=asdict(cfg))
@@ -144,42 +167,41 @@ def tune(
 
     total = cfg.max_steps * len(targets)
     step = 0
-    for _ in range(cfg.max_steps):
-        for target, pivot in zip(targets, pivots):
-            target = target.to(device)
-            pivot = pivot.to(device)
-            with autocast(device, cfg.precision):
-                synth = G_tuned.synthesis(pivot, noise_mode="const", force_fp32=True)
-            synth = synth.float()  # the losses in float32 (SSIM's variances cancel badly in bfloat16)
-            l2 = F.mse_loss(synth, target)
-            lp = perceptual(synth, target).mean()
-            loss = cfg.l2_lambda * l2 + cfg.lpips_lambda * lp
-            if not joint and float(lp.detach()) <= cfg.lpips_threshold:
-                result.early_stopped = True  # checked before backward: this step is not applied
+    with runner:
+        for _ in range(cfg.max_steps):
+            for target, pivot in zip(targets, pivots):
+                target = target.to(device)
+                pivot = pivot.to(device)
+                with runner.step():
+                    l2, lp = at_pivot(G_tuned.synthesis, perceptual, pivot, target, cfg.precision)
+                    loss = cfg.l2_lambda * l2 + cfg.lpips_lambda * lp
+                    if not joint and float(lp.detach()) <= cfg.lpips_threshold:
+                        result.early_stopped = True  # checked before backward: this step is not applied
+                        break
+                    terms = {"l2": float(l2.detach()), "lpips": float(lp.detach())}
+                    if cfg.locality and step % cfg.locality_interval == 0:
+                        reg, reg_terms = locality_loss(G_tuned, G_orig, pivot, perceptual, cfg, gen, near_pivot)
+                        loss = loss + reg
+                        terms.update(reg_terms)
+                        curves["reg_step"].append(step)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                curves["loss"].append(float(loss.detach()))
+                for key, value in terms.items():
+                    curves[key].append(value)
+                if progress is not None:  # the perceptual term under the name of the loss that ran (lpips, 1-ms_ssim)
+                    label = getattr(perceptual, "label", "lpips")
+                    progress(
+                        "tune",
+                        step,
+                        total,
+                        {"loss": curves["loss"][-1], **{k.replace("lpips", label): v for k, v in terms.items()}},
+                    )
+            if result.early_stopped:
                 break
-            terms = {"l2": float(l2.detach()), "lpips": float(lp.detach())}
-            if cfg.locality and step % cfg.locality_interval == 0:
-                reg, reg_terms = locality_loss(G_tuned, G_orig, pivot, perceptual, cfg, gen)
-                loss = loss + reg
-                terms.update(reg_terms)
-                curves["reg_step"].append(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            curves["loss"].append(float(loss.detach()))
-            for key, value in terms.items():
-                curves[key].append(value)
-            if progress is not None:  # the perceptual term under the name of the loss that ran (lpips, 1-ms_ssim)
-                label = getattr(perceptual, "label", "lpips")
-                progress(
-                    "tune",
-                    step,
-                    total,
-                    {"loss": curves["loss"][-1], **{k.replace("lpips", label): v for k, v in terms.items()}},
-                )
-        if result.early_stopped:
-            break
+    result.impl = runner.record()
     result.steps = step
     result.seconds = time.perf_counter() - start
     G_tuned.requires_grad_(False)

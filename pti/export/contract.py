@@ -32,6 +32,7 @@ from pti.engine.config import EXPORT_PRECISIONS
 from pti.engine.identity import versions
 from pti.errors import ExportError
 from pti.fsutil import sha256_file, write_json
+from pti.kernels.precision import flags, precision_scope
 
 CONTRACT = "contract.json"
 CONTRACT_FORMAT = "pti-export"
@@ -287,25 +288,37 @@ def check_sample(contract: dict, images: torch.Tensor, where: str) -> float:
     return diff
 
 
-def torch_reference(G, ws: torch.Tensor) -> torch.Tensor:
-    """What every export is checked against: PyTorch fp32 with constant noise, on CPU as float32."""
-    with torch.no_grad():
-        return G.synthesis(ws.to(G.mapping.w_avg.device), noise_mode="const", force_fp32=True).float().cpu()
+def torch_reference(G, ws: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """What every export is checked against: PyTorch fp32 (TF32 off in cuBLAS and cuDNN, whatever the caller set:
+    CUDA's cuDNN default would round every convolution to TF32, far past the fp32 tolerance) with constant
+    noise and the reference ops, on CPU as float32; and the precision flags it ran under."""
+    device = G.mapping.w_avg.device
+    with torch.no_grad(), precision_scope("fp32", device):
+        images = G.synthesis(ws.to(device), noise_mode="const", force_fp32=True, impl="ref").float().cpu()
+        return images, flags()
 
 
 def verify_export(contract: dict, G, runner, runtime: str, what: str) -> None:
     """Record the sample's checksum from PyTorch, run the new export (`runner(ws) -> images`) on the sample,
-    and store the largest difference in `contract["verified"]`; ExportError (nothing is written) past the tolerance."""
+    and store the largest difference and the flags both ran under in `contract["verified"]`; ExportError
+    (nothing is written) past the tolerance. Both run in fp32's scope (TF32 off): the tolerance assumes it."""
     sample = decode_array(contract["sample"]["input"])
-    reference = torch_reference(G, sample)
+    reference, reference_flags = torch_reference(G, sample)
     contract["sample"]["pooled_output"] = checksum(reference)
-    diff = float((runner(sample) - reference).abs().max())
+    with precision_scope("fp32", G.mapping.w_avg.device):
+        diff = float((runner(sample) - reference).abs().max())
+        runtime_flags = flags()
     if diff > contract["sample"]["tolerance"]:
         raise ExportError(
             f"the {what} differs from PyTorch by {diff:.3g} on the sample (tolerance "
             f"{contract['sample']['tolerance']}); nothing was written"
         )
-    contract["verified"] = {"runtime": runtime, "max_abs_diff_vs_torch_fp32": diff}
+    contract["verified"] = {
+        "runtime": runtime,
+        "max_abs_diff_vs_torch_fp32": diff,
+        "reference": {"precision": "fp32", "flags": reference_flags},  # what the PyTorch side ran under
+        "flags": runtime_flags,  # the export's run: AOTInductor's cuDNN calls read them; ORT and TensorRT do not
+    }
 
 
 @contextlib.contextmanager

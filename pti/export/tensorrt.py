@@ -99,6 +99,7 @@ def export_tensorrt(
         contract["verified"] = {
             "runtime": f"TensorRT {trt.__version__}",
             "pooled_diff": check_sample(contract, backend.render(backend.sample()), "the engine"),
+            "reference": onnx_contract["verified"]["reference"],  # the ONNX export's, whose checksum it reuses
         }
         write_contract(contract, stage)
     return out / CONTRACT
@@ -140,12 +141,13 @@ def refit(base: str | Path, src: Source, out: str | Path) -> Path:
         shutil.copyfile(folder / contract["files"]["engine"], stage / ENGINE)
         new = dict(contract, identity=src.identity_path)
         backend = TensorRTBackend(stage, src.generator, contract=new)
-        reference = torch_reference(src.generator, backend.sample())
+        reference, reference_flags = torch_reference(src.generator, backend.sample())
         new["sample"] = dict(contract["sample"], pooled_output=checksum(reference))
         (stage / ENGINE).write_bytes(bytes(backend.engine.serialize()))
         new["verified"] = {
             "runtime": "TensorRT refit",
             "pooled_diff": check_sample(new, backend.render(backend.sample()), "the refit engine"),
+            "reference": {"precision": "fp32", "flags": reference_flags},
         }
         write_contract(new, stage)
     return out / CONTRACT

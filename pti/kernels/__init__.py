@@ -16,12 +16,15 @@ benchmark can state what it measured.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from pti.kernels import ref
 
@@ -37,6 +40,7 @@ class Impl:
 OPS = ("bias_act", "upfirdn2d", "conv2d_resample", "modulated_conv2d", "modulated_conv2d_act")
 _REGISTRY: dict[str, list[Impl]] = {op: [] for op in OPS}
 _LAST: dict[str, str] = {}
+_RECORDS: list[dict[str, dict[str, int]]] = []  # open `recording()` blocks: {op: {implementation: calls}}
 
 
 def register(
@@ -60,6 +64,27 @@ def available(op: str) -> list[str]:
 def chosen() -> dict[str, str]:
     """Which implementation each op ran last ({op: name})."""
     return dict(_LAST)
+
+
+@contextlib.contextmanager
+def recording():
+    """Count, for the block, which implementation ran each op: yields {op: {name: calls}} (filled as it runs;
+    a fused layer that ran split counts as "split"). What a result records as the ops that actually ran."""
+    counts: dict[str, dict[str, int]] = {}
+    _RECORDS.append(counts)
+    try:
+        yield counts
+    finally:
+        _RECORDS.remove(counts)
+
+
+def _ran(op: str, name: str) -> None:
+    if torch.compiler.is_compiling():  # bookkeeping inside compiled code would become a guard: a recompile
+        return
+    _LAST[op] = name
+    for counts in _RECORDS:
+        per = counts.setdefault(op, {})
+        per[name] = per.get(name, 0) + 1
 
 
 def _is_name(impl: str) -> bool:
@@ -93,7 +118,7 @@ def _pick(op: str, impl: str, args, kwargs) -> Impl | None:
 
 def _dispatch(op: str, impl: str, args, kwargs):
     cand = _pick(op, impl, args, kwargs)
-    _LAST[op] = cand.name if cand else "ref"
+    _ran(op, cand.name if cand else "ref")
     return (cand.fn if cand else getattr(ref, op))(*args, **kwargs)
 
 
@@ -191,9 +216,9 @@ def modulated_conv2d_act(
     only_ops = _is_name(impl) and impl not in available("modulated_conv2d_act")  # the table's last line
     cand = None if only_ops else _pick("modulated_conv2d_act", impl, args, kw)
     if cand is not None:
-        _LAST["modulated_conv2d_act"] = cand.name
+        _ran("modulated_conv2d_act", cand.name)
         return cand.fn(*args, **kw)
-    _LAST["modulated_conv2d_act"] = "split"
+    _ran("modulated_conv2d_act", "split")
     y = modulated_conv2d(
         x,
         weight,

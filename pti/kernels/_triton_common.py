@@ -1,11 +1,32 @@
-"""What the Triton kernel files share: the layer epilogue, the demodulation coefficients, the rounding.
+"""What the Triton kernel files share: the layer epilogue, the demodulation coefficients, the rounding,
+the precision a layer computes in, and the int64 offsets.
 
 The epilogue is y = clamp(act(v) * gain, -clamp, clamp) with v = x + b, for the activations StyleGAN2
 uses (linear, relu, lrelu). `resolve` fills in its defaults, `epilogue_supported` says whether a fused
 layer kernel can apply it, `act_and_mask` computes it inside a kernel, and `act_backward` differentiates
-it from the stored output alone. `demod_coefficients` is the modulated convolution's d, `round_to` the
-one rounding every kernel's store makes, and `reference_grads` the second-order fallback of every
-custom autograd function here (through the reference's graph).
+it from the stored output alone. `demod_coefficients` is the modulated convolution's d (and
+`demod_backward` its gradient), `round_to` the one rounding every kernel's store makes, and
+`reference_grads` the second-order fallback of every custom autograd function here (through the
+reference's graph).
+
+Precision (`pti.kernels.precision` names them): a layer computes in `compute_dtype(x)`, x's dtype or the
+autocast dtype where autocast is on for x's device (what the reference's convolutions run in there, so
+the output dtype is the reference's). Its GEMM operands are rounded to that dtype and accumulated in
+float32; float32 operands go through `tl.dot` as "ieee" or "tf32" (`precision.dot_precision`, read once
+per forward and kept for the backward). The custom autograd functions run their bodies with autocast off
+(`no_autocast`) and take the dtype and the precision as arguments, so the forward and the backward
+compute the same way whatever autocast state either is called under, on CUDA tensors and on CPU ones
+under the interpreter alike. (`torch.amp.custom_fwd(device_type="cuda")`/`custom_bwd` would not do
+that: they record and restore the CUDA autocast state only, so on CPU tensors the forward would still
+run under CPU autocast and the backward under whatever state its caller has.) The torch ops a layer
+calls (the weight gradient, the up-sampling layer's transposed convolution) run under `tf32(...)` set to
+what its `tl.dot` does, so one layer has one precision whatever PyTorch's defaults (cuDNN's TF32 is on
+by default); the demodulation coefficients are always exact float32 (`tf32(False)`).
+
+Offsets: every kernel advances its pointers by the sample (or flat block) in int64 (`.to(tl.int64)`
+on the program index before it multiplies a stride), so a batch past 2^31 elements (1024 px from
+batch 64) does not wrap; offsets inside one sample stay int32, so `offsets_fit` refuses a sample
+whose own extent reaches 2^31 elements.
 
 `triton_bias_act`, `triton_modconv` and `triton_upfirdn` import from here; this module imports none of
 them. Like them it needs Triton, and TRITON_INTERPRET=1 set before import to run on CPU tensors.
@@ -13,14 +34,20 @@ them. Like them it needs Triton, and TRITON_INTERPRET=1 set before import to run
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import triton
 import triton.language as tl
 
 from pti.kernels import ref
+from pti.kernels.precision import no_autocast
 
 ACTS = {"linear": 0, "relu": 1, "lrelu": 2}  # the activations the kernels know, as a constexpr code
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels load and store
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+INT32_LIMIT = 2**31  # offsets inside one sample must stay below this (they are int32)
 
 
 @triton.jit
@@ -33,6 +60,31 @@ def round_to(x, dtype: tl.constexpr):
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
     return x.to(dtype)
+
+
+@triton.jit
+def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, the GEMM step of the modulated convolution: a (float32) rounded to nearest even to
+    DOT_DTYPE, b already in it; float32 accumulation; float32 operands as PRECISION ("ieee" or "tf32"),
+    16-bit ones natively. UPCAST (CPU tensors, bfloat16): Triton's interpreter misreads bfloat16
+    operands of `tl.dot` (as their uint16 bits), so there the rounded operands are multiplied as float32,
+    the same products (exact in float32) and the same float32 accumulation as a bfloat16 MMA."""
+    a = round_to(a, DOT_DTYPE)
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def flat_block(pid, INNER, C, BLOCK: tl.constexpr):
+    """Program `pid`'s block of a flat pass over a contiguous tensor: the offset of its first element
+    (int64: the tensor may pass 2^31 elements) and each element's channel (offset // INNER) % C, computed
+    from that int64 scalar with int32 vectors (no int64 division per element; INNER + BLOCK < 2^31)."""
+    start = pid.to(tl.int64) * BLOCK
+    row = start // INNER  # the (sample, channel) row the block starts in
+    local = (start - row * INNER).to(tl.int32) + tl.arange(0, BLOCK)  # offsets from that row's start
+    chan = ((row % C).to(tl.int32) + local // INNER) % C
+    return start, chan
 
 
 @triton.jit
@@ -53,6 +105,53 @@ def act_and_mask(v, alpha, gain, clamp, ACT: tl.constexpr, CLAMP: tl.constexpr):
         keep = (a >= -clamp) & (a <= clamp)
         a = tl.minimum(tl.maximum(a, -clamp), clamp)
     return a, da, keep
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer on x computes in: the autocast dtype where autocast is on for x's device (the
+    reference's convolutions run in it there, and give it as their output), else x's own."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The operand dtype of the torch convolutions a layer computing in `dtype` calls (their outputs are
+    stored in it): bfloat16 for bfloat16 (float32's range); float32 for float16, whose range is why the
+    reference guards its fp16 convolutions against overflow (a weight gradient or a transposed
+    convolution's output before demodulation can pass 65504)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def upcast(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `dot_acc` multiplies bfloat16 operands as float32: on CPU tensors, under the interpreter."""
+    return not x.is_cuda and dtype == torch.bfloat16
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool) -> Iterator[None]:
+    """cuBLAS and cuDNN TF32 set to `allowed` for the block, the caller's flags put back: how the torch
+    ops a kernel layer calls follow the precision its own `tl.dot` runs in."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def sample_extent(t: torch.Tensor) -> int:
+    """The largest element offset inside one sample of a 4-D t (every dimension but the first), as its strides
+    give it; of the whole of a tensor with fewer dimensions (one broadcast over the batch: noise [H, W])."""
+    dims = range(1, 4) if t.ndim == 4 else range(t.ndim)
+    return sum((t.shape[i] - 1) * abs(t.stride(i)) for i in dims if t.shape[i] > 0)
+
+
+def offsets_fit(*tensors) -> bool:
+    """Whether every tensor's offsets inside one sample fit int32 (the kernels add them to an int64 base)."""
+    return all(t is None or sample_extent(t) < INT32_LIMIT for t in tensors)
 
 
 def resolve(act, alpha, gain, clamp):
@@ -101,9 +200,23 @@ def act_backward(grad, y, bias, act, alpha, gain, clamp):
 
 
 def demod_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
-    """[N, O] = rsqrt(s^2 @ Wsq^T + 1e-8), in float32: the reference's per-output sum of squared modulated weights."""
-    wsq = weight.float().square().sum(dim=[2, 3])  # [O, I]
-    return (styles.float().square() @ wsq.t() + 1e-8).rsqrt()
+    """[N, O] = rsqrt(s^2 @ Wsq^T + 1e-8), in float32: the reference's per-output sum of squared modulated weights.
+    Exact float32 whatever the caller's autocast and TF32 flags (the reference's is elementwise), so the forward
+    and the backward see the same coefficients."""
+    with no_autocast(weight.device.type), tf32(False):
+        wsq = weight.float().square().sum(dim=[2, 3])  # [O, I]
+        return (styles.float().square() @ wsq.t() + 1e-8).rsqrt()
+
+
+def demod_backward(dd: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor):
+    """The demodulation's own gradient, float32: from dd [N, O] (the loss's gradient at d) to the weight
+    [O, I, k, k] and the styles [N, I]: with dq = -d^3 / 2 * dd,  dW = 2 W * (dq^T @ s^2),  ds = 2 s * (dq @ Wsq)."""
+    with no_autocast(weight.device.type), tf32(False):
+        dq = -0.5 * d.pow(3) * dd
+        s32, w32 = styles.float(), weight.float()
+        dw = 2 * w32 * (dq.t() @ s32.square())[:, :, None, None]
+        ds = 2 * s32 * (dq @ w32.square().sum(dim=[2, 3]))
+    return dw, ds
 
 
 def reference_grads(fn, inputs, needs, grad):

@@ -12,6 +12,11 @@ with PyTorch's conventions at the kinks (relu' (0) = 0, lrelu' (0) = alpha, the 
 bounds), and db = dx summed over every dimension but `dim`. Its own backward (second order) is the
 reference's autograd, re-run: the recipe never needs it, but nothing breaks if someone asks.
 
+Precision: no GEMM here, nothing autocast touches (the reference is elementwise too), so every
+precision computes the same: float32 arithmetic, the output in the dtype the reference's `x + b`
+promotes to. Offsets: each program's first element is int64 (`_triton_common.flat_block`), so a
+tensor past 2^31 elements does not wrap; only one channel's plane must stay under 2^31 (`supports`).
+
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 before this
 module is imported), which is how CI checks it. Registered as implementation "triton" of `bias_act`.
 """
@@ -23,17 +28,26 @@ import triton
 import triton.language as tl
 
 from pti.kernels import ref
-from pti.kernels._triton_common import ACTS, DTYPES, act_and_mask, reference_grads, resolve, round_to
+from pti.kernels._triton_common import (
+    ACTS,
+    DTYPES,
+    INT32_LIMIT,
+    act_and_mask,
+    flat_block,
+    reference_grads,
+    resolve,
+    round_to,
+)
 
 BLOCK = 1024
 
 
 @triton.jit
-def _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS: tl.constexpr):
-    """x + b in float32 at flat offsets of a contiguous x, the bias indexed by the channel (offs // INNER) % C."""
-    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+def _biased(x_ptr, b_ptr, ok, chan, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """x + b in float32 for a block of a contiguous x (x_ptr at its first element), the bias by channel."""
+    v = tl.load(x_ptr + tl.arange(0, BLOCK), mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        v = v + tl.load(b_ptr + (offs // INNER) % C, mask=ok, other=0.0).to(tl.float32)
+        v = v + tl.load(b_ptr + chan, mask=ok, other=0.0).to(tl.float32)
     return v
 
 
@@ -53,11 +67,11 @@ def _forward_kernel(
     CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    v = _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS)
+    start, chan = flat_block(tl.program_id(0), INNER, C, BLOCK)  # int64 start: numel may pass 2^31
+    ok = tl.arange(0, BLOCK) < numel - start
+    v = _biased(x_ptr + start, b_ptr, ok, chan, HAS_BIAS, BLOCK)
     y, _, _ = act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
-    tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + start + tl.arange(0, BLOCK), round_to(y, y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -77,13 +91,13 @@ def _backward_kernel(
     CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    v = _biased(x_ptr, b_ptr, offs, ok, C, INNER, HAS_BIAS)
+    start, chan = flat_block(tl.program_id(0), INNER, C, BLOCK)
+    ok = tl.arange(0, BLOCK) < numel - start
+    v = _biased(x_ptr + start, b_ptr, ok, chan, HAS_BIAS, BLOCK)
     _, da, keep = act_and_mask(v, alpha, gain, clamp, ACT, CLAMP)
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + start + tl.arange(0, BLOCK), mask=ok, other=0.0).to(tl.float32)
     dx = tl.where(keep, g * gain * da, 0.0)
-    tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dx_ptr + start + tl.arange(0, BLOCK), round_to(dx, dx_ptr.dtype.element_ty), mask=ok)
 
 
 def _params(x, b, dim, act, alpha, gain, clamp):
@@ -119,7 +133,8 @@ class BiasAct(torch.autograd.Function):
         p = _params(x, b, dim, act, alpha, gain, clamp)
         ctx.save_for_backward(x, b)
         ctx.args = (dim, act, alpha, gain, clamp)
-        return _launch(_forward_kernel, torch.empty_like(x), x, x if b is None else b, params=p)
+        out = torch.empty_like(x, dtype=x.dtype if b is None else torch.promote_types(x.dtype, b.dtype))
+        return _launch(_forward_kernel, out, x, x if b is None else b, params=p)
 
     @staticmethod
     def backward(ctx, g):
@@ -146,4 +161,15 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
 
 
 def supports(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None) -> bool:
-    return act in ACTS and x.dtype in DTYPES and 0 <= dim < x.ndim and (b is None or b.device == x.device)
+    """A known activation on a kernel dtype; one channel's plane (the dimensions after `dim`) under 2^31 elements."""
+    if not (
+        act in ACTS
+        and x.dtype in DTYPES
+        and 0 <= dim < x.ndim
+        and (b is None or (b.device == x.device and b.dtype in DTYPES))
+    ):
+        return False
+    inner = 1
+    for s in x.shape[dim + 1 :]:
+        inner *= int(s)
+    return inner + BLOCK <= INT32_LIMIT

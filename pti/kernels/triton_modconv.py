@@ -20,6 +20,18 @@ forward pass. The layer's backward starts from its output alone (`_triton_common
 Second-order gradients, which the recipe never takes, go through the reference's autograd. The
 up-sampling layers are in `triton_upfirdn`.
 
+Precision (`_triton_common`'s docstring has the rule): the layer computes in `compute_dtype(x)` (x's
+dtype, or bfloat16 under bf16 autocast, where its output is bfloat16 as the reference's is). The GEMM's
+operands are that dtype: s * x is formed in float32 and rounded once to it as it is loaded, the weight is
+cast to it; `tl.dot` accumulates in float32, with "ieee" or "tf32" for float32 operands as the TF32 flag
+says when the forward runs (`precision.dot_precision`, a constexpr: each variant compiles on its own).
+The backward's input gradient is the same kernel in the same dtype and precision; its weight gradient
+takes bfloat16 operands for bfloat16 and float32 otherwise (`torch_dtype`), with cuDNN's TF32 set to
+the layer's precision. The demodulation coefficients and their gradient are exact float32 in both.
+
+Offsets: the sample index is int64 before it multiplies a stride, so N x C x H x W past 2^31 elements
+does not wrap; `supports` refuses a single sample whose own offsets would pass 2^31.
+
 It runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before
 this module is imported), which is how CI checks it. Registered as implementation "triton" of
 `modulated_conv2d` and `modulated_conv2d_act` (`pti.kernels.register`).
@@ -35,14 +47,24 @@ from pti.kernels import ref, triton_upfirdn
 from pti.kernels._triton_common import (
     ACTS,
     DTYPES,
+    INT32_LIMIT,
+    TL_DTYPES,
     act_and_mask,
     act_backward,
+    compute_dtype,
+    demod_backward,
     demod_coefficients,
+    dot_acc,
     epilogue_supported,
+    offsets_fit,
     reference_grads,
     resolve,
     round_to,
+    tf32,
+    torch_dtype,
+    upcast,
 )
+from pti.kernels.precision import dot_precision, no_autocast
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 16
 
@@ -91,13 +113,16 @@ def _modconv_kernel(
     ACT: tl.constexpr,
     CLAMP: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # the GEMM operands' dtype: the weight's (`dot_acc`)
+    PRECISION: tl.constexpr,  # tl.dot's input_precision for float32 operands: "ieee" or "tf32"
+    UPCAST: tl.constexpr,  # bfloat16 operands multiplied as float32 (the interpreter, `dot_acc`)
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # a tile of output pixels
     pid_n = tl.program_id(1)  # a tile of output channels
-    n = tl.program_id(2)  # the sample
+    n = tl.program_id(2).to(tl.int64)  # the sample: int64, n * stride passes 2^31 from 1024 px x batch 64
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     oh = offs_m // W
@@ -120,13 +145,13 @@ def _modconv_kernel(
                 other=0.0,
             ).to(tl.float32)
             s = tl.load(s_ptr + n * ssn + offs_k * ssi, mask=k_ok, other=0.0).to(tl.float32)
-            a = a * s[None, :]  # modulate the input as it is loaded
+            a = a * s[None, :]  # modulate the input as it is loaded (float32, rounded once to DOT_DTYPE)
             b = tl.load(
                 w_ptr + offs_n[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
                 mask=k_ok[:, None] & n_ok[None, :],
                 other=0.0,
-            ).to(tl.float32)
-            acc += tl.dot(a, b, input_precision="ieee")
+            )
+            acc = dot_acc(a, b, acc, DOT_DTYPE, PRECISION, UPCAST)
     if OUT_SCALE:
         d = tl.load(d_ptr + n * sdn + offs_n * sdo, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * d[None, :]
@@ -148,13 +173,15 @@ def _modconv_kernel(
     )
 
 
-def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epilogue=None):
+def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epilogue=None, precision="ieee"):
     """y[n, o] = out_scale[n, o] * sum_{i, tap} weight[o, i, tap] * in_scale[n, i] * x[n, i, p + tap] (+ noise),
     correlation with padding k // 2. Scales are [N, C] (any float dtype), noise broadcastable to the output.
+    The GEMM's operands are the weight's dtype (in_scale * x rounded to it), `precision` its input_precision
+    for float32; the output is the weight's dtype unless `out_dtype` says otherwise.
     `epilogue` = (bias or None, act, alpha, gain, clamp) applies the layer's bias_act before the store."""
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
-    y = torch.empty([n, c_out, h, w], device=x.device, dtype=out_dtype or x.dtype)
+    y = torch.empty([n, c_out, h, w], device=x.device, dtype=out_dtype or weight.dtype)
     d = out_scale if out_scale is not None else y.new_empty([1, 1])
     nz = y if noise is None else noise.to(y.dtype).expand(y.shape)  # [H, W] (constant) or [N, 1, H, W] (random)
     bias, act, alpha, gain, clamp = epilogue or (None, "linear", 0.0, 1.0, None)
@@ -188,6 +215,9 @@ def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epi
         ACT=ACTS[act],
         CLAMP=clamp is not None,
         EPILOGUE=epilogue is not None,
+        DOT_DTYPE=TL_DTYPES[weight.dtype],
+        PRECISION=precision if weight.dtype == torch.float32 else "ieee",
+        UPCAST=upcast(x, weight.dtype),
         BM=BLOCK_M,
         BN=BLOCK_N,
         BK=BLOCK_K,
@@ -195,72 +225,83 @@ def _launch(x, weight, in_scale, out_scale=None, noise=None, out_dtype=None, epi
     return y
 
 
-def forward(x, weight, styles, noise=None, demodulate=True, epilogue=None):
+def forward(x, weight, styles, noise=None, demodulate=True, epilogue=None, dtype=None, precision=None):
     """The kernel's forward (no autograd). x [N, I, H, W], weight [O, I, k, k], styles [N, I], noise broadcastable
-    to [N, O, H, W]; `epilogue` as in `_launch`."""
+    to [N, O, H, W]; `epilogue` as in `_launch`. Computes in `dtype` (x's by default: the GEMM operands and the
+    output) with `precision` (by default what the flags say now, `precision.dot_precision`)."""
     # The reference's fp16 overflow guard scales weight and styles by their max-norms; with demodulation the
     # scale cancels, so float32 accumulation needs no guard. Without demodulation (toRGB) nothing is scaled.
+    dtype = dtype or x.dtype
     d = demod_coefficients(weight, styles) if demodulate else None
-    return _launch(x, weight, styles, d, noise, epilogue=epilogue)
+    precision = precision or dot_precision(dtype)
+    return _launch(x, weight.to(dtype), styles, d, noise, epilogue=epilogue, precision=precision)
 
 
-def backward(grad, x, weight, styles, noise, y, demodulate, needs=(True, True, True, True)):
+def backward(grad, x, weight, styles, noise, y, demodulate, needs=(True, True, True, True), dtype=None, precision=None):
     """Gradients of `forward` for x, weight, styles and noise (None where not needed), from its output y.
 
     With z = conv(s * x, W) and y = d * z + noise, d = rsqrt(s^2 @ Wsq^T + 1e-8):
       dz = d * g;  dx = s * conv^T(dz, W)  (this kernel again: in-scale d, the weight transposed and flipped);
       ds = sum_p x * conv^T(dz, W) + 2 s * (dq @ Wsq);  dW = conv_weight(s * x, dz) + 2 W * (dq^T @ s^2);
       dq = -d^3 / 2 * dd,  dd = sum_p g * z = sum_p g * (y - noise) / d;  dnoise = g summed to noise's shape.
-    Float32 throughout, each result rounded once to its input's dtype; the weight gradient's
-    reduction over batch and pixels is cuDNN's / oneDNN's (torch.nn.grad.conv2d_weight)."""
+    The two GEMMs in the forward's `dtype` and `precision` (the weight gradient's operands `torch_dtype(dtype)`),
+    float32 accumulation and everything else float32, each result rounded once to its input's dtype; the weight
+    gradient's reduction over batch and pixels is cuDNN's / oneDNN's (torch.nn.grad.conv2d_weight)."""
+    dtype = dtype or x.dtype
+    precision = precision or dot_precision(dtype)
     need_x, need_w, need_s, need_noise = needs
     k = weight.shape[-1]
     s32 = styles.float()
     d = demod_coefficients(weight, styles) if demodulate else None
     dx = dw = ds = dnoise = None
     if need_x or need_s:
-        w_t = weight.transpose(0, 1).flip([2, 3]).contiguous()  # the adjoint of a stride-1 correlation
+        w_t = weight.transpose(0, 1).flip([2, 3]).to(dtype).contiguous()  # the adjoint of a stride-1 correlation
         ones = torch.ones(1, 1, device=x.device, dtype=torch.float32).expand(x.shape[0], weight.shape[0])
-        dxs = _launch(grad, w_t, d if demodulate else ones, out_dtype=torch.float32)  # conv^T(d * g, W)
+        dxs = _launch(grad, w_t, d if demodulate else ones, out_dtype=torch.float32, precision=precision)
         if need_x:
             dx = (dxs * s32[:, :, None, None]).to(x.dtype)
         if need_s:
             ds = (dxs * x.float()).sum(dim=[2, 3])
     if need_w:
         dz = grad.float() * d[:, :, None, None] if demodulate else grad.float()
-        dw = torch.nn.grad.conv2d_weight(x.float() * s32[:, :, None, None], weight.shape, dz, padding=k // 2)
+        op = torch_dtype(dtype)
+        with tf32(precision == "tf32"):  # cuDNN at the layer's precision, whatever its TF32 default
+            xs = (x.float() * s32[:, :, None, None]).to(op)
+            dw = torch.nn.grad.conv2d_weight(xs, weight.shape, dz.to(op), padding=k // 2).float()
     if demodulate and (need_w or need_s):
-        z_sum = grad.float() * (y.float() - (0 if noise is None else noise.float()))
-        dq = -0.5 * d.pow(3) * (z_sum.sum(dim=[2, 3]) / d)  # [N, O]
-        if need_s:
-            ds = ds + 2 * s32 * (dq @ weight.float().square().sum(dim=[2, 3]))
-        if need_w:
-            dw = dw + 2 * weight.float() * (dq.t() @ s32.square())[:, :, None, None]
+        dd = (grad.float() * (y.float() - (0 if noise is None else noise.float()))).sum(dim=[2, 3]) / d  # [N, O]
+        dw_d, ds_d = demod_backward(dd, d, weight, styles)
+        ds = ds + ds_d if need_s else None
+        dw = dw + dw_d if need_w else None
     if need_noise and noise is not None:
         dnoise = grad.float().sum_to_size(noise.shape).to(noise.dtype)
     return (dx, None if dw is None else dw.to(weight.dtype), None if ds is None else ds.to(styles.dtype), dnoise)
 
 
-def backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs):
+def backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs, **compute):
     """Gradients of the fused layer (x, weight, styles, noise, bias) from its output y alone: `act_backward`,
     then the modulated convolution's backward with v - b in place of its own output, and db = dv summed
-    over batch and pixels."""
+    over batch and pixels. `compute`: the forward's dtype and precision."""
     dv, pre = act_backward(grad, y, bias, act, alpha, gain, clamp)
-    grads = backward(dv, x, weight, styles, noise, pre, demodulate, needs[:4])
+    grads = backward(dv, x, weight, styles, noise, pre, demodulate, needs[:4], **compute)
     db = dv.sum(dim=[0, 2, 3]).to(bias.dtype) if bias is not None and needs[4] else None
     return (*grads, db)
 
 
 class ModulatedConv2dAct(torch.autograd.Function):
     """A whole synthesis layer in one kernel: modulated conv, noise, bias, activation, gain, clamp. Only y
-    is kept for the backward (not the convolution's output as well). Second order: the reference's graph."""
+    is kept for the backward (not the convolution's output as well). Computes in `dtype` with `precision`,
+    decided by the caller (`modulated_conv2d_act`) from its autocast state and flags; forward and backward
+    run with autocast off, so both compute the same way wherever they are called. Second order: the
+    reference's graph (in float32)."""
 
     @staticmethod
-    def forward(ctx, x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp):
+    def forward(ctx, x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp, dtype, precision):
         ctx.args = (demodulate, *resolve(act, alpha, gain, clamp))
-        y = forward(
-            x, weight, styles, noise, demodulate, epilogue=(None if bias is None else bias.to(x.dtype), *ctx.args[1:])
-        )
+        ctx.compute = dict(dtype=dtype, precision=precision)
+        with no_autocast(x.device.type):
+            epilogue = (None if bias is None else bias.to(dtype), *ctx.args[1:])  # the bias rounded as the reference's
+            y = forward(x, weight, styles, noise, demodulate, epilogue=epilogue, **ctx.compute)
         ctx.save_for_backward(x, weight, styles, noise, bias, y)
         return y
 
@@ -269,31 +310,37 @@ class ModulatedConv2dAct(torch.autograd.Function):
         x, weight, styles, noise, bias, y = ctx.saved_tensors
         demodulate, act, alpha, gain, clamp = ctx.args
         needs = ctx.needs_input_grad[:5]
-        if not torch.is_grad_enabled():
-            return (
-                *backward_act(grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs),
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
+        rest = (None,) * 7  # demodulate, act, alpha, gain, clamp, dtype, precision
+        with no_autocast(x.device.type):
+            if not torch.is_grad_enabled():
+                grads = backward_act(
+                    grad, x, weight, styles, noise, bias, y, demodulate, act, alpha, gain, clamp, needs, **ctx.compute
+                )
+                return (*grads, *rest)
 
-        def layer(x, weight, styles, noise, bias):  # create_graph=True: the reference's graph
-            z = ref.modulated_conv2d(
-                x,
-                weight,
-                styles,
-                noise=noise,
-                padding=weight.shape[-1] // 2,
-                demodulate=demodulate,
-                fused_modconv=False,
-            )
-            return ref.bias_act(
-                z, None if bias is None else bias.to(z.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp
-            )
+            def layer(x, weight, styles, noise, bias):  # create_graph=True: the reference's graph
+                z = ref.modulated_conv2d(
+                    x,
+                    weight,
+                    styles,
+                    noise=noise,
+                    padding=weight.shape[-1] // 2,
+                    demodulate=demodulate,
+                    fused_modconv=False,
+                )
+                return ref.bias_act(
+                    z, None if bias is None else bias.to(z.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp
+                )
 
-        return (*reference_grads(layer, (x, weight, styles, noise, bias), needs, grad), None, None, None, None, None)
+            return (*reference_grads(layer, (x, weight, styles, noise, bias), needs, grad), *rest)
+
+
+def _apply(x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp):
+    """The fused layer in the dtype and precision the caller's autocast state and flags give (`_triton_common`)."""
+    dtype = compute_dtype(x)
+    return ModulatedConv2dAct.apply(
+        x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp, dtype, dot_precision(dtype)
+    )
 
 
 def modulated_conv2d_act(
@@ -333,7 +380,7 @@ def modulated_conv2d_act(
             gain,
             clamp,
         )
-    return ModulatedConv2dAct.apply(x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp)
+    return _apply(x, weight, styles, noise, bias, demodulate, act, alpha, gain, clamp)
 
 
 def supports_act(
@@ -390,7 +437,7 @@ def modulated_conv2d(
 ):
     """Same signature and result as `ref.modulated_conv2d`, for the inputs `supports` accepts: the fused layer
     with no bias and a linear, unit-gain epilogue (the same bits as no epilogue)."""
-    return ModulatedConv2dAct.apply(x, weight, styles, noise, None, demodulate, "linear", None, 1.0, None)
+    return _apply(x, weight, styles, noise, None, demodulate, "linear", None, 1.0, None)
 
 
 def supports(
@@ -405,7 +452,8 @@ def supports(
     flip_weight=True,
     fused_modconv=True,
 ) -> bool:
-    """Stride-1 3x3 (padding 1) or 1x1 (padding 0) correlation on 4-D inputs; noise per pixel or broadcast."""
+    """Stride-1 3x3 (padding 1) or 1x1 (padding 0) correlation on 4-D inputs; noise per pixel or broadcast;
+    each sample's offsets (x's, the noise's, the output's) within int32 (the batch may pass it)."""
     k = weight.shape[-1]
     return (
         up == 1
@@ -416,4 +464,6 @@ def supports(
         and padding == k // 2
         and x.dtype in DTYPES
         and (noise is None or noise.ndim <= 4)
+        and offsets_fit(x, noise)
+        and max(weight.shape[0], weight.shape[1]) * x.shape[2] * x.shape[3] <= INT32_LIMIT
     )

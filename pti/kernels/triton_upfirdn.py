@@ -4,14 +4,24 @@
 reference's semantics, as one direct kernel: each output pixel sums its filter taps over the input
 pixels they land on (taps that land on inserted zeros are skipped by a mask, never computed). Its
 backward is the same op with up and down swapped, the filter flipped and the padding mirrored, so it
-differentiates to any order.
+differentiates to any order. It is no GEMM: float32 arithmetic, one rounding at the store, to x's
+dtype or, under autocast, to the autocast dtype (the reference's filter is a convolution, which autocast
+runs and returns in that dtype).
 
-The up-sampling layer (`modulated_conv2d_act` with up=2): the styles scale the input and the
-stride-2 transposed convolution runs in PyTorch (cuDNN on a GPU; float32, so its result does not depend
-on how a backend accumulates in bf16/fp16), then one kernel applies the FIR filter and the whole
-epilogue: demodulation, noise, bias, activation, gain, clamp. Its backward works from the layer's output
-alone (`_triton_common.act_backward`), sends the gradient back through the FIR kernel, and leaves the
-transposed convolution and the demodulation coefficients to PyTorch's autograd.
+The up-sampling layer (`modulated_conv2d_act` with up=2, `ModulatedConv2dUpAct`): the styles scale the
+input and the stride-2 transposed convolution runs in PyTorch (cuDNN on a GPU), then one kernel applies
+the FIR filter and the whole epilogue: demodulation, noise, bias, activation, gain, clamp. Its backward
+works from the layer's output alone (`_triton_common.act_backward`), sends the gradient back through the
+FIR kernel, then through the transposed convolution (`aten.convolution_backward`, the op PyTorch's own
+autograd would call) and the demodulation (`demod_backward`).
+
+Precision, as in `triton_modconv`: the layer computes in `compute_dtype(x)`; the transposed convolution's
+operands (s * x formed in float32 and rounded once, the weight) and its output are `torch_dtype` of it
+(bfloat16 under bf16, float32 for float32 and float16: the reference guards fp16 convolutions against
+overflow, and this output is not yet demodulated), under cuDNN TF32 exactly when the layer's precision
+(`precision.dot_precision`, read at the forward and kept for the backward) is "tf32"; forward and
+backward run with autocast off. The kernels index samples and planes in int64 (`supports` refuses a
+sample whose own offsets pass 2^31).
 
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 before import).
 """
@@ -26,13 +36,21 @@ from pti.kernels import ref
 from pti.kernels._triton_common import (
     ACTS,
     DTYPES,
+    INT32_LIMIT,
     act_and_mask,
     act_backward,
+    compute_dtype,
+    demod_backward,
     demod_coefficients,
     epilogue_supported,
+    offsets_fit,
+    reference_grads,
     resolve,
     round_to,
+    tf32,
+    torch_dtype,
 )
+from pti.kernels.precision import dot_precision, no_autocast
 
 BLOCK = 256
 
@@ -83,7 +101,7 @@ def _fir_kernel(
     EPILOGUE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    nc = tl.program_id(0)
+    nc = tl.program_id(0).to(tl.int64)  # (sample, channel): int64, n * stride passes 2^31 from 1024 px x batch 64
     n = nc // C
     c = nc % C
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -179,87 +197,149 @@ def _adjoint_padding(x_shape, y_shape, f, up, down, padding):
     return [fw - px0 - 1, w * up - ow * down + px0 - up + 1, fh - py0 - 1, h * up - oh * down + py0 - up + 1]
 
 
-def _transpose(g, f, up, down, padding, flip_filter, gain, x_shape):
+def _transpose(g, f, up, down, padding, flip_filter, gain, x_shape, out_dtype=None):
     """The adjoint of upfirdn2d(x, f, up, down, padding, flip_filter, gain) applied to g (y's gradient)."""
     pad = _adjoint_padding(x_shape, g.shape, f, up, down, padding)
-    return Upfirdn2d.apply(g, f, down, up, pad, not flip_filter, gain)
+    return Upfirdn2d.apply(g, f, down, up, pad, not flip_filter, gain, out_dtype or g.dtype)
 
 
 class Upfirdn2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, f, up, down, padding, flip_filter, gain):
-        y = _launch(x, f, up, down, padding, flip_filter, gain)
+    def forward(ctx, x, f, up, down, padding, flip_filter, gain, out_dtype):
+        y = _launch(x, f, up, down, padding, flip_filter, gain, out_dtype=out_dtype)
         ctx.save_for_backward(f)
-        ctx.args = (up, down, padding, flip_filter, gain, x.shape)
+        ctx.args = (up, down, padding, flip_filter, gain, x.shape, x.dtype)
         return y
 
     @staticmethod
     def backward(ctx, g):
         (f,) = ctx.saved_tensors
-        up, down, padding, flip_filter, gain, x_shape = ctx.args
-        return _transpose(g, f, up, down, padding, flip_filter, gain, x_shape), None, None, None, None, None, None
+        up, down, padding, flip_filter, gain, x_shape, x_dtype = ctx.args
+        dx = _transpose(g, f, up, down, padding, flip_filter, gain, x_shape, out_dtype=x_dtype)
+        return dx, None, None, None, None, None, None, None
 
 
 def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
-    """Same signature and result as `ref.upfirdn2d` (to float32 rounding), for the inputs `supports` accepts."""
+    """Same signature and result as `ref.upfirdn2d` (to float32 rounding), for the inputs `supports` accepts;
+    the output dtype the reference's (`compute_dtype`: the autocast dtype under autocast)."""
     if f is None:
         f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
-    return Upfirdn2d.apply(x, f, int(up), int(down), list(ref._parse_padding(padding)), bool(flip_filter), float(gain))
+    pad = list(ref._parse_padding(padding))
+    return Upfirdn2d.apply(x, f, int(up), int(down), pad, bool(flip_filter), float(gain), compute_dtype(x))
 
 
 def supports(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1) -> bool:
-    return (
+    """4-D inputs with a 2-D filter that needs no gradient; each sample's offsets (input and output) in int32."""
+    if not (
         x.ndim == 4
         and x.dtype in DTYPES
         and up >= 1
         and down >= 1
         and (f is None or (f.ndim == 2 and not f.requires_grad and f.device == x.device))
-    )
+    ):
+        return False
+    px0, px1, py0, py1 = ref._parse_padding(padding)
+    fw, fh = ref.filter_size(f)
+    oh, ow = _out_size(x.shape[2], up, down, py0, py1, fh), _out_size(x.shape[3], up, down, px0, px1, fw)
+    return offsets_fit(x) and x.shape[1] * max(oh, 0) * max(ow, 0) <= INT32_LIMIT
 
 
 # ----------------------------------------------------------------------------- the up-sampling layer
 
 
-class FirAct(torch.autograd.Function):
-    """y = bias_act(d * FIR(t) + noise): the FIR filter and the layer's whole epilogue in one kernel."""
+class ModulatedConv2dUpAct(torch.autograd.Function):
+    """y = bias_act(d * FIR(t) + noise), t = conv^T_up(s * x, W): the transposed convolution in PyTorch, the FIR
+    filter and the layer's whole epilogue in one kernel; only x, the weights and y are kept for the backward.
+    Computes in `dtype` with `precision` (the module's docstring), autocast off in forward and backward.
+    Second order: the reference's graph (in float32)."""
 
     @staticmethod
-    def forward(ctx, t, f, d, noise, bias, up, padding, flip_filter, epilogue, out_dtype):
-        y = _launch(
-            t,
-            f,
-            1,
-            1,
-            padding,
-            flip_filter,
-            up * up,
-            out_dtype=out_dtype,
-            d=d,
-            noise=noise,
-            epilogue=(None if bias is None else bias.to(out_dtype), *epilogue),
-        )
-        ctx.save_for_backward(f, d, noise, bias, y)
-        ctx.args = (up, padding, flip_filter, epilogue, t.shape, t.dtype)
+    def forward(
+        ctx, x, weight, styles, noise, bias, f, up, padding, flip_weight, demodulate, epilogue, dtype, precision
+    ):
+        op = torch_dtype(dtype)
+        with no_autocast(x.device.type):
+            pads = [a + b for a, b in zip(ref._parse_padding(padding), ref.upsample_padding(f, up))]
+            xs = (x.float() * styles.float()[:, :, None, None]).to(op)
+            with tf32(precision == "tf32"):  # cuDNN at the layer's precision, whatever its TF32 default
+                t, fir_padding = ref.transposed_conv_up(xs, weight.to(op), up, pads, 1, flip_weight)
+            d = demod_coefficients(weight, styles) if demodulate else None
+            b = None if bias is None else bias.to(dtype)  # the bias rounded as the reference's
+            y = _launch(t, f, 1, 1, fir_padding, False, up * up, dtype, d=d, noise=noise, epilogue=(b, *epilogue))
+        ctx.save_for_backward(x, weight, styles, noise, bias, f, d, y)
+        ctx.args = (up, padding, flip_weight, demodulate, epilogue, fir_padding, t.shape, dtype, precision)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        f, d, noise, bias, y = ctx.saved_tensors
-        up, padding, flip_filter, (act, alpha, gain, clamp), t_shape, t_dtype = ctx.args
-        dv, pre = act_backward(grad, y, bias, act, alpha, gain, clamp)  # float32, [N, C, OH, OW]
-        dd = dnoise = db = None
-        if ctx.needs_input_grad[2]:  # pre = d * u + noise
-            u_dv = dv * (pre - (0 if noise is None else noise.float()))
-            dd = (u_dv.sum(dim=[2, 3]) / d.float()).to(d.dtype)
-        du = dv * d.float()[:, :, None, None] if d is not None else dv
-        dt = None
-        if ctx.needs_input_grad[0]:
-            dt = _transpose(du, f, 1, 1, padding, flip_filter, float(up * up), t_shape).to(t_dtype)
-        if noise is not None and ctx.needs_input_grad[3]:
-            dnoise = dv.sum_to_size(noise.shape).to(noise.dtype)
-        if bias is not None and ctx.needs_input_grad[4]:
-            db = dv.sum(dim=[0, 2, 3]).to(bias.dtype)
-        return dt, None, dd, dnoise, db, None, None, None, None, None
+        x, weight, styles, noise, bias, f, d, y = ctx.saved_tensors
+        up, padding, flip_weight, demodulate, (act, alpha, gain, clamp) = ctx.args[:5]
+        need_x, need_w, need_s, need_noise, need_b = ctx.needs_input_grad[:5]
+        rest = (None,) * 8  # f, up, padding, flip_weight, demodulate, epilogue, dtype, precision
+        with no_autocast(x.device.type):
+            if torch.is_grad_enabled():  # create_graph=True: the reference's graph
+
+                def layer(x, weight, styles, noise, bias):
+                    z = ref.modulated_conv2d(
+                        x,
+                        weight,
+                        styles,
+                        noise=noise,
+                        up=up,
+                        padding=padding,
+                        resample_filter=f,
+                        demodulate=demodulate,
+                        flip_weight=flip_weight,
+                        fused_modconv=False,
+                    )
+                    b = None if bias is None else bias.to(z.dtype)
+                    return ref.bias_act(z, b, act=act, alpha=alpha, gain=gain, clamp=clamp)
+
+                needs = (need_x, need_w, need_s, need_noise, need_b)
+                return (*reference_grads(layer, (x, weight, styles, noise, bias), needs, grad), *rest)
+            grads = _up_backward(grad, x, weight, styles, noise, bias, f, d, y, ctx.args, ctx.needs_input_grad[:5])
+            return (*grads, *rest)
+
+
+def _up_backward(grad, x, weight, styles, noise, bias, f, d, y, args, needs):
+    """The up-sampling layer's gradients (x, weight, styles, noise, bias; None where not needed), from y alone:
+    dv = the epilogue's backward; du = d * dv;  dt = FIR^T(du) (the kernel, rounded to the transposed
+    convolution's dtype); (d xs, dW) = that convolution's backward at (s * x, W);  dx = s * d xs;
+    ds = sum_p x * d xs;  dd = sum_p dv * (v - b - noise) / d, and the demodulation's own gradient."""
+    up, _, flip_weight, demodulate, (act, alpha, gain, clamp), fir_padding, t_shape, dtype, precision = args
+    need_x, need_w, need_s, need_noise, need_b = needs
+    dv, pre = act_backward(grad, y, bias, act, alpha, gain, clamp)  # float32, [N, C, OH, OW]; pre = d * u + noise
+    dx = dw = ds = dnoise = db = None
+    if need_x or need_w or need_s:
+        op = torch_dtype(dtype)
+        du = dv * d[:, :, None, None] if d is not None else dv
+        dt = _transpose(du, f, 1, 1, fir_padding, False, float(up * up), t_shape, out_dtype=op)
+        s32 = styles.float()
+        xs = (x.float() * s32[:, :, None, None]).to(op)  # recomputed: cheaper than keeping it
+        w_t = weight.to(op).transpose(0, 1)  # conv_transpose2d's [I, O, k, k], flipped when the layer correlates
+        w_t = w_t.flip([2, 3]) if flip_weight else w_t
+        kh, kw = weight.shape[2:]
+        pad = [((x.shape[2] - 1) * up + kh - t_shape[2]) // 2, ((x.shape[3] - 1) * up + kw - t_shape[3]) // 2]
+        with tf32(precision == "tf32"):
+            dxs, dw_t, _ = torch.ops.aten.convolution_backward(
+                dt, xs, w_t, None, [up, up], pad, [1, 1], True, [0, 0], 1, [need_x or need_s, need_w, False]
+            )
+        if need_x:
+            dx = (dxs.float() * s32[:, :, None, None]).to(x.dtype)
+        if need_s:
+            ds = (dxs.float() * x.float()).sum(dim=[2, 3])
+        if need_w:
+            dw = (dw_t.flip([2, 3]) if flip_weight else dw_t).transpose(0, 1).float()
+        if demodulate and (need_w or need_s):
+            dd = (dv * (pre - (0 if noise is None else noise.float()))).sum(dim=[2, 3]) / d
+            dw_d, ds_d = demod_backward(dd, d, weight, styles)
+            ds = ds + ds_d if need_s else None
+            dw = dw + dw_d if need_w else None
+    if noise is not None and need_noise:
+        dnoise = dv.sum_to_size(noise.shape).to(noise.dtype)
+    if bias is not None and need_b:
+        db = dv.sum(dim=[0, 2, 3]).to(bias.dtype)
+    return (dx, None if dw is None else dw.to(weight.dtype), None if ds is None else ds.to(styles.dtype), dnoise, db)
 
 
 def modulated_conv2d_up_act(
@@ -281,13 +361,24 @@ def modulated_conv2d_up_act(
 ):
     """The up-sampling synthesis layer; the same result as the reference's modulated conv + bias_act."""
     # The reference's fp16 overflow guard (weight and styles rescaled by their max-norms) is not needed: the
-    # convolution runs in float32, and with demodulation the scale would cancel anyway.
-    f = resample_filter
-    pads = [a + b for a, b in zip(ref._parse_padding(padding), ref.upsample_padding(f, up))]
-    xs = x.float() * styles.float()[:, :, None, None]
-    t, fir_padding = ref.transposed_conv_up(xs, weight.float(), up, pads, 1, flip_weight)
-    d = demod_coefficients(weight, styles) if demodulate else None
-    return FirAct.apply(t, f, d, noise, bias, up, fir_padding, False, resolve(act, alpha, gain, clamp), x.dtype)
+    # convolution runs in float32 or bfloat16, and with demodulation the scale would cancel anyway.
+    dtype = compute_dtype(x)
+    epilogue = resolve(act, alpha, gain, clamp)
+    return ModulatedConv2dUpAct.apply(
+        x,
+        weight,
+        styles,
+        noise,
+        bias,
+        resample_filter,
+        up,
+        padding,
+        flip_weight,
+        demodulate,
+        epilogue,
+        dtype,
+        dot_precision(dtype),
+    )
 
 
 def supports_up_act(
@@ -317,4 +408,6 @@ def supports_up_act(
         and weight.shape[-1] == weight.shape[-2]
         and (noise is None or noise.ndim <= 4)
         and epilogue_supported(bias, weight.shape[0], act, alpha, gain)
+        and offsets_fit(x, noise)  # and the transposed convolution's output and y, per sample:
+        and weight.shape[0] * (x.shape[2] * up + weight.shape[2]) * (x.shape[3] * up + weight.shape[3]) <= INT32_LIMIT
     )
