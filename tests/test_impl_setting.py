@@ -46,6 +46,9 @@ def _env(tmp, **extra):
     """An empty user cache in `tmp`, wide help, and Triton's interpreter only where `extra` asks for it."""
     env = env_with(PTI_HOME=str(tmp / "home"), COLUMNS="200")
     env.pop("TRITON_INTERPRET", None)
+    # inductor writes its cache folder into os.environ the first time it runs in a process (an AOTInductor
+    # export test in this worker, say), and a child would inherit it as if the user had set it
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     return {**env, **extra}
 
 

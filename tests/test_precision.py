@@ -3,6 +3,8 @@ back; results record the flags that were in effect; the implementation setting r
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -55,6 +57,11 @@ def test_a_tuning_run_records_the_flags_it_ran_under_not_the_callers(tf32_on) ->
         # every synthesis layer ran, and which implementation ran it is counted (the reference, split)
         assert set(record["ops"]["modulated_conv2d_act"]) == {"split"}
         assert set(record["ops"]["modulated_conv2d"]) == {"ref"}
+        # the 64 px generator on a CPU renders the pivot and its one locality sample as one batch of two
+        # (pti.engine.batched: measured faster there), and the record says so
+        assert record["batched_locality"] is True
+    two = tune(G, target, pivot, helpers.random_lpips(), TuneConfig(max_steps=1, locality_samples=2))
+    assert two.impl["batched_locality"] is False  # two samples: the separate renders
     assert flags() == {"tf32_matmul": True, "tf32_cudnn": True}
 
 
@@ -80,3 +87,26 @@ def test_recording_counts_what_ran_per_op_only_inside_the_block() -> None:
     with torch.no_grad():
         G.synthesis(ws, noise_mode="const", impl="ref")
     assert counts["modulated_conv2d"] == {"ref": layers}  # closed: no longer counting
+
+
+def test_the_compile_cache_env_is_set_for_the_block_only(monkeypatch, tmp_path) -> None:
+    """The compile cache goes to the user cache folder for the run's duration, and the environment (which
+    every process it starts inherits) is left as it was; a user's own setting is kept."""
+    from pti.engine.speed import cache_env, compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("PTI_HOME", str(tmp_path / "home"))
+    with cache_env():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "home" / "compile") == str(compile_cache_dir())
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    with cache_env():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    # inductor's own default, which it writes into the environment itself, is not a user's setting
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_default())
+    with cache_env():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "home" / "compile")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == inductor_default()

@@ -25,6 +25,25 @@ from pti.fsutil import plain
 NOISE_MODES = ("random", "const", "none")
 
 
+def check_noise_mode(noise_mode, n: int):
+    """`noise_mode` as a layer applies it: one of NOISE_MODES for the whole batch, or a tuple (or list) of
+    them, one per sample, for a batch that mixes modes (tuning renders the pivot with 'const' and a
+    locality sample with 'none' in one call). A tuple of one mode repeated is that mode (bit for bit the
+    same render); a mixed one comes back as a tuple."""
+    if isinstance(noise_mode, str):
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        return noise_mode
+    if not isinstance(noise_mode, (tuple, list)):
+        raise ValueError(f"noise_mode must be one of {NOISE_MODES} or a tuple of them, got {noise_mode!r}")
+    bad = [m for m in noise_mode if not isinstance(m, str) or m not in NOISE_MODES]
+    if bad:
+        raise ValueError(f"each per-sample noise_mode must be one of {NOISE_MODES}, got {bad[0]!r}")
+    if len(noise_mode) != n:
+        raise ValueError(f"noise_mode has {len(noise_mode)} per-sample modes for a batch of {n}")
+    return noise_mode[0] if len(set(noise_mode)) == 1 else tuple(noise_mode)
+
+
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Scale each vector to unit root-mean-square (the mapping network's input normalization)."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
@@ -159,11 +178,10 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
 
     def forward(self, x, w, noise_mode="random", fused_modconv=True, gain=1, impl="auto"):
-        if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         in_resolution = self.resolution // self.up
         check_shape(x, [None, self.weight.shape[1], in_resolution, in_resolution], "a synthesis layer's x")
         check_shape(w, [None, self.affine.weight.shape[1]], "a synthesis layer's w")
+        noise_mode = check_noise_mode(noise_mode, x.shape[0])  # a mode, or a mixed tuple (one per sample)
         styles = self.affine(w, impl=impl)  # [NI]
         noise = None
         if self.use_noise and noise_mode == "random":
@@ -172,6 +190,8 @@ class SynthesisLayer(nn.Module):
             )
         if self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
+        if self.use_noise and isinstance(noise_mode, tuple):
+            noise = self.per_sample_noise(noise_mode, x.device)
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return kernels.modulated_conv2d_act(  # modulated conv, then bias_act (one kernel where one is registered)
             x,
@@ -189,6 +209,25 @@ class SynthesisLayer(nn.Module):
             clamp=act_clamp,
             impl=impl,
         )
+
+    def per_sample_noise(self, modes: tuple[str, ...], device) -> torch.Tensor:  # [N, 1, R, R]
+        """One noise map per sample, stacked: 'const' is the layer's constant map times the strength (the
+        same product, so the same bits, as the whole-batch 'const'), 'none' zeros (adding +0.0 leaves every
+        activation's value as it was, and no gradient reaches the strength from it), 'random' a fresh draw
+        per sample (its own torch.randn call, so not the numbers a whole-batch 'random' would draw). A
+        concatenation rather than a 0/1 mask: building a mask tensor from Python values would copy it to
+        the device at every layer (a host synchronisation on CUDA, and a break in a CUDA graph)."""
+        r = self.resolution
+        scaled = self.noise_const * self.noise_strength if "const" in modes else None  # [R, R]
+        pieces = []
+        for mode in modes:
+            if mode == "const":
+                pieces.append(scaled.expand(1, 1, r, r))
+            elif mode == "random":
+                pieces.append(torch.randn([1, 1, r, r], device=device) * self.noise_strength)
+            else:
+                pieces.append(torch.zeros([1, 1, r, r], dtype=self.noise_const.dtype, device=device))
+        return torch.cat(pieces)
 
 
 class ToRGBLayer(nn.Module):

@@ -16,6 +16,7 @@ dict a result stores ("impl" in report.json).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from contextlib import ExitStack
@@ -33,9 +34,36 @@ CUDA_COMPILE_MODE = "reduce-overhead"  # CUDA graphs through torch.compile (not 
 _COMPILED: dict[tuple, Callable] = {}
 
 
+def _inductor_default() -> str:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default  # noqa: PLC0415
+
+    return os.path.abspath(inductor_default())
+
+
 def compile_cache_dir() -> Path:
-    """Where torch.compile keeps what it compiled ($TORCHINDUCTOR_CACHE_DIR when the user set it)."""
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir() / "compile")
+    """Where torch.compile keeps what it compiled: $TORCHINDUCTOR_CACHE_DIR when the user set it, else the
+    user cache folder's `compile/`. Inductor writes its own default folder into the variable the first time
+    it runs in a process; that value is not the user's, and does not count."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env and os.path.abspath(env) != _inductor_default():
+        return Path(env)
+    return default_cache_dir() / "compile"
+
+
+@contextlib.contextmanager
+def cache_env():
+    """Inductor's cache in `compile_cache_dir()` for the block, and the process's environment (which every
+    process it starts inherits) as it was afterwards. Compiling is lazy (a backward compiles at its first
+    call), so this spans the whole phase that runs compiled code, not only the compile call."""
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
 
 
 def structure(*modules) -> tuple:
@@ -58,9 +86,9 @@ def compiled(fn: Callable, device: torch.device, key: tuple = ()) -> Callable:
     once per process (the compile cache in the user cache folder)."""
     key = (fn, device.type, key)
     if key not in _COMPILED:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
         mode = CUDA_COMPILE_MODE if device.type == "cuda" else None
-        _COMPILED[key] = torch.compile(fn, mode=mode, dynamic=False)
+        with cache_env():
+            _COMPILED[key] = torch.compile(fn, mode=mode, dynamic=False)
     return _COMPILED[key]
 
 
@@ -77,7 +105,8 @@ def compiled_synthesis(G, device: torch.device) -> Callable:
     fn = compiled(_synthesize, device, structure(synthesis))
 
     def run(ws, noise_mode="random", force_fp32=False, fused_modconv=None):
-        return fn(synthesis, ws, noise_mode, force_fp32, fused_modconv)
+        with cache_env():
+            return fn(synthesis, ws, noise_mode, force_fp32, fused_modconv)
 
     return run
 
@@ -116,6 +145,8 @@ class StepRunner:
 
     def __enter__(self) -> "StepRunner":
         self._stack.enter_context(tf32_scope(self.precision))
+        if self.impl == "compile":
+            self._stack.enter_context(cache_env())
         if self.impl != "compile":
             self._ops = self._stack.enter_context(kernels.recording())
         self._flags = flags()

@@ -23,7 +23,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from pti.engine.batched import pivot_and_locality_terms, prefer_batched
 from pti.engine.config import IMPLS, ProgressFn, check_fields, one_of, real, seeded_generator, whole
+from pti.engine.generator import Generator
 from pti.engine.losses import Perceptual
 from pti.engine.speed import StepRunner
 from pti.engine.ssim import ms_ssim
@@ -118,16 +120,34 @@ def locality_loss(
     G, G_orig, pivot, perceptual: Perceptual, cfg: TuneConfig, gen, terms=locality_terms
 ) -> tuple[torch.Tensor, dict]:
     """Mean over samples of 0.1 MSE + 0.1 LPIPS between tuned and original renders near the pivot;
-    `terms` is `locality_terms` as the implementation setting runs it."""
-    total, l2_sum, lp_sum = 0.0, 0.0, 0.0
+    `terms` is `locality_terms` as the implementation setting runs it. The logged terms come back as
+    detached tensors per sample (`logged` turns them into numbers, with one host synchronisation)."""
+    total = 0.0
     ws_list = locality_ws(G_orig, pivot, cfg, gen)
+    l2s, lps = [], []
     for w_r in ws_list:
         l2, lp = terms(G.synthesis, G_orig.synthesis, perceptual, w_r, cfg.precision)
         total = total + cfg.locality_l2_lambda * l2 + cfg.locality_lpips_lambda * lp
-        l2_sum += float(l2.detach())
-        lp_sum += float(lp.detach())
-    n = len(ws_list)
-    return total / n, {"reg_l2": l2_sum / n, "reg_lpips": lp_sum / n}
+        l2s.append(l2.detach())
+        lps.append(lp.detach())
+    return total / len(ws_list), {"reg_l2": l2s, "reg_lpips": lps}
+
+
+def logged(terms: dict) -> dict[str, float]:
+    """The step's logged terms as numbers, read from the device in one transfer: each a tensor, or a list of
+    per-sample tensors whose mean is logged (summed in Python in sample order, then divided)."""
+    flat = [t for v in terms.values() for t in (v if isinstance(v, list) else [v])]
+    values = iter(torch.stack([t.reshape(()).float() for t in flat]).tolist())
+    out = {}
+    for key, v in terms.items():
+        if isinstance(v, list):
+            total = 0.0
+            for _ in v:
+                total += next(values)
+            out[key] = total / len(v)
+        else:
+            out[key] = next(values)
+    return out
 
 
 def _prepare(G):
@@ -158,6 +178,10 @@ def tune(
     runner = StepRunner(cfg.impl, cfg.precision, device, "tune", progress, (G_tuned.synthesis, perceptual))
     G_tuned.impl = G_orig.impl = runner.network_impl()
     at_pivot, near_pivot = runner.fn(pivot_terms), runner.fn(locality_terms)
+    # The pivot and a single locality sample in one batch of two where that was measured faster (small
+    # generators on a CPU, pti.engine.batched): the same terms to float32 rounding.
+    batched = cfg.locality and cfg.locality_samples == 1 and isinstance(G, Generator) and prefer_batched(G, device)
+    both = runner.fn(pivot_and_locality_terms) if batched else None
     optimizer = torch.optim.Adam(G_tuned.synthesis.parameters(), lr=cfg.lr)
     gen = seeded_generator(cfg.seed, device)
     result = TuneResult(G=G_tuned, config=asdict(cfg))
@@ -173,14 +197,25 @@ def tune(
                 target = target.to(device)
                 pivot = pivot.to(device)
                 with runner.step():
-                    l2, lp = at_pivot(G_tuned.synthesis, perceptual, pivot, target, cfg.precision)
+                    regularized = cfg.locality and step % cfg.locality_interval == 0
+                    if batched and regularized:  # the sample is drawn first: a stopping step draws it unused
+                        (w_r,) = locality_ws(G_orig, pivot, cfg, gen)
+                        l2, lp, reg_l2, reg_lp = both(
+                            G_tuned.synthesis, G_orig.synthesis, perceptual, pivot, target, w_r, cfg.precision
+                        )
+                    else:
+                        l2, lp = at_pivot(G_tuned.synthesis, perceptual, pivot, target, cfg.precision)
                     loss = cfg.l2_lambda * l2 + cfg.lpips_lambda * lp
                     if not joint and float(lp.detach()) <= cfg.lpips_threshold:
                         result.early_stopped = True  # checked before backward: this step is not applied
                         break
-                    terms = {"l2": float(l2.detach()), "lpips": float(lp.detach())}
-                    if cfg.locality and step % cfg.locality_interval == 0:
-                        reg, reg_terms = locality_loss(G_tuned, G_orig, pivot, perceptual, cfg, gen, near_pivot)
+                    terms = {"l2": l2.detach(), "lpips": lp.detach()}
+                    if regularized:
+                        if batched:  # locality_loss's sum over its one sample, in its order
+                            reg = (0.0 + cfg.locality_l2_lambda * reg_l2 + cfg.locality_lpips_lambda * reg_lp) / 1
+                            reg_terms = {"reg_l2": [reg_l2.detach()], "reg_lpips": [reg_lp.detach()]}
+                        else:
+                            reg, reg_terms = locality_loss(G_tuned, G_orig, pivot, perceptual, cfg, gen, near_pivot)
                         loss = loss + reg
                         terms.update(reg_terms)
                         curves["reg_step"].append(step)
@@ -188,7 +223,8 @@ def tune(
                     loss.backward()
                     optimizer.step()
                 step += 1
-                curves["loss"].append(float(loss.detach()))
+                terms = logged({"loss": loss.detach(), **terms})  # the one read per step besides early stop's
+                curves["loss"].append(terms.pop("loss"))
                 for key, value in terms.items():
                     curves[key].append(value)
                 if progress is not None:  # the perceptual term under the name of the loss that ran (lpips, 1-ms_ssim)
@@ -201,7 +237,7 @@ def tune(
                     )
             if result.early_stopped:
                 break
-    result.impl = runner.record()
+    result.impl = {**runner.record(), "batched_locality": batched}
     result.steps = step
     result.seconds = time.perf_counter() - start
     G_tuned.requires_grad_(False)

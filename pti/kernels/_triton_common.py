@@ -34,15 +34,13 @@ them. Like them it needs Triton, and TRITON_INTERPRET=1 set before import to run
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
 from pti.kernels import ref
-from pti.kernels.precision import no_autocast
+from pti.kernels.precision import no_autocast, tf32  # noqa: F401  (tf32: the modules import it from here)
 
 ACTS = {"linear": 0, "relu": 1, "lrelu": 2}  # the activations the kernels know, as a constexpr code
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels load and store
@@ -127,19 +125,6 @@ def torch_dtype(dtype: torch.dtype) -> torch.dtype:
 def upcast(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether `dot_acc` multiplies bfloat16 operands as float32: on CPU tensors, under the interpreter."""
     return not x.is_cuda and dtype == torch.bfloat16
-
-
-@contextlib.contextmanager
-def tf32(allowed: bool) -> Iterator[None]:
-    """cuBLAS and cuDNN TF32 set to `allowed` for the block, the caller's flags put back: how the torch
-    ops a kernel layer calls follow the precision its own `tl.dot` runs in."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def sample_extent(t: torch.Tensor) -> int:

@@ -44,17 +44,21 @@ def _check(precision: str) -> None:
 
 
 @contextlib.contextmanager
-def tf32_scope(precision: str) -> Iterator[None]:
-    """The TF32 flags of `precision` (on for tf32, off for fp32 and bf16) for the block; the caller's after."""
-    _check(precision)
+def tf32(allowed: bool) -> Iterator[None]:
+    """cuBLAS and cuDNN TF32 set to `allowed` for the block, the caller's flags put back."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def tf32_scope(precision: str):
+    """The TF32 flags of `precision` (on for tf32, off for fp32 and bf16) for the block; the caller's after."""
+    _check(precision)
+    return tf32(precision == "tf32")
 
 
 def autocast_scope(precision: str, device: torch.device | str | None = None):
