@@ -45,6 +45,7 @@ COMMAND_MODULES = [
     "pti.commands.generate",
     "pti.commands.info",
     "pti.commands.convert",
+    "pti.commands.import_",
     "pti.commands.weights",
     "pti.commands.bench",
 ]

@@ -20,7 +20,7 @@ def test_help_lists_commands_without_importing_torch():
     assert out.stdout.strip() == "False", "pti --help must not import torch (it must appear in under a second)"
     res = run_pti("--help")
     assert res.returncode == 0
-    for cmd in ("demo", "tune", "align", "generate", "info", "convert", "weights"):
+    for cmd in ("demo", "tune", "align", "generate", "info", "convert", "import", "weights"):
         assert cmd in res.stdout
 
 

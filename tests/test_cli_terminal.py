@@ -76,6 +76,7 @@ COMMANDS = [
     "generate",
     "info",
     "convert",
+    "import",
     "weights",
     "weights list",
     "weights fetch",

@@ -1,4 +1,5 @@
-"""`pti export IDENTITY_OR_CKPT --format onnx|aoti|tensorrt -o DIR`: a tuned person's generator for a runtime."""
+"""`pti export IDENTITY_OR_CKPT --format onnx|aoti|tensorrt -o DIR`: a tuned person's generator for a runtime;
+`--format nvidia-pkl|rosinality|state-dict -o FILE`: one file another tool loads."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ import typer
 from pti.commands.common import DeviceOption, console
 
 
-class Format(str, Enum):  # pti.export.FORMATS
+class Format(str, Enum):  # pti.export.FORMATS, then pti.export.FILE_FORMATS
     onnx = "onnx"
     aoti = "aoti"
     tensorrt = "tensorrt"
+    nvidia_pkl = "nvidia-pkl"
+    rosinality = "rosinality"
+    state_dict = "state-dict"
+
+
+FILE_FORMATS = {"nvidia-pkl": ".pkl", "rosinality": ".pt", "state-dict": ".safetensors"}  # pti.export.FILE_FORMATS
+FOLDER_ONLY = ("precision", "max_batch", "opt_batch", "external_data", "refit")  # options of the runtime exports
 
 
 class Precision(str, Enum):  # pti.export.PRECISIONS
@@ -23,6 +31,7 @@ class Precision(str, Enum):  # pti.export.PRECISIONS
 
 
 def export(
+    ctx: typer.Context,
     source: Annotated[
         str,
         typer.Argument(
@@ -36,14 +45,24 @@ def export(
             "--format",
             "-f",
             help=(
-                "onnx (ONNX Runtime, TensorRT), aoti (AOTInductor .pt2) or tensorrt (an engine; needs TensorRT and "
-                "a GPU)."
+                "A folder for a runtime: onnx (ONNX Runtime, TensorRT), aoti (AOTInductor .pt2) or tensorrt (an "
+                "engine; needs TensorRT and a GPU). One file for another tool: nvidia-pkl (a stylegan2-ada-pytorch "
+                "network pickle, from a .pkl base: it carries that file's own network code, which NVIDIA's loader "
+                "runs), rosinality (a stylegan2-pytorch checkpoint) or state-dict (NVIDIA-named tensors, "
+                "safetensors)."
             ),
         ),
     ] = Format.onnx,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Output folder (default: <source name>-<format> beside the source)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Output folder (default: <source name>-<format> beside the source); for a file format the file "
+                "(default: <identity name>.pkl|.pt|.safetensors beside it)."
+            ),
+        ),
     ] = None,
     precision: Annotated[
         Precision, typer.Option("--precision", help="fp32, or fp16 (half the size; fp16 kernels on GPUs).")
@@ -69,13 +88,30 @@ def export(
             ),
         ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an export already in the output folder.")] = False,
+    drop_d: Annotated[
+        bool,
+        typer.Option(
+            "--drop-d",
+            help=(
+                "nvidia-pkl: leave the discriminator D out (smaller; pickle.load(f)['G_ema'] reads it, NVIDIA's "
+                "legacy.load_network_pkl needs D)."
+            ),
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an export already in the output folder, or the output file.")
+    ] = False,
     device: DeviceOption = "auto",
 ) -> None:
-    """Export a tuned person's (or a base generator's) synthesis network, with a contract for swapping identities.
+    """Export a tuned person (or a base generator): a folder for a runtime, or one file another tool loads.
 
-    The export is the reference arithmetic, traced (there is no --impl: ONNX Runtime, AOTInductor and TensorRT
-    choose their own kernels), and it is checked against PyTorch in fp32 with TF32 off."""
+    Runtime exports (onnx, aoti, tensorrt) hold the synthesis network with a contract for swapping identities;
+    they are the reference arithmetic, traced (there is no --impl: ONNX Runtime, AOTInductor and TensorRT choose
+    their own kernels), checked against PyTorch in fp32 with TF32 off.
+
+    File exports hold the whole generator with the tuned weights, and are read back and checked after writing.
+    nvidia-pkl needs a stylegan2-ada-pytorch .pkl base: the network records and code are that file's own, copied
+    unchanged, and loading the result in NVIDIA's loader runs that code (your base file's, not pti's)."""
     import time
 
     from pti.engine.device import resolve_device
@@ -83,6 +119,10 @@ def export(
     from pti.export import CONTRACT, load_source
     from pti.export.config import ExportConfig
 
+    if format.value in FILE_FORMATS:
+        return _export_file(ctx, source, format.value, out, network, drop_d, force, device)
+    if drop_d:
+        raise typer.BadParameter("--drop-d is for --format nvidia-pkl", param_hint="--drop-d")
     if refit is not None and format is not Format.tensorrt:
         raise typer.BadParameter("--refit is for --format tensorrt", param_hint="--refit")
     if opt_batch > max_batch:
@@ -116,6 +156,49 @@ def export(
 
         contract_path = export_to(format.value, src, folder, config)
     _summary(contract_path, time.perf_counter() - t0)
+
+
+def _export_file(ctx, source: str, kind: str, out, network, drop_d: bool, force: bool, device: str) -> None:
+    import time
+
+    from pti.engine.device import resolve_device
+    from pti.errors import OutputError
+    from pti.export import export_file, load_source
+
+    given = [
+        "--" + name.replace("_", "-")
+        for name in FOLDER_ONLY
+        if ctx.get_parameter_source(name) is not None and ctx.get_parameter_source(name).name != "DEFAULT"
+    ]
+    if given:
+        raise typer.BadParameter(f"{', '.join(given)} is for the runtime exports (onnx, aoti, tensorrt), not {kind}")
+    if drop_d and kind != "nvidia-pkl":
+        raise typer.BadParameter("--drop-d is for --format nvidia-pkl", param_hint="--drop-d")
+    path = out if out is not None else _default_file(source, kind)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give a file name with -o")
+    if path.exists() and not force:
+        raise OutputError(f"{path} already exists; pass --force to replace it, or choose another -o")
+    src = load_source(source, network, resolve_device(device))
+    what = "the tuned person" if src.identity is not None else "the generator"
+    console.print(f"exporting {what} from {source} as {kind} ...", markup=False)
+    t0 = time.perf_counter()
+    written = export_file(kind, src, path, drop_d=drop_d)
+    size = path.stat().st_size / 1e6
+    console.print(f"wrote {path} ({size:.1f} MB) in {time.perf_counter() - t0:.1f} s", markup=False)
+    for line in written.lines:
+        console.print(f"  {line}", markup=False)
+    for note in written.notes:
+        console.print(f"note: {note}", markup=False)
+
+
+def _default_file(source: str, kind: str) -> Path:
+    """<identity>.pkl beside the identity; <checkpoint>-<kind>.<suffix> beside a checkpoint (never the source)."""
+    suffix = FILE_FORMATS[kind]
+    if source.startswith("builtin:"):
+        return Path(f"{source.split(':', 1)[1]}-{kind}{suffix}")
+    p = Path(source)
+    return p.with_suffix(suffix) if p.suffix == ".pti" else p.parent / f"{p.stem}-{kind}{suffix}"
 
 
 def _default_out(source: str, fmt: str) -> Path:

@@ -207,11 +207,24 @@ def _identity(path: str) -> tuple[dict, list[tuple[str, str]]]:
             "sha256 verified (weights and metadata are as pti wrote them)" if d["checksum"] else "none (see the note)",
         ),
     ]
+    rows += _imported_rows(d)
     rows += _tuning_rows(d)
     rows += [("note", note) for note in d["notes"]]
     versions = d.get("versions") or {}
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
     return record, rows
+
+
+def _imported_rows(d: dict) -> list[tuple[str, str]]:
+    """Where an imported identity came from (`pti import`): the tuned checkpoint and the pivot it read."""
+    imported = d.get("imported")
+    if not isinstance(imported, dict):
+        return []
+    tool = str(imported.get("format") or "?").removesuffix(" checkpoint")
+    return [
+        ("origin", f"imported from {imported.get('checkpoint')} ({tool})"),
+        ("  pivot", f"{imported.get('pivot')} {imported.get('pivot_shape')}"),
+    ]
 
 
 def _tuning_rows(d: dict) -> list[tuple[str, str]]:

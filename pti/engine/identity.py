@@ -344,6 +344,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "precision",
                 "impl",
                 "joint_with",
+                "imported",
                 "versions",
             )
         },

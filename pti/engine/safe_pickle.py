@@ -19,6 +19,13 @@ its arguments and builds plain data:
 
 Every other global (`os.system`, `builtins.eval`, `subprocess.Popen`, an unknown class, ...) raises
 `CheckpointError` from `find_class`, before anything could be called. Persistent ids are refused.
+
+Writing a pickle back (`pti export --format nvidia-pkl`): what this unpickler reads can be pickled again
+with the same globals, so a user's records go back out unchanged. `PersistentObject` keeps its whole meta
+and reduces to `torch_utils.persistence._reconstruct_persistent_obj(meta)`, an EasyDict to the EasyDict it
+was, and with `keep=True` numpy values come back as `Kept` calls of the numpy global the file named. The
+globals are `Global` references, which only `pti.export.nvidia_pkl`'s pickler writes (by name, without
+importing them).
 """
 
 from __future__ import annotations
@@ -28,13 +35,27 @@ import io
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from pti.errors import CheckpointError
+
+
+PERSISTENCE = "torch_utils.persistence"
+
+
+@dataclass(frozen=True)
+class Global:
+    """The global `module.name` named in a pickle, to be written back by name (never imported or resolved)."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args, **kwargs):  # pickle's writer wants the reducer of a record to be callable
+        raise TypeError(f"{self.module}.{self.name} is a name in a pickle; pti never calls it")
 
 
 @dataclass
@@ -45,6 +66,17 @@ class PersistentObject:
     version: int  # persistence format version (6 in stylegan2-ada-pytorch)
     module_src: str  # source the file carries; kept for inspection only
     state: dict[str, Any]  # the module's __dict__ as pickled (parameters, buffers, ...)
+    meta: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # the record as read
+
+    def __reduce__(self):
+        """The record as the file had it (its meta's keys in their order, `state` as it is now)."""
+        meta = (
+            dict(self.meta)
+            if self.meta is not None
+            else dict(type="class", version=self.version, module_src=self.module_src, class_name=self.class_name)
+        )
+        meta["state"] = self.state
+        return Global(PERSISTENCE, "_reconstruct_persistent_obj"), (meta,)
 
     @property
     def init_args(self) -> tuple:
@@ -84,11 +116,35 @@ def _as_tensor(t: Any, name: str) -> torch.Tensor:
 
 
 class _PlainDict(dict):
-    """What `dnnlib.util.EasyDict` unpickles to: a dict that tolerates pickle's BUILD step."""
+    """What `dnnlib.util.EasyDict` unpickles to: a dict that tolerates pickle's BUILD step, and pickles back
+    as the EasyDict it was read as."""
+
+    _module = "dnnlib.util"
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, dict):
             self.update(state)
+
+    def __reduce__(self):
+        return Global(self._module, "EasyDict"), (), None, None, iter(self.items())
+
+
+class _PlainDictRoot(_PlainDict):
+    _module = "dnnlib"  # `dnnlib.EasyDict`, as some snapshots spell it
+
+
+class Kept:
+    """A call of an allowed global, kept as (global, args, BUILD state) to be pickled back as it was read
+    (`RestrictedUnpickler(keep=True)`: numpy scalars and arrays keep the module names the file used)."""
+
+    def __init__(self, ref: Global, args: tuple) -> None:
+        self.ref, self.args, self.state = ref, args, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __reduce__(self):
+        return (self.ref, self.args) if self.state is None else (self.ref, self.args, self.state)
 
 
 def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
@@ -105,6 +161,7 @@ def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
         version=int(meta.get("version", 0)),
         module_src=src if isinstance(src, str) else "",
         state=dict(state),
+        meta={k: v for k, v in meta.items() if k != "state"},
     )
 
 
@@ -195,7 +252,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set,  # protocol-2 pickles written by Python 2 era tools
     ("dnnlib.util", "EasyDict"): _PlainDict,
-    ("dnnlib", "EasyDict"): _PlainDict,
+    ("dnnlib", "EasyDict"): _PlainDictRoot,
     ("torch", "Size"): torch.Size,
     ("_codecs", "encode"): _codecs_encode,
 }
@@ -204,9 +261,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class RestrictedUnpickler(pickle.Unpickler):
     """`pickle.Unpickler` that resolves only the allow-list above; see the module docstring."""
 
-    def __init__(self, file: BinaryIO, source: str = "checkpoint") -> None:
+    def __init__(self, file: BinaryIO, source: str = "checkpoint", keep: bool = False) -> None:
         super().__init__(file)
         self.source = source  # file name, for error messages
+        self.keep = keep  # numpy values as `Kept` calls, to be written back unchanged
         self._numpy: dict[tuple[str, str], Any] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -219,6 +277,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             if not self._numpy:
                 self._numpy = _numpy_allowed()
             if key in self._numpy:
+                if self.keep and module.endswith(".multiarray"):  # the module numpy moved in 2.0: keep the file's
+                    return _kept(self._numpy[key], Global(module, name))
                 return self._numpy[key]
         if module.startswith("dnnlib.tflib"):
             raise CheckpointError(
@@ -257,25 +317,40 @@ def pickle_refusal(e: BaseException) -> str | None:
     return None
 
 
-def safe_load_pickle(f: BinaryIO, source: str = "checkpoint") -> Any:
-    """Unpickle `f` with the restricted unpickler; every failure becomes a one-line CheckpointError."""
+# What unpickling a damaged or malformed file raises (each becomes one CheckpointError line).
+UNPICKLING_ERRORS = (
+    EOFError,
+    pickle.UnpicklingError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    UnicodeDecodeError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+)
+
+
+def _kept(check, ref: Global):
+    """A stand-in for the allowed global `check` that checks its arguments as `check` does, then keeps the call."""
+
+    def call(*args):
+        check(*args)
+        return Kept(ref, args)
+
+    return call
+
+
+def safe_load_pickle(f: BinaryIO, source: str = "checkpoint", keep: bool = False) -> Any:
+    """Unpickle `f` with the restricted unpickler; every failure becomes a one-line CheckpointError.
+    `keep`: read it to be written back (see the module docstring)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TypedStorage deprecation chatter from torch internals
-            return RestrictedUnpickler(f, source).load()
+            return RestrictedUnpickler(f, source, keep).load()
     except CheckpointError:
         raise
-    except (
-        EOFError,
-        pickle.UnpicklingError,
-        ValueError,
-        TypeError,
-        IndexError,
-        KeyError,
-        AttributeError,
-        UnicodeDecodeError,
-        OverflowError,
-        MemoryError,
-        RecursionError,
-    ) as e:
+    except UNPICKLING_ERRORS as e:
         raise CheckpointError(f"{source} is truncated or not a valid pickle ({type(e).__name__}: {e})") from None

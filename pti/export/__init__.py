@@ -25,19 +25,34 @@ Inside: `pti.export.contract` (what every format shares) under the format module
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator
+from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator, save_generator
 from pti.engine.identity import is_identity_file, open_identity
 from pti.errors import ExportError
 from pti.export.aoti import export_aoti
 from pti.export.config import ExportConfig
 from pti.export.contract import CONTRACT, Source, quiet  # noqa: F401  (CONTRACT, quiet: public names)
+from pti.export.nvidia_pkl import base_pickle, write_nvidia_pickle
 from pti.export.onnx import export_onnx
+from pti.export.rosinality import write_rosinality
 from pti.export.tensorrt import export_tensorrt
 from pti.fsutil import default_cache_dir
 
-FORMATS = ("onnx", "aoti", "tensorrt")
+FORMATS = ("onnx", "aoti", "tensorrt")  # a folder: a graph, its weights and a contract
+# One file another tool loads (the suffix a default output name gets):
+FILE_FORMATS = {"nvidia-pkl": ".pkl", "rosinality": ".pt", "state-dict": ".safetensors"}
+
+
+@dataclass
+class WrittenFile:
+    """What `export_file` wrote: the file, and lines for people (what it holds, how to load it, caveats)."""
+
+    path: Path
+    kind: str
+    lines: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def load_source(path: str | Path | None, network: str | None = None, device="cpu") -> Source:
@@ -60,6 +75,58 @@ def export(kind: str, src: Source, out: str | Path, config: ExportConfig = Expor
     if kind == "tensorrt":
         return export_tensorrt(src, out, batch=config.batch, fp16=config.precision == "fp16")
     raise ExportError(f"unknown export format {kind!r}; choose from {', '.join(FORMATS)}")
+
+
+def export_file(kind: str, src: Source, out: str | Path, drop_d: bool = False) -> WrittenFile:
+    """Write `src`'s generator as one file in the format `kind` (one of FILE_FORMATS), atomically, to `out`."""
+    out = Path(out)
+    G = src.generator
+    if kind == "nvidia-pkl":
+        base = base_pickle(src.base_hint)
+        w = write_nvidia_pickle(G, base, out, drop_d=drop_d)
+        held = ", ".join(w.keys) if w.keys else "the generator alone (the base was a bare network pickle)"
+        tuned = " and ".join(w.tuned) if w.tuned else "it"
+        return WrittenFile(
+            out,
+            kind,
+            [
+                f"holds {held}; {tuned} = the {'tuned ' if src.identity is not None else ''}generator "
+                f"({w.replaced} synthesis weights in place of the base's)"
+                + ("" if "D" in w.keys or not drop_d else "; D left out (--drop-d)"),
+                f"network records and code ({w.module_src_bytes} bytes of module_src) are {base}'s own, unchanged; "
+                f"pickle protocol {w.protocol}",
+                "checked: pti's safe loader reads it back as the tuned generator, bit for bit",
+                "load it: legacy.load_network_pkl(f)['G_ema'] (stylegan2-ada-pytorch, stylegan3, DragGAN) or "
+                "pickle.load(f)['G_ema'] (PTI); either runs that network code",
+            ],
+            [] if "D" in w.keys or not w.keys else ["without D, NVIDIA's legacy.load_network_pkl refuses the file"],
+        )
+    if kind == "rosinality":
+        notes, info = write_rosinality(G, out)
+        args = ", ".join(f"{k}={v}" for k, v in info.items())
+        return WrittenFile(
+            out,
+            kind,
+            [
+                "holds {'g_ema': state dict in rosinality's names, 'latent_avg': w_avg}",
+                f"load it: g = Generator({args}); g.load_state_dict(torch.load(path)['g_ema']) "
+                "(rosinality stylegan2-pytorch, e4e, StyleCLIP, HyperStyle)",
+            ],
+            list(notes),
+        )
+    if kind == "state-dict":
+        meta = {"exported_from": src.identity_path or src.base_hint}
+        digest = save_generator(G, out, extra_metadata=meta)
+        return WrittenFile(
+            out,
+            kind,
+            [
+                f"holds {len(G.state_dict())} tensors in NVIDIA's names (mapping, synthesis, buffers) and the "
+                "generator's config in the metadata (content hash " + digest[:16] + ")",
+                "load it: safetensors.torch.load_file(path) (tensors by name), or pti --network path",
+            ],
+        )
+    raise ExportError(f"unknown file format {kind!r}; choose from {', '.join(FILE_FORMATS)}")
 
 
 def default_export_dir(base_hash: str, kind: str, precision: str) -> Path:
