@@ -167,6 +167,20 @@ def test_exact_import_renders_the_checkpoint_generator_bit_for_bit(case, tmp_pat
     assert np.array_equal(png, to_uint8(render(case["tuned"], case["pivot"])[0]))
 
 
+def test_an_imported_person_exports_back_to_an_nvidia_pickle(case, tmp_path):
+    """The authors' checkpoint -> pti import --exact -> pti export --format nvidia-pkl: the tuned generator again,
+    bit for bit, in a pickle that carries the base's own records."""
+    person = tmp_path / "person.pti"
+    assert run_pti(*import_args(case, "-o", person, "--exact")).returncode == 0
+    proc = run_pti("export", person, "--format", "nvidia-pkl")
+    assert proc.returncode == 0, proc.stderr
+    G = load_generator(tmp_path / "person.pkl")
+    want = case["tuned"].state_dict()
+    assert set(G.state_dict()) == set(want)
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 def test_default_import_is_fp16_deltas_within_the_bound_their_rounding_implies(case, default_import):
     proc, out = default_import
     assert out.is_file() and f"wrote {out}" in proc.stdout and "fp16 deltas" in proc.stdout
