@@ -15,6 +15,7 @@ import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,6 +227,24 @@ def test_state_dict_holds_nvidia_names(tmp_path, base_pkl):
     assert _same_state(load_generator(out).state_dict(), tuned.state_dict())  # and pti reads it as a --network
 
 
+def test_projected_w_is_the_pivot_in_nvidias_layout(tmp_path, base_pkl):
+    from pti.engine.pivots import read_pivot
+
+    ident = _identity(tmp_path, base_pkl)
+    r = run_pti("export", ident, "--format", "projected-w")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "person.npz"
+    with np.load(out, allow_pickle=False) as f:
+        assert list(f.keys()) == ["w"]
+        w = f["w"]
+    pivot = Identity.load(ident).pivot
+    assert w.dtype == np.float32 and w.shape == (1, *pivot.shape)
+    assert np.array_equal(w[0], pivot.numpy())
+    assert torch.equal(read_pivot(out, *pivot.shape), pivot)  # and it comes back in as a pivot file
+    r = run_pti("export", base_pkl, "--format", "projected-w", "-o", tmp_path / "g.npz")
+    assert r.returncode == 1 and "has no pivot" in r.stderr and not (tmp_path / "g.npz").exists()
+
+
 # ----------------------------------------------------------------------------- NVIDIA's own loader
 
 
@@ -273,5 +292,16 @@ def test_nvidia_loader_reads_the_written_pickle(tmp_path):
             img = nv.synthesis(ws, noise_mode="const", force_fp32=True)
         assert torch.equal(img, ours), (key, (img - ours).abs().max().item())
     assert _same_state(as_pti_does.state_dict(), tuned.G.state_dict())
+    # The pivot as projected_w.npz, rendered the way NVIDIA's generate.py --projected-w does it (the script itself
+    # asks for CUDA): its uint8 image equals pti's render of the person at the pivot.
+    w_path = tmp_path / "w.npz"
+    assert run_pti("export", ident, "--format", "projected-w", "-o", w_path).returncode == 0
+    ws_file = torch.tensor(np.load(w_path)["w"])
+    assert ws_file.shape[1:] == (data["G_ema"].num_ws, data["G_ema"].w_dim)
+    with torch.no_grad():
+        nv_img = data["G_ema"].synthesis(ws_file[0].unsqueeze(0), noise_mode="const")
+        ours = tuned.G.synthesis(tuned.ident.pivot[None], noise_mode="const")
+    to_u8 = lambda x: (x.permute(0, 2, 3, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)  # noqa: E731
+    assert torch.equal(to_u8(nv_img), to_u8(ours))
     assert _same_state(data["D"].state_dict(), D.state_dict())
     assert sys.modules.get("legacy") is legacy

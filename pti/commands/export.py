@@ -19,9 +19,11 @@ class Format(str, Enum):  # pti.export.FORMATS, then pti.export.FILE_FORMATS
     nvidia_pkl = "nvidia-pkl"
     rosinality = "rosinality"
     state_dict = "state-dict"
+    projected_w = "projected-w"
 
 
-FILE_FORMATS = {"nvidia-pkl": ".pkl", "rosinality": ".pt", "state-dict": ".safetensors"}  # pti.export.FILE_FORMATS
+# pti.export.FILE_FORMATS
+FILE_FORMATS = {"nvidia-pkl": ".pkl", "rosinality": ".pt", "state-dict": ".safetensors", "projected-w": ".npz"}
 FOLDER_ONLY = ("precision", "max_batch", "opt_batch", "external_data", "refit")  # options of the runtime exports
 
 
@@ -48,8 +50,8 @@ def export(
                 "A folder for a runtime: onnx (ONNX Runtime, TensorRT), aoti (AOTInductor .pt2) or tensorrt (an "
                 "engine; needs TensorRT and a GPU). One file for another tool: nvidia-pkl (a stylegan2-ada-pytorch "
                 "network pickle, from a .pkl base: it carries that file's own network code, which NVIDIA's loader "
-                "runs), rosinality (a stylegan2-pytorch checkpoint) or state-dict (NVIDIA-named tensors, "
-                "safetensors)."
+                "runs), rosinality (a stylegan2-pytorch checkpoint), state-dict (NVIDIA-named tensors, "
+                "safetensors) or projected-w (the pivot as NVIDIA's projected_w.npz)."
             ),
         ),
     ] = Format.onnx,

@@ -28,6 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator, save_generator
 from pti.engine.identity import is_identity_file, open_identity
 from pti.errors import ExportError
@@ -38,11 +41,11 @@ from pti.export.nvidia_pkl import base_pickle, write_nvidia_pickle
 from pti.export.onnx import export_onnx
 from pti.export.rosinality import write_rosinality
 from pti.export.tensorrt import export_tensorrt
-from pti.fsutil import default_cache_dir
+from pti.fsutil import atomic_path, default_cache_dir
 
 FORMATS = ("onnx", "aoti", "tensorrt")  # a folder: a graph, its weights and a contract
 # One file another tool loads (the suffix a default output name gets):
-FILE_FORMATS = {"nvidia-pkl": ".pkl", "rosinality": ".pt", "state-dict": ".safetensors"}
+FILE_FORMATS = {"nvidia-pkl": ".pkl", "rosinality": ".pt", "state-dict": ".safetensors", "projected-w": ".npz"}
 
 
 @dataclass
@@ -126,7 +129,33 @@ def export_file(kind: str, src: Source, out: str | Path, drop_d: bool = False) -
                 "load it: safetensors.torch.load_file(path) (tensors by name), or pti --network path",
             ],
         )
+    if kind == "projected-w":
+        return _write_projected_w(src, out)
     raise ExportError(f"unknown file format {kind!r}; choose from {', '.join(FILE_FORMATS)}")
+
+
+def _write_projected_w(src: Source, out: Path) -> WrittenFile:
+    """The identity's pivot in NVIDIA's projector layout: `projected_w.npz` with `w` float32 [1, num_ws, w_dim]."""
+    if src.identity is None:
+        raise ExportError(
+            f"{src.base_hint} is a generator, which has no pivot; projected-w exports a tuned person's (a .pti)"
+        )
+    w = src.identity.pivot.detach().to("cpu", torch.float32).reshape(1, *src.identity.pivot.shape[-2:]).numpy()
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:  # np.savez on a path would append .npz to the temp name
+            np.savez(f, w=w)
+    check = np.load(out, allow_pickle=False)["w"]
+    if check.dtype != np.float32 or not np.array_equal(check, w):
+        raise ExportError(f"{out}: the file written does not read back as the pivot")
+    return WrittenFile(
+        out,
+        "projected-w",
+        [
+            f"holds w: float32 {list(w.shape)}, the pivot (NVIDIA's projector output layout)",
+            f"render it: python generate.py --network=<the tuned .pkl> --projected-w={out} --outdir=out "
+            "(stylegan2-ada-pytorch; pti export --format nvidia-pkl writes the .pkl)",
+        ],
+    )
 
 
 def default_export_dir(base_hash: str, kind: str, precision: str) -> Path:
