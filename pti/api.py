@@ -19,7 +19,9 @@ from pti.engine.tune import TuneConfig
 from pti.engine.tune import tune as tune_generator
 from pti.errors import Interrupted, PTIError
 from pti.fsutil import ensure_writable_dir, mark, sha256_file, written_since
-from pti.pipeline import PhotoResult, Pipeline, RunConfig, Weights
+from pti.engine.pivots import read_pivot
+from pti.engine.weights import default_registry
+from pti.pipeline import DEFAULT_ENCODERS, INIT_KINDS, PhotoResult, Pipeline, RunConfig, Weights
 
 
 class TuneInterrupted(Interrupted):
@@ -35,7 +37,12 @@ def tune(
     align: bool = True,  # False: photos are already aligned crops (--no-align)
     face: int | None = None,  # which face when a photo has several (largest = 0)
     joint: bool = False,  # tune one generator for all photos (multi-ID PTI)
-    invert_cfg: InvertConfig = InvertConfig(),  # the inversion: steps, space, seed, precision, impl (auto|ref|...)
+    invert_cfg: InvertConfig | None = None,  # the inversion: steps, space, seed, precision, impl (auto|ref|...);
+    # None = the paper's 450 projector steps, or 0 (the start as given) after an encoder or a file
+    init: str = "projector",  # where the pivot starts: projector | e4e | restyle | file (pti.pipeline)
+    init_path: str | Path | None = None,  # the pivot file (init "file"), or the encoder checkpoint (None = the
+    # registry's e4e-ffhq / restyle-e4e-ffhq)
+    restyle_iterations: int = 5,  # ReStyle's refinement iterations (init "restyle")
     tune_cfg: TuneConfig = TuneConfig(),  # the tuning: steps, locality, seed, precision, impl
     exact: bool = False,  # store exact fp32 weights instead of fp16 deltas
     allow_fallback: bool = True,  # weight-free losses when the official weights are absent
@@ -51,8 +58,13 @@ def tune(
     Single-ID runs (the default) go through `pti.batch`: `<out>/manifest.jsonl` records every photo, a
     photo that fails is recorded and the rest go on, a re-run skips what is done, and `<out>/summary.csv`
     has one row per photo. The result has one entry per photo, failures included (`status`, `error`).
-    Joint runs tune one generator for all photos, so any bad photo stops them before tuning."""
+    Joint runs tune one generator for all photos, so any bad photo stops them before tuning.
+
+    `init` "e4e"/"restyle" starts each pivot from the encoder's W+ codes (loaded once per process), "file" from
+    `init_path` (one pivot file, so one photo); `invert_cfg.steps` projector steps then refine it."""
     out = Path(out)
+    if invert_cfg is None:
+        invert_cfg = InvertConfig() if init == "projector" else InvertConfig(steps=0)
     dev = resolve_device(device)  # a device that is not there fails first
     for cfg in (invert_cfg, tune_cfg):
         resolve_impl(cfg.impl, dev)  # then an implementation it cannot run (triton without CUDA)
@@ -65,6 +77,7 @@ def tune(
         raise PTIError(f"workers must be 1 or more, not {workers}")
     if joint and (workers > 1 or ray):
         raise PTIError("--joint tunes one generator for all photos in one process; it cannot use --workers or --ray")
+    init_path, init_sha256 = _init_file(init, init_path, len(paths), registry)
     config = RunConfig(
         network=str(network) if network is not None else None,
         device=str(device),
@@ -76,10 +89,16 @@ def tune(
         allow_fallback=allow_fallback,
         threads=threads,
         weights=Weights.of(registry),
+        init=init,
+        init_path=init_path,
+        init_sha256=init_sha256,
+        restyle_iterations=restyle_iterations,
     )
     start = mark()
     try:
         pipeline = Pipeline.build(config, out, progress=progress, device=dev)
+        if init == "file":  # the file fits this generator, before any work
+            read_pivot(init_path, pipeline.G.num_ws, pipeline.G.w_dim)
         ensure_writable_dir(out)  # inputs first, then the output: a mistyped network creates no folder
         names = unique_stems(paths)
         if not joint:
@@ -87,6 +106,36 @@ def tune(
         return _tune_joint(pipeline, paths, names, force)
     except KeyboardInterrupt:
         raise TuneInterrupted(written_since(start)) from None
+
+
+def _init_file(init: str, path, photos: int, registry) -> tuple[str | None, str | None]:
+    """(the absolute path of the init's file, its sha256), checked: a pivot file exists and there is one photo;
+    an encoder is the given checkpoint or the registry's default (offline: the `pti weights import` hint)."""
+    if init not in INIT_KINDS:
+        raise PTIError(f"init must be one of {', '.join(INIT_KINDS)}, not {init!r}")
+    if init == "projector":
+        if path is not None:
+            raise PTIError("init_path is for init 'file' or an encoder, not the projector")
+        return None, None
+    if init == "file":
+        if path is None:
+            raise PTIError("init 'file' needs init_path: the pivot file")
+        if photos > 1:
+            raise PTIError(
+                f"--init {path}: one pivot file is one photo's pivot, and {photos} photos were given; "
+                "tune them one at a time, or start them from an encoder (--init e4e)"
+            )
+    if path is None:
+        reg = registry if registry is not None else default_registry()
+        name = DEFAULT_ENCODERS[init]
+        resolved = reg.resolve(name)
+        rec = reg.record(name)
+        return str(resolved.resolve()), rec.sha256 if rec is not None else sha256_file(resolved)
+    path = Path(path)
+    if not path.is_file():
+        what = "pivot file" if init == "file" else f"{init} encoder checkpoint"
+        raise PTIError(f"{path}: no such {what}" if not path.exists() else f"{path} is not a file")
+    return str(path.resolve()), sha256_file(path)
 
 
 def _tune_joint(pipeline: Pipeline, paths: list[Path], names: list[str], force: bool) -> list[PhotoResult]:

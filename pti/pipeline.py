@@ -2,10 +2,16 @@
 
 - `RunConfig`: everything a photo run needs, frozen and checked, small enough to send to a worker
   process or a Ray task (it names the generator and the weights; it does not hold them).
-- `Pipeline.build(config, out)` loads the generator and the losses once; `pipeline.one(photo, name)`
+- `Pipeline.build(config, out)` loads the generator, the losses and the encoder (`--init e4e|restyle`)
+  once; `pipeline.one(photo, name)`
   runs one photo through them, and `align`, `invert`, `finish` are its steps (a joint run calls them
   itself, around one shared tuning).
 - Where the files go: `pti.engine.layout.Layout`.
+- Where the pivot starts (`RunConfig.init`): the projector from w_avg (the paper); an encoder's W+ codes
+  (e4e, ReStyle-e4e: `pti.engine.encoders`); or a pivot file the user has (`pti.engine.pivots`). After an
+  encoder or a file, `invert_cfg.steps` projector steps refine it (0: the start is the pivot, bit for bit;
+  how a start changes the projector: `pti.engine.invert`). Every report and identity records how its
+  pivot was made (`report["init"]`).
 
 Every file is written atomically. Prints nothing; progress goes to a `ProgressFn`.
 """
@@ -41,6 +47,11 @@ from pti.errors import PTIError, first_line
 from pti.fsutil import sha256_file, write_json
 
 # ---------------------------------------------------------------------------- what a run needs
+
+INIT_KINDS = ("projector", "e4e", "restyle", "file")  # where the pivot starts (RunConfig.init)
+ENCODER_INITS = ("e4e", "restyle")  # the starts that are an encoder (pti.engine.encoders.ENCODER_KINDS)
+# The registry's default encoder checkpoint per kind, when no --encoder is given (pti.engine.weights).
+DEFAULT_ENCODERS = {"e4e": "e4e-ffhq", "restyle": "restyle-e4e-ffhq"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,11 @@ class RunConfig:
     threads: str | int | None = None  # CPU threads: None or "torch" = torch's as set, "auto" = pti's policy, N
     # (checked where it is applied: $PTI_THREADS is a user's setting)
     weights: Weights | None = None  # the weights registry to load the losses from; None = the user's cache
+    init: str = "projector"  # where the pivot starts: projector (w_avg), e4e, restyle (encoders), file
+    init_path: str | None = None  # the encoder checkpoint or the pivot file (absolute: the identity records it);
+    # None with an encoder = the registry's default (pti.api resolves it before the run)
+    init_sha256: str | None = None  # that file's sha256 (the manifest's fingerprint; pti.api hashes it once)
+    restyle_iterations: int = 5  # ReStyle's refinement steps (its inference default); only with init "restyle"
 
     def __post_init__(self):
         check_fields(
@@ -94,8 +110,18 @@ class RunConfig:
                 "allow_fallback": one_of(True, False),
                 "threads": instance_of(str, int, optional=True),
                 "weights": instance_of(Weights, optional=True),
+                "init": one_of(*INIT_KINDS),
+                "init_path": instance_of(str, optional=True),
+                "init_sha256": instance_of(str, optional=True),
+                "restyle_iterations": whole(1, 1000),
             },
         )
+        if self.init == "projector" and self.invert_cfg.steps < 1:
+            raise ValueError("RunConfig.invert_cfg.steps must be >= 1 with init 'projector' (0 needs a start)")
+        if self.init == "projector" and self.init_path is not None:
+            raise ValueError("RunConfig.init_path must be None with init 'projector'")
+        if self.init == "file" and self.init_path is None:
+            raise ValueError("RunConfig.init_path must name the pivot file with init 'file'")
 
     @property
     def base_hint(self) -> str:
@@ -159,6 +185,8 @@ class Pipeline:
     device: torch.device
     base_hash: str  # the generator's content hash, recorded in every identity
     progress: ProgressFn | None = None
+    encoder: Any = field(default=None, repr=False)  # pti.engine.encoders.Encoder for init e4e|restyle, on `device`
+    encoder_load: dict = field(default_factory=dict)  # this process's one load of it: id, pid, seconds
 
     @classmethod
     def build(
@@ -169,12 +197,13 @@ class Pipeline:
         progress: ProgressFn | None = None,
         workers: int = 1,
         device: torch.device | None = None,
-        shared: tuple[Any, Losses, str] | None = None,
+        shared: tuple | None = None,
     ) -> "Pipeline":
-        """Load the generator and the losses once, on `device` (default: the config's, resolved here).
+        """Load the generator, the losses and the encoder (init e4e|restyle) once, on `device` (default: the
+        config's, resolved here).
 
-        `shared` is (generator, losses, base hash) already loaded elsewhere (Ray's object store); they
-        are moved to the device. `workers` > 1 on the CPU splits the cores between that many processes."""
+        `shared` is (generator, losses, base hash[, encoder]) already loaded elsewhere (Ray's object store);
+        they are moved to the device. `workers` > 1 on the CPU splits the cores between that many processes."""
         dev = device or resolve_device(config.device)
         if shared is None:
             G = load_generator(config.network, dev)
@@ -188,7 +217,33 @@ class Pipeline:
             base_hash = generator_hash(G)
         else:
             losses, base_hash = shared[1].to(dev), shared[2]
-        return cls(config, G, losses, Path(out), dev, base_hash, progress)
+        pipeline = cls(config, G, losses, Path(out), dev, base_hash, progress)
+        if config.init in ENCODER_INITS:
+            pipeline._load_encoder(shared[3] if shared is not None and len(shared) > 3 else None)
+        return pipeline
+
+    def _load_encoder(self, shared=None) -> None:
+        """The encoder, once per process (or from `shared`), checked against the base generator."""
+        from pti.engine.encoders import check_encoder_fits, load_encoder  # noqa: PLC0415  only runs that use one
+
+        t0 = time.perf_counter()
+        path = self.config.init_path
+        if path is None:
+            raise PTIError(f"init {self.config.init}: no encoder checkpoint given (pti.api resolves the default)")
+        if shared is not None:
+            enc = shared.to(self.device)
+        else:
+            enc = load_encoder(path, kind=self.config.init, device=self.device)
+        if enc.kind != self.config.init:
+            raise PTIError(f"{path} is a {enc.kind} encoder, not {self.config.init}; pass --init {enc.kind}")
+        check_encoder_fits(enc, self.G)
+        self.encoder = enc
+        self.encoder_load = {
+            "id": f"{os.getpid()}-{time.time_ns()}",  # one per load: photos of one worker share it
+            "pid": os.getpid(),
+            "seconds": time.perf_counter() - t0,
+            "shared": shared is not None,
+        }
 
     def layout(self, name: str) -> Layout:
         return Layout(self.out, name)
@@ -241,17 +296,65 @@ class Pipeline:
         res.files["aligned"] = save_photo_atomic(res.aligned, self.layout(res.name).aligned)
 
     def invert(self, res: PhotoResult) -> None:
-        cfg = self.config.invert_cfg
-        inv = invert_to_pivot(self.G, res.target, self.losses.projector, cfg, progress=self.progress)
-        res.pivot = inv.pivot
+        """The pivot: from the start (`RunConfig.init`), then `invert_cfg.steps` projector steps. `before_tuning`
+        always measures the pivot that the tuning gets (after any refine); `init.start_metrics` the start's."""
+        cfg, init = self.config.invert_cfg, self.config.init
+        start, record = self._start(res)
+        if start is None or cfg.steps > 0:
+            inv = invert_to_pivot(self.G, res.target, self.losses.projector, cfg, progress=self.progress, start=start)
+            pivot, seconds, impl, curves = inv.pivot, inv.seconds, inv.impl, (inv.losses, inv.dists)
+        else:  # the start as given: bit for bit
+            pivot, seconds, impl, curves = start, 0.0, None, ([], [])
+        res.pivot = pivot
         with torch.no_grad():
-            pivot_img = self.G.synthesis(inv.pivot, noise_mode="const", force_fp32=True)
+            pivot_img = self.G.synthesis(pivot, noise_mode="const", force_fp32=True)
         res.files["pivot"] = save_png(to_uint8(pivot_img[0]), self.layout(res.name).pivot)
-        res.report["seconds"]["invert"] = inv.seconds
-        res.report["impl"] = {"invert": inv.impl}  # what ran: implementation, ops, precision, flags, compile time
+        res.report["seconds"]["invert"] = seconds
+        if init in ENCODER_INITS:
+            res.report["seconds"]["encode"] = record["seconds"]
+        res.report["impl"] = {"invert": impl}  # what ran: implementation, ops, precision, flags, compile time
         res.report["steps"] = {"invert": cfg.steps}
         res.report["before_tuning"] = self._metrics(pivot_img, res.target)
-        res.report["curves"] = {"invert_loss": inv.losses, "invert_dist": inv.dists}
+        res.report["curves"] = {"invert_loss": curves[0], "invert_dist": curves[1]}
+        if record is not None:
+            record["refine_steps"] = cfg.steps
+            if cfg.steps > 0:  # the start itself, before the projector refined it
+                with torch.no_grad():
+                    start_img = self.G.synthesis(start, noise_mode="const", force_fp32=True)
+                record["start_metrics"] = self._metrics(start_img, res.target)
+            else:
+                record["start_metrics"] = res.report["before_tuning"]
+        res.report["init"] = record or {"init": "projector", "refine_steps": cfg.steps, "seconds": seconds}
+
+    def _start(self, res: PhotoResult) -> tuple[torch.Tensor | None, dict | None]:
+        """(the start pivot [1, num_ws, w_dim] on the device, its record), or (None, None) for the projector."""
+        cfg = self.config
+        if cfg.init == "projector":
+            return None, None
+        t0 = time.perf_counter()
+        record = {"init": cfg.init, "path": cfg.init_path, "sha256": cfg.init_sha256}
+        if cfg.init == "file":
+            from pti.engine.pivots import read_pivot  # noqa: PLC0415
+
+            _log(self.progress, "pivot file", 0, 1, path=cfg.init_path)
+            start = read_pivot(cfg.init_path, self.G.num_ws, self.G.w_dim)[None].to(self.device)
+            record["seconds"] = time.perf_counter() - t0
+            _log(self.progress, "pivot file", 1, 1, path=cfg.init_path)
+            return start, record
+        from pti.engine.encoders import encode  # noqa: PLC0415  only runs that use an encoder
+
+        what = f"{cfg.init} ({Path(cfg.init_path).name})"
+        _log(self.progress, "encode", 0, 1, encoder=what)
+        img = torch.from_numpy(np.array(res.aligned.convert("RGB"))).permute(2, 0, 1)[None].to(self.device)
+        iterations = cfg.restyle_iterations if cfg.init == "restyle" else 1
+        codes = encode(self.encoder, img, G=self.G, iterations=iterations)
+        start = codes.to(self.device, torch.float32).reshape(1, self.G.num_ws, self.G.w_dim)
+        record["seconds"] = time.perf_counter() - t0
+        if cfg.init == "restyle":
+            record["restyle_iterations"] = cfg.restyle_iterations
+        record["encoder_load"] = dict(self.encoder_load)
+        _log(self.progress, "encode", 1, 1, encoder=what, ms=record["seconds"] * 1e3)
+        return start, record
 
     def finish(self, res: PhotoResult, tuned: TuneResult, joint_with: list[str]) -> None:
         """Render the reconstruction, write the identity file, the report and the contact sheet."""
@@ -280,6 +383,7 @@ class Pipeline:
             official_losses=self.losses.official,
             notice=self.losses.notice,
             invert_config=asdict(cfg.invert_cfg),
+            init=rep.get("init"),
             tune_config=asdict(cfg.tune_cfg),
             versions=versions(),
         )
@@ -306,6 +410,7 @@ class Pipeline:
                 "before_tuning",
                 "after_tuning",
                 "identity_similarity",
+                "init",
             )
         }
         ident = Identity.from_tuning(

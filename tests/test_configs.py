@@ -30,6 +30,10 @@ RUN_REFUSED = {
     "allow_fallback": [1, "no"],
     "threads": [True, 1.5],  # names and numbers are checked where they are applied
     "weights": ["~/.cache/pti", Path("cache")],
+    "init": ["w+", None, "E4E"],
+    "init_path": [Path("w.npz"), 3],
+    "init_sha256": [b"ab", 3],
+    "restyle_iterations": [0, 1001, 2.0, True],
 }
 RUN_EDGES = [
     dict(network=None, device="cpu", align=False, face=0, exact=True, allow_fallback=False, threads=None),

@@ -168,7 +168,7 @@ NAN, INF = float("nan"), float("inf")
 INVERT_REFUSED = {
     "precision": ["fp16", "bf 16", None],
     "impl": ["compiled", "Ref", None, 0],
-    "steps": [0, -5, 10.0, True],
+    "steps": [-5, 10.0, True],  # 0: only with a start (tests/test_init.py)
     "space": ["z", "W", None],
     "w_avg_samples": [0, 600.5],
     "w_avg_seed": [-1, 2**32, 1.5],  # numpy's RandomState takes 32-bit seeds

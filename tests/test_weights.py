@@ -479,7 +479,13 @@ def test_entry_formats() -> None:
     assert by_name["vgg16-metric"].kind == "TorchScript" and by_name["vgg16-metric"].executes_code
     assert by_name["ffhq"].kind == "network pickle" and not by_name["ffhq"].executes_code  # safe_pickle's allow-list
     assert [e.name for e in W.DEFAULT_ENTRIES if e.executes_code] == ["vgg16-metric"]
-    assert {e.name for e in W.DEFAULT_ENTRIES if e.trust_on_first_use} == {"ffhq", "vgg16-metric", "vgg16"}
+    assert {e.name for e in W.DEFAULT_ENTRIES if e.trust_on_first_use} == {
+        "ffhq",
+        "vgg16-metric",
+        "vgg16",
+        "e4e-ffhq",
+        "restyle-e4e-ffhq",
+    }
     with pytest.raises(ValueError, match="kind"):
         _entry("http://unused.invalid/x", kind="python")
 

@@ -51,8 +51,13 @@ def fingerprint(config: RunConfig, base_hash: str, losses: dict[str, str]) -> di
     The precision is in (fp32, tf32 and bf16 round differently enough to move the early stop and the
     losses). The implementation (`impl`) is not: ref, compile and triton compute the same recipe, equal at
     float32 parity (the engine's parity tests), as a photo tuned on another device is; a re-run with
-    another `--impl` reuses what is done, and each line records what ran (`impl`)."""
-    return {
+    another `--impl` reuses what is done, and each line records what ran (`impl`).
+
+    A start other than the projector (`--init e4e|restyle|FILE`) adds `init`: its kind, its file's sha256 (the
+    content, not the path: a moved checkpoint is the same setting), ReStyle's iterations and the refine steps,
+    so another start is another setting and its photos are redone. The projector's fingerprint has no `init`,
+    as before starts existed, so manifests written then still resume."""
+    settings = {
         "base_hash": base_hash,
         "align": config.align,
         "face": config.face,
@@ -61,6 +66,14 @@ def fingerprint(config: RunConfig, base_hash: str, losses: dict[str, str]) -> di
         "invert": _recipe(config.invert_cfg),
         "tune": _recipe(config.tune_cfg),
     }
+    if config.init != "projector":
+        settings["init"] = {
+            "init": config.init,
+            "sha256": config.init_sha256,
+            "restyle_iterations": config.restyle_iterations if config.init == "restyle" else None,
+            "refine_steps": config.invert_cfg.steps,
+        }
+    return settings
 
 
 def _recipe(cfg) -> dict:
@@ -189,6 +202,7 @@ def record(job: Job, res, fingerprint: dict, worker: str) -> dict:
         "identity_sha256": None,
         "metrics": None,
         "impl": None,
+        "init": None,
     }
     if res.status == "done" and res.identity is not None:
         rep = res.report
@@ -202,6 +216,7 @@ def record(job: Job, res, fingerprint: dict, worker: str) -> dict:
                 "steps": rep.get("steps"),
                 "early_stopped": rep.get("early_stopped"),
             },
+            init=rep.get("init"),  # how the pivot was made (and, for an encoder, which load of it)
             impl={step: (r or {}).get("impl") for step, r in (rep.get("impl") or {}).items()},  # what ran
         )
     return rec

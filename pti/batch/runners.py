@@ -3,12 +3,14 @@
 Both run `pti.pipeline.Pipeline.attempt` on each photo and hand every result to the driver's
 `on_result(job, result, worker)` as it comes (`pti.batch` writes the manifest from there).
 
-- `run_processes`: N spawned processes, each building its pipeline once (the generator, and the losses
-  from the run's weights registry) and taking photos one at a time; on the CPU the cores are split
-  between them. A worker that dies is replaced and its photos retried (`POOL_RESTARTS` times), then
-  recorded as failed. Their progress reaches the driver's callback through a queue.
-- `run_ray`: one Ray task per photo (a GPU each when the cluster has GPUs), the driver's generator and
-  losses put in the object store once, tasks that die retried by Ray (`max_retries`).
+- `run_processes`: N spawned processes, each building its pipeline once (the generator, the losses
+  from the run's weights registry, and the encoder of `--init e4e|restyle`) and taking photos one at a
+  time; on the CPU the cores are split between them. A worker that dies is replaced and its photos
+  retried (`POOL_RESTARTS` times), then recorded as failed. Their progress reaches the driver's callback
+  through a queue.
+- `run_ray`: one Ray task per photo (a GPU each when the cluster has GPUs), the driver's generator,
+  losses and encoder (`--init e4e|restyle`) put in the object store once, tasks that die retried by Ray
+  (`max_retries`).
 """
 
 from __future__ import annotations
@@ -145,9 +147,8 @@ def _stop_pool(pool) -> None:
 def _ray_task(shared, config: RunConfig, out: str, job: Job):
     """One photo in a Ray worker: the generator and losses come from the object store, resolved by Ray."""
     dev = resolve_device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
-    pipeline = Pipeline.build(
-        config, Path(out), device=dev, shared=(shared["G"], shared["losses"], shared["base_hash"])
-    )
+    parts = (shared["G"], shared["losses"], shared["base_hash"], shared["encoder"])
+    pipeline = Pipeline.build(config, Path(out), device=dev, shared=parts)
     return pipeline.attempt(job.photo, job.name)
 
 
@@ -163,8 +164,9 @@ def run_ray(todo: list[Job], pipeline: Pipeline, address: str, on_result) -> Non
         _ray_connect(ray, address)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
+        encoder = pipeline.encoder.to("cpu") if pipeline.encoder is not None else None  # loaded once, by the driver
         shared = ray.put(
-            {"G": pipeline.G.to("cpu"), "losses": pipeline.losses, "base_hash": pipeline.base_hash}
+            {"G": pipeline.G.to("cpu"), "losses": pipeline.losses, "base_hash": pipeline.base_hash, "encoder": encoder}
         )  # once, not per task
         task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)(_ray_task)
         refs = {task.remote(shared, pipeline.config, str(pipeline.out), job): job for job in todo}

@@ -208,6 +208,7 @@ def _identity(path: str) -> tuple[dict, list[tuple[str, str]]]:
         ),
     ]
     rows += _imported_rows(d)
+    rows += _pivot_rows(d.get("init") or _meta_value(path, "init"))
     rows += _tuning_rows(d)
     rows += [("note", note) for note in d["notes"]]
     versions = d.get("versions") or {}
@@ -225,6 +226,38 @@ def _imported_rows(d: dict) -> list[tuple[str, str]]:
         ("origin", f"imported from {imported.get('checkpoint')} ({tool})"),
         ("  pivot", f"{imported.get('pivot')} {imported.get('pivot_shape')}"),
     ]
+
+
+def _meta_value(path: str, key: str):
+    """One value of an identity's metadata (None when absent); the file was verified by `describe` before."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}")).get(key)
+    except Exception:  # noqa: BLE001  an older or odd header: nothing to show
+        return None
+
+
+def _pivot_rows(init) -> list[tuple[str, str]]:
+    """How the pivot was made: "e4e (e4e_ffhq_encode.pt) + 0 projector steps", "projector, 450 steps", ..."""
+    if not isinstance(init, dict) or not init.get("init"):
+        return []
+    from pathlib import Path
+
+    kind, steps = init["init"], init.get("refine_steps")
+    if kind == "projector":
+        return [("pivot from", f"the projector, {steps} steps from the average w")]
+    name = Path(str(init.get("path") or "?")).name
+    label = {"e4e": "e4e", "restyle": "ReStyle-e4e", "file": "pivot file"}.get(kind, kind)
+    if kind == "restyle":
+        label += f", {init.get('restyle_iterations')} iterations"
+    sha = str(init.get("sha256") or "")[:16]
+    line = f"{label} ({name}{', sha256 ' + sha if sha else ''}) + {steps} projector steps"
+    seconds = init.get("seconds")
+    return [("pivot from", line + (f", {seconds * 1e3:.0f} ms" if isinstance(seconds, (int, float)) else ""))]
 
 
 def _tuning_rows(d: dict) -> list[tuple[str, str]]:

@@ -81,7 +81,51 @@ def tune(
     space: Annotated[
         Space, typer.Option("--space", help="Inversion space: w (the paper) or w+ (one w per layer).")
     ] = Space.w,
-    invert_steps: Annotated[int, typer.Option("--invert-steps", min=1, help="Inversion steps.")] = 450,
+    invert_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--invert-steps",
+            min=0,
+            help=(
+                "Projector steps: the inversion (default 450), or after an --init encoder or file the refine "
+                "of its pivot (default 0: the start is the pivot)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    init: Annotated[
+        str,
+        typer.Option(
+            "--init",
+            metavar="projector|e4e|restyle|FILE",
+            help=(
+                "Where the pivot starts: the projector from the average w (the paper), an e4e or ReStyle-e4e "
+                "encoder's W+ codes in one pass, or a pivot FILE you have (NVIDIA's projected_w.npz, a .npy, "
+                "or a .pt of [1, 512], [18, 512] or [1, 18, 512] at 1024 px; one photo)."
+            ),
+        ),
+    ] = "projector",
+    encoder: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--encoder",
+            help=(
+                "The encoder checkpoint for --init e4e|restyle (e4e_ffhq_encode.pt, restyle_e4e_ffhq_encode.pt); "
+                "default: the weights cache's e4e-ffhq / restyle-e4e-ffhq (pti weights)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    restyle_iters: Annotated[
+        Optional[int],
+        typer.Option(
+            "--restyle-iters",
+            min=1,
+            max=1000,
+            help="ReStyle's refinement iterations for --init restyle (default 5, its authors' inference default).",
+            show_default=False,
+        ),
+    ] = None,
     tune_steps: Annotated[
         int, typer.Option("--tune-steps", min=1, help="Maximum tuning steps (passes over all photos with --joint).")
     ] = 350,
@@ -160,6 +204,17 @@ def tune(
     from pti.engine.invert import InvertConfig
     from pti.engine.tune import TuneConfig
 
+    kind = init if init in ("projector", "e4e", "restyle") else "file"  # anything else is a pivot file's path
+    if encoder is not None and kind not in ("e4e", "restyle"):
+        raise typer.BadParameter("--encoder is the checkpoint of --init e4e or --init restyle", param_hint="--encoder")
+    if restyle_iters is not None and kind != "restyle":
+        raise typer.BadParameter("--restyle-iters is for --init restyle", param_hint="--restyle-iters")
+    if invert_steps is None:
+        invert_steps = 450 if kind == "projector" else 0
+    elif invert_steps == 0 and kind == "projector":
+        raise typer.BadParameter(
+            "0 steps leaves no pivot to tune: 0 is for a start (--init e4e|restyle|FILE)", param_hint="--invert-steps"
+        )
     invert_cfg = InvertConfig(
         steps=invert_steps, space=space.value, seed=seed, precision=precision.value, impl=impl.value
     )
@@ -192,6 +247,9 @@ def tune(
         tune_cfg=tune_cfg,
         exact=exact,
         allow_fallback=not strict_losses,
+        init=kind,
+        init_path=init if kind == "file" else (str(encoder) if encoder is not None else None),
+        restyle_iterations=restyle_iters or 5,
         **extra,
     )
 
@@ -209,6 +267,9 @@ def run_tune(photos, **kwargs):
                 if step == 0:
                     console.print(f"aligning {values.get('photo')}", markup=False)
                 return
+            if phase.endswith("encode") or phase.endswith("pivot file"):
+                _start_line(phase, step, values)
+                return
             if compile_line(phase, step, values):
                 return
             bar.update(phase, step, total, values)
@@ -225,6 +286,20 @@ def run_tune(photos, **kwargs):
             f"{len(failed)} of {len(results)} photos failed (the others are written; rerun the same command "
             f"to retry only these): {failed[0].photo}: {failed[0].error}" + (" ..." if len(failed) > 1 else "")
         )
+
+
+def _start_line(phase: str, step: int, values: dict) -> None:
+    """The start of a pivot: "encoding with e4e (e4e_ffhq_encode.pt) ..." then its time, or the pivot file read."""
+    base = "pivot file" if phase.endswith("pivot file") else "encode"
+    name = phase[: -len(base)].strip()  # a worker's events are named after their photo
+    who = f"{name}: " if name else ""
+    if base == "pivot file":
+        if step == 0:
+            console.print(f"{who}pivot from {values.get('path')}", markup=False)
+    elif step == 0:
+        console.print(f"{who}encoding with {values.get('encoder')} ...", markup=False)
+    else:
+        console.print(f"{who}encoded with {values.get('encoder')} in {values.get('ms', 0.0):.0f} ms", markup=False)
 
 
 def _rows(results) -> list[dict[str, str]]:
@@ -245,7 +320,7 @@ def _rows(results) -> list[dict[str, str]]:
                 "identity": str(r.identity),
                 "size": f"{rep['identity_file']['bytes'] / 1e6:.1f} MB",
                 "steps inv/tune": (
-                    f"{rep['steps']['invert']}/{rep['steps']['tune']}"
+                    _start_label(rep.get("init")) + f"{rep['steps']['invert']}/{rep['steps']['tune']}"
                     f"{' (early stop)' if rep.get('early_stopped') else ''}"
                 ),
                 "MSE before->after": f"{b['mse']:.4f}->{a['mse']:.4f}",
@@ -254,6 +329,12 @@ def _rows(results) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def _start_label(init: dict | None) -> str:
+    """ "e4e+" before the steps when the pivot started from an encoder or a file."""
+    kind = (init or {}).get("init", "projector")
+    return "" if kind == "projector" else f"{kind}+"
 
 
 def _summary(results, out=None) -> None:

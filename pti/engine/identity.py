@@ -345,6 +345,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "impl",
                 "joint_with",
                 "imported",
+                "init",
                 "versions",
             )
         },

@@ -8,6 +8,15 @@ renormalized after each step. The optimized noise is discarded: the pivot is w r
 
 `space="w+"` optimizes one w per layer instead (same schedule), a common variant that fits better
 and edits worse.
+
+A start (`invert(..., start=pivot)`: an encoder's W+ codes or a user's pivot file) makes the projector a
+refine of that pivot: the same schedule (the lr ramp-up from 0 leaves the start untouched at step 0, and
+the cosine ramp-down), noise buffers and penalty, from the start instead of w_avg, in W+ when the start's
+layers differ (an encoder's codes) and in `cfg.space` when they are all one w (NVIDIA's projected_w). What
+a start changes: no exploration noise on w. The projector's w_std * 0.05 noise is there to shake a cold
+start out of the average face; a warm start is already near the target, and that noise (decaying only by
+75 % of the steps) would first throw away part of what the encoder found; w_avg and w_std are then not
+computed at all. `steps=0` is allowed only with a start (the pivot is used as given, by the caller).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from pti.kernels.precision import PRECISIONS, autocast_scope
 
 @dataclass(frozen=True)
 class InvertConfig:
-    steps: int = 450  # optimizer steps (PTI: first_inv_steps)
+    steps: int = 450  # optimizer steps (PTI: first_inv_steps); 0 = none, only after a start (encoder, file)
     space: str = "w"  # "w": one w for all layers (the paper); "w+": one per layer
     w_avg_samples: int = 600  # z samples for w_avg / w_std (PTI passes 600)
     w_avg_seed: int = 123  # RandomState seed of those samples (the projector's)
@@ -52,7 +61,7 @@ class InvertConfig:
             {
                 "precision": one_of(*PRECISIONS),
                 "impl": one_of(*IMPLS),
-                "steps": whole(1),
+                "steps": whole(0),  # 0: the caller uses its start as given (pti.pipeline refuses 0 without one)
                 "space": one_of("w", "w+"),
                 "w_avg_samples": whole(1),
                 "w_avg_seed": whole(0, 2**32 - 1),  # numpy's RandomState takes 32-bit seeds
@@ -131,14 +140,24 @@ def invert(
     metric: ProjectorMetric,
     cfg: InvertConfig = InvertConfig(),
     progress: ProgressFn | None = None,
+    start: torch.Tensor | None = None,  # [1, num_ws, w_dim] or [num_ws, w_dim]: refine this pivot (module docstring)
 ) -> InversionResult:
-    """Find the pivot w whose render best matches `target` under `metric`. G is not modified."""
+    """Find the pivot w whose render best matches `target` under `metric`, from w_avg or from `start`.
+    G is not modified."""
     device = next(G.parameters()).device
     target = target.reshape(1, G.img_channels, G.img_resolution, G.img_resolution).to(device, torch.float32)
-    start = time.perf_counter()
+    began = time.perf_counter()
     gen = seeded_generator(cfg.seed, device)
-
-    w_avg, w_std = w_stats(G, cfg.w_avg_samples, cfg.w_avg_seed)
+    if start is None:
+        if cfg.steps < 1:
+            raise ValueError("InvertConfig.steps must be >= 1 without a start pivot")
+        w_avg, w_std = w_stats(G, cfg.w_avg_samples, cfg.w_avg_seed)
+        w_start = w_avg if cfg.space == "w" else w_avg.repeat([1, G.num_ws, 1])
+    else:
+        start = start.detach().reshape(1, G.num_ws, G.w_dim).to(device, torch.float32)
+        one_w = bool((start == start[:, :1]).all())  # every layer the same w: a W pivot, refined in W
+        w_start = start[:, :1] if one_w and cfg.space == "w" else start
+        w_std = 0.0  # no exploration noise from a warm start (module docstring)
     # A private copy of the synthesis network: its noise buffers become optimization variables.
     synthesis = copy.deepcopy(G.synthesis).eval().requires_grad_(False).float()
     noise_bufs = [buf for name, buf in synthesis.named_buffers() if "noise_const" in name]
@@ -147,7 +166,6 @@ def invert(
             buf.copy_(torch.randn(buf.shape, generator=gen, device=device))
             buf.requires_grad_(True)
 
-    w_start = w_avg if cfg.space == "w" else w_avg.repeat([1, G.num_ws, 1])
     w_opt = w_start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([w_opt] + noise_bufs, betas=(0.9, 0.999), lr=cfg.initial_lr)
     prepared = metric.prepare(to_0_255(target))
@@ -161,7 +179,7 @@ def invert(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg)
             w_noise = torch.randn(w_opt.shape, generator=gen, device=device) * w_noise_scale(step, w_std, cfg)
-            ws = (w_opt + w_noise).repeat([1, G.num_ws // w_opt.shape[1], 1])
+            ws = (w_opt + w_noise if w_std else w_opt).repeat([1, G.num_ws // w_opt.shape[1], 1])
             with runner.step():
                 loss, dist = loss_of(synthesis, metric, ws, prepared, noise_bufs, cfg.noise_reg_weight, cfg.precision)
                 optimizer.zero_grad(set_to_none=True)
@@ -179,5 +197,5 @@ def invert(
 
     pivot = w_opt.detach()
     result.pivot = pivot.repeat([1, G.num_ws // pivot.shape[1], 1])
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - began
     return result

@@ -308,6 +308,8 @@ def pickle_refusal(e: BaseException) -> str | None:
     """Why a weights-only load refused a file (it needs pickled code or classes), in pti's words; None when
     `e` is another failure (truncated, not a torch file, ...)."""
     text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "invalid load key" in text:
+        return None  # not a pickle at all (a corrupt or foreign file): no refusal to explain
     if isinstance(e, pickle.UnpicklingError) and ("weights_only" in text or "GLOBAL" in text):
         m = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({m.group(1)})" if m else ""

@@ -96,7 +96,8 @@ class WeightEntry:
 # sha256 and size as published in several independent manifests, agreeing with its filename prefix.
 # NVIDIA publishes no checksum for ffhq.pkl and vgg16.pt, and we found none for torchvision's VGG16
 # beyond its filename prefix: those stay None (the prefix is still checked), and the cache trusts the
-# first copy it sees (see `FirstUse`).
+# first copy it sees (see `FirstUse`). The encoders (the URLs their authors' READMEs give, Google Drive
+# pages) publish none either: trusted on first use too; a browser downloads them (`fetch` gets the page).
 DEFAULT_ENTRIES: tuple[WeightEntry, ...] = (
     WeightEntry(
         name="ffhq",
@@ -155,6 +156,24 @@ DEFAULT_ENTRIES: tuple[WeightEntry, ...] = (
         sha256="a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
         license="BSD-2-Clause (lpips)",
         used_by="LPIPS v0.1 vgg linear heads (evaluation)",
+    ),
+    WeightEntry(
+        name="e4e-ffhq",
+        filename="e4e_ffhq_encode.pt",
+        url="https://drive.google.com/file/d/1cUv_reLE6k3604or78EranS7XzuVMWeO/view?usp=sharing",
+        size=None,
+        sha256=None,
+        license="MIT (encoder4editing); trained on FFHQ (CC BY-NC-SA 4.0 images)",
+        used_by="the e4e encoder that starts the pivot (pti tune --init e4e)",
+    ),
+    WeightEntry(
+        name="restyle-e4e-ffhq",
+        filename="restyle_e4e_ffhq_encode.pt",
+        url="https://drive.google.com/file/d/1e2oXVeBPXMQoUoC_4TNwAWpOPpSEhE_e/view?usp=sharing",
+        size=None,
+        sha256=None,
+        license="MIT (restyle-encoder); trained on FFHQ (CC BY-NC-SA 4.0 images)",
+        used_by="the ReStyle-e4e encoder that starts the pivot (pti tune --init restyle)",
     ),
     WeightEntry(
         name="interfacegan-age",
@@ -323,7 +342,7 @@ class Registry:
         return (
             f"weights file {e.filename} ({e.used_by}) is not in the cache {self.cache_dir}{why}; "
             f"{fetch_hint}download {e.url} on a machine with internet and run "
-            f"`pti weights import PATH/TO/{e.url.rsplit('/', 1)[-1]} --name {e.name}`"
+            f"`pti weights import PATH/TO/{_source_name(e)} --name {e.name}`"
         )
 
     def resolve(self, name: str, fetch: bool = False, progress: ProgressFn | None = None) -> Path:
@@ -487,9 +506,10 @@ class Registry:
         final = cache / entry.filename
         try:
             with atomic_path(final, suffix=".part") as tmp:
-                h, done = hashlib.sha256(), 0
+                h, done, head = hashlib.sha256(), 0, b""
                 with open(tmp, "wb") as out:
                     while chunk := stream.read(_CHUNK):
+                        head = head or chunk[:64]
                         out.write(chunk)
                         h.update(chunk)
                         done += len(chunk)
@@ -500,6 +520,12 @@ class Registry:
                     problem = f"got {done} bytes of {total}: the transfer was cut short"
                 elif entry.size is not None and done != entry.size:
                     problem = f"size {done} bytes differs from the expected {entry.size}"
+                elif head.lstrip()[:5].lower() in (b"<!doc", b"<html"):  # a web page, not weights
+                    problem = (
+                        "the server sent a web page, not the file (Google Drive asks a browser to confirm large "
+                        "downloads); download it in a browser and run "
+                        f"`pti weights import PATH/TO/{_source_name(entry)} --name {entry.name}`"
+                    )
                 else:
                     problem = entry.check_digest(digest)
                 # raising inside the block removes the temporary file
@@ -531,7 +557,7 @@ class Registry:
         if via == "fetch":
             return (
                 f"{head}; if the file changed upstream on purpose, download {entry.url} yourself and run "
-                f"`pti weights import PATH/TO/{entry.url.rsplit('/', 1)[-1]} --name {entry.name} --force`"
+                f"`pti weights import PATH/TO/{_source_name(entry)} --name {entry.name} --force`"
             )
         return f"{head}; to replace it on purpose run `pti weights import {source} --name {entry.name} --force`"
 
@@ -541,6 +567,13 @@ class Registry:
             f"cannot read the first-use record {rp} ({why}); to trust the cached file again run "
             f"`pti weights import {path} --name {entry.name} --force`, or delete {rp}"
         )
+
+
+def _source_name(e: WeightEntry) -> str:
+    """The downloaded file's name: the URL's last part, or the cache filename where that is a web page
+    (a Google Drive `view?usp=sharing` link)."""
+    last = e.url.rsplit("/", 1)[-1]
+    return e.filename if "?" in last or last in ("view", "") else last
 
 
 def default_registry() -> Registry:
