@@ -388,3 +388,32 @@ def test_interrupting_worker_processes_keeps_what_they_finished(photos, tmp_path
     (line,) = error_lines(err)
     assert line.startswith("interrupted") and "a/aligned.png" in line and "b/aligned.png" in line
     assert _temporaries(out) == [] and not (out / "a.pti").exists()
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_ray_folder_run_shares_the_drivers_encoder(tmp_path) -> None:
+    """`--ray auto` with `--init e4e` (tests/test_init.py has the other starts): the driver loads the encoder once
+    and puts it in the object store; every task takes it from there (no file read in the workers) and gives the
+    pivots a plain run gives, bit for bit. Here, beside the other Ray test, so that one Ray run at a time uses
+    this machine: two `--ray auto` runs at once interfered (lost objects, failed tasks) when this test lived in
+    another file."""
+    from test_init import FAST, _base, _e4e_checkpoint, _photo, _pivot_of
+
+    e4e_files = {
+        "base": _base(tmp_path / "base16.safetensors", 16),
+        "ckpt": _e4e_checkpoint(tmp_path / "e4e_test_encode.pt", 16),
+    }
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        _photo(photos / f"p{i}.png", 16, seed=i)
+    args = ("--network", e4e_files["base"], "--init", "e4e", "--encoder", e4e_files["ckpt"], *FAST)
+    p = run_pti("tune", photos, *args, "--ray", "auto", "-o", tmp_path / "ray", timeout=600)
+    assert p.returncode == 0, p.stderr
+    p = run_pti("tune", photos, *args, "-o", tmp_path / "plain", timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in (tmp_path / "ray" / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(x["status"] == "done" and x["init"]["encoder_load"]["shared"] for x in lines)
+    for i in range(3):
+        assert torch.equal(_pivot_of(tmp_path / "ray" / f"p{i}.pti"), _pivot_of(tmp_path / "plain" / f"p{i}.pti"))

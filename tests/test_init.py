@@ -341,23 +341,3 @@ def test_a_folder_run_with_two_workers_loads_the_encoder_once_per_worker(tmp_pat
     pids = {x["init"]["encoder_load"]["pid"] for x in lines}
     assert len(loads) == len(pids) <= 2  # one load per worker process, however many photos it took
     assert all(x["settings"]["init"]["sha256"] == sha256_file(e4e_files["ckpt"]) for x in lines)
-
-
-@pytest.mark.slow
-def test_a_ray_folder_run_shares_the_drivers_encoder(tmp_path, e4e_files) -> None:
-    """`--ray auto`: the driver loads the encoder once and puts it in the object store; every task takes it from
-    there (no file read in the workers) and gives the pivots a plain run gives, bit for bit."""
-    pytest.importorskip("ray")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        _photo(photos / f"p{i}.png", 16, seed=i)
-    args = ("--network", e4e_files["base"], "--init", "e4e", "--encoder", e4e_files["ckpt"], *FAST)
-    p = run_pti("tune", photos, *args, "--ray", "auto", "-o", tmp_path / "ray", timeout=600)
-    assert p.returncode == 0, p.stderr
-    p = run_pti("tune", photos, *args, "-o", tmp_path / "plain", timeout=600)
-    assert p.returncode == 0, p.stderr
-    lines = [json.loads(x) for x in (tmp_path / "ray" / "manifest.jsonl").read_text().splitlines()]
-    assert len(lines) == 3 and all(x["status"] == "done" and x["init"]["encoder_load"]["shared"] for x in lines)
-    for i in range(3):
-        assert torch.equal(_pivot_of(tmp_path / "ray" / f"p{i}.pti"), _pivot_of(tmp_path / "plain" / f"p{i}.pti"))

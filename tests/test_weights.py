@@ -35,6 +35,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         body = OTHER if self.path == "/other" else PAYLOAD
+        if self.path.startswith("/file/d/"):  # a Google Drive share link answers with its confirmation page
+            body = b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head></html>"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -110,6 +112,17 @@ def test_interrupted_download_leaves_nothing(server: str, tmp_path: Path) -> Non
         reg.fetch("toy")
     assert "toy" in str(info.value)
     assert _leftovers(tmp_path) == []
+
+
+def test_a_web_page_instead_of_the_file_is_refused(server: str, tmp_path: Path) -> None:
+    """A share link (as the encoders' READMEs give) answers with a page: refused, nothing recorded or kept, and the
+    offline command names the cache's file (the URL's last part is `view?usp=sharing`)."""
+    entry = _entry(f"{server}/file/d/abc/view?usp=sharing", sha=None, size=None)
+    reg = W.Registry([entry], cache_dir=tmp_path)
+    with pytest.raises(WeightsError) as info:
+        reg.fetch("toy")
+    assert "web page" in str(info.value) and "pti weights import PATH/TO/toy.bin --name toy" in str(info.value)
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "toy.bin").exists()
 
 
 def test_keyboard_interrupt_leaves_nothing(server: str, tmp_path: Path) -> None:
