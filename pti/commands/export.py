@@ -22,8 +22,6 @@ class Format(str, Enum):  # pti.export.FORMATS, then pti.export.FILE_FORMATS
     projected_w = "projected-w"
 
 
-# pti.export.FILE_FORMATS
-FILE_FORMATS = {"nvidia-pkl": ".pkl", "rosinality": ".pt", "state-dict": ".safetensors", "projected-w": ".npz"}
 FOLDER_ONLY = ("precision", "max_batch", "opt_batch", "external_data", "refit")  # options of the runtime exports
 
 
@@ -118,7 +116,7 @@ def export(
 
     from pti.engine.device import resolve_device
     from pti.errors import OutputError
-    from pti.export import CONTRACT, load_source
+    from pti.export import CONTRACT, FILE_FORMATS, load_source
     from pti.export.config import ExportConfig
 
     if format.value in FILE_FORMATS:
@@ -196,6 +194,8 @@ def _export_file(ctx, source: str, kind: str, out, network, drop_d: bool, force:
 
 def _default_file(source: str, kind: str) -> Path:
     """<identity>.pkl beside the identity; <checkpoint>-<kind>.<suffix> beside a checkpoint (never the source)."""
+    from pti.export import FILE_FORMATS
+
     suffix = FILE_FORMATS[kind]
     if source.startswith("builtin:"):
         return Path(f"{source.split(':', 1)[1]}-{kind}{suffix}")

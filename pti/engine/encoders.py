@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pti.engine.loaded import state_mismatch
 from pti.engine.safe_pickle import load_weights_only, pickle_refusal
 from pti.errors import CheckpointError, first_line
 
@@ -259,16 +260,9 @@ def load_encoder(path: str | Path, kind: str | None = None, device: str | torch.
         raise CheckpointError(f"{source}: its decoder is {decoder[0]} px but opts[{size_key!r}] says {size}")
     latent_avg = _latent_avg(ckpt, opts, found, size, source)
     enc = Encoder(found, size, latent_avg, source, decoder)
-    expected = enc.net.state_dict()
-    missing, unexpected = sorted(set(expected) - set(enc_sd)), sorted(set(enc_sd) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(enc_sd) if expected[k].shape != enc_sd[k].shape)
-    if missing or unexpected or wrong:
-        parts = [
-            f"{what} {names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)})"
-            for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if names
-        ]
-        raise CheckpointError(f"{source}: encoder weights do not fit {enc.describe()}: " + "; ".join(parts))
+    mismatch = state_mismatch(enc.net.state_dict(), enc_sd)
+    if mismatch:
+        raise CheckpointError(f"{source}: encoder weights do not fit {enc.describe()}: {mismatch}")
     enc.net.load_state_dict({k: v.float() for k, v in enc_sd.items()}, strict=True)
     return enc.to(device)
 

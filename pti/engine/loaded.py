@@ -32,6 +32,20 @@ class LoadedGenerator:
         return self
 
 
+def state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """How `state` fails to fit a module whose state dict is `expected` (names missing, unexpected or of another
+    shape, a few of each), for a one-line error; None when it fits."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    parts = [
+        f"{what} {names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)})"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if names
+    ]
+    return "; ".join(parts) or None
+
+
 def build_generator(
     init_kwargs: dict[str, Any], state: dict[str, torch.Tensor], source: str, derive_filters: bool = False
 ) -> Generator:
@@ -49,16 +63,9 @@ def build_generator(
     expected = G.state_dict()
     if derive_filters:
         state = {**{k: v for k, v in expected.items() if k.endswith("resample_filter")}, **state}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = [
-            f"{what} {names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)})"
-            for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if names
-        ]
-        raise CheckpointError(f"{source}: weights do not fit the generator its config describes: " + "; ".join(parts))
+    mismatch = state_mismatch(expected, state)
+    if mismatch:
+        raise CheckpointError(f"{source}: weights do not fit the generator its config describes: {mismatch}")
     with torch.no_grad():
         G.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return G
