@@ -16,6 +16,10 @@ def __getattr__(name):
         from pti.api import tune  # noqa: PLC0415  keeps `import pti` and `pti --help` light
 
         return tune
+    if name == "tune_clip":
+        from pti.api import tune_clip  # noqa: PLC0415  keeps `import pti` and `pti --help` light
+
+        return tune_clip
     if name == "render":
         from pti.rendering import render  # noqa: PLC0415  keeps `import pti` and `pti --help` light
 

@@ -17,7 +17,8 @@ from pti.engine.invert import InvertConfig
 from pti.engine.photo import expand_photo_paths, unique_stems
 from pti.engine.tune import TuneConfig
 from pti.engine.tune import tune as tune_generator
-from pti.errors import Interrupted, PTIError
+from pti.clip import DEFAULT_SMOOTH, is_video
+from pti.errors import ImageError, Interrupted, PTIError
 from pti.fsutil import ensure_writable_dir, mark, sha256_file, written_since
 from pti.engine.pivots import read_pivot
 from pti.engine.weights import default_registry
@@ -70,6 +71,9 @@ def tune(
         resolve_impl(cfg.impl, dev)  # then an implementation it cannot run (triton without CUDA)
     if network is not None and Path(network).is_file():
         network = str(Path(network).resolve())  # the identity records it: `pti render` works from any folder
+    videos = [p for p in photos if is_video(p)]
+    if videos:
+        raise PTIError(f"{videos[0]} is a video: tune it with pti.tune_clip (pti tune clip.mp4 on the command line)")
     paths = expand_photo_paths(list(photos))
     if not paths:
         raise PTIError("no photos given")
@@ -104,6 +108,87 @@ def tune(
         if not joint:
             return tune_many(pipeline, paths, names, workers=workers, ray=ray, force=force)
         return _tune_joint(pipeline, paths, names, force)
+    except KeyboardInterrupt:
+        raise TuneInterrupted(written_since(start)) from None
+
+
+def tune_clip(
+    clip: str | Path,
+    network: str | Path | None = None,
+    out: str | Path = "pti-out",
+    *,
+    frames: str | None = None,  # "A-B" (inclusive), "A-", "A"; None = every frame
+    every: int = 1,  # every N-th frame of that range
+    smooth: float = DEFAULT_SMOOTH,  # sigma of the temporal smoothing of the landmarks, in frames (0 = off)
+    device: str = "auto",
+    face: int | None = None,  # which face to follow in the first frame with faces (0 = the largest)
+    invert_cfg: InvertConfig | None = None,  # None: 450 projector steps, or 0 after an encoder
+    init: str = "projector",  # projector | e4e | restyle (a clip's frames each need their own start)
+    init_path: str | Path | None = None,  # the encoder checkpoint (None = the registry's default)
+    restyle_iterations: int = 5,
+    tune_cfg: TuneConfig | None = None,  # None: the clip defaults (pti.clip.CLIP_TUNE)
+    exact: bool = False,
+    allow_fallback: bool = True,
+    progress: ProgressFn | None = None,
+    registry=None,
+    threads: str | int | None = None,
+    workers: int = 1,  # processes for the per-frame stages (detection, alignment, inversion)
+    force: bool = False,  # replace an identity in `out` of the same name tuned from another photo or clip
+):
+    """Track, smooth, align and invert every chosen frame of `clip`, tune one generator on all of them, and write
+    `<out>/<name>.pti` holding every frame's pivot and cut (`pti.clip`). A re-run with the same settings reuses
+    every stage's finished files; Ctrl-C raises `TuneInterrupted` listing them."""
+    from pti.clip import CLIP_TUNE, ClipOptions, tune_clip as run_clip  # noqa: PLC0415
+
+    out, clip = Path(out), Path(clip)
+    from pti.engine.video import parse_frames  # noqa: PLC0415
+
+    try:
+        options = ClipOptions(frames=frames, every=every, smooth=smooth)  # nonsense fails before any work
+        parse_frames(frames)
+    except ValueError as e:
+        raise PTIError(str(e)) from None
+    if not clip.is_file():
+        raise ImageError(f"video not found: {clip}" if not clip.exists() else f"{clip} is not a file")
+    if workers < 1:
+        raise PTIError(f"workers must be 1 or more, not {workers}")
+    if init == "file":
+        raise PTIError("a clip needs a start per frame: --init projector, e4e or restyle, not a pivot file")
+    if invert_cfg is None:
+        invert_cfg = InvertConfig() if init == "projector" else InvertConfig(steps=0)
+    tune_cfg = tune_cfg if tune_cfg is not None else TuneConfig(**CLIP_TUNE)
+    dev = resolve_device(device)
+    for cfg in (invert_cfg, tune_cfg):
+        resolve_impl(cfg.impl, dev)
+    if network is not None and Path(network).is_file():
+        network = str(Path(network).resolve())
+    init_path, init_sha256 = _init_file(init, init_path, 1, registry)
+    config = RunConfig(
+        network=str(network) if network is not None else None,
+        device=str(device),
+        face=face,
+        invert_cfg=invert_cfg,
+        tune_cfg=tune_cfg,
+        exact=exact,
+        allow_fallback=allow_fallback,
+        threads=threads,
+        weights=Weights.of(registry),
+        init=init,
+        init_path=init_path,
+        init_sha256=init_sha256,
+        restyle_iterations=restyle_iterations,
+    )
+    start = mark()
+    try:
+        from pti.engine.video import probe  # noqa: PLC0415  needs imageio-ffmpeg: a missing extra fails first
+
+        probe(clip)  # not a video: one line, before the generator loads
+        name = clip.stem or "clip"
+        if not force:  # an identity of that name from another photo or clip is not replaced
+            check_identity_slots(out, [(clip.resolve(), name, sha256_file(clip))], Manifest(out))
+        pipeline = Pipeline.build(config, out, progress=progress, device=dev)
+        ensure_writable_dir(out)
+        return run_clip(pipeline, clip, name, options, workers=workers)
     except KeyboardInterrupt:
         raise TuneInterrupted(written_since(start)) from None
 

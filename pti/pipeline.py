@@ -33,7 +33,7 @@ from pti.engine.checkpoint import BUILTIN_TINY, generator_hash, load_generator
 from pti.engine.config import ProgressFn, check_fields, instance_of, one_of, whole
 from pti.engine.device import apply_cpu_threads, resolve_device
 from pti.engine.faceid import identity_similarity
-from pti.engine.identity import Identity, versions
+from pti.engine.identity import NOT_ALIGNED, Identity, alignment_record, versions
 from pti.engine.images import from_uint8, labelled_sheet, save_png, to_uint8
 from pti.engine.invert import InvertConfig
 from pti.engine.invert import invert as invert_to_pivot
@@ -276,17 +276,19 @@ class Pipeline:
         res = PhotoResult(photo=path, name=name)
         t0 = time.perf_counter()
         _log(self.progress, "align", 0, 1, photo=str(path))
-        aligned, warning, faces = _aligned(path, self.G.img_resolution, self.config.align, self.config.face)
+        aligned, warning, faces, cut = _aligned(path, self.G.img_resolution, self.config.align, self.config.face)
         res.warnings += [warning] if warning else []
         res.aligned = aligned
         if save:
             self.save_aligned(res)
         res.target = from_uint8(np.asarray(aligned.convert("RGB")), self.device)
+        photo_sha256 = sha256_file(path)
         res.report = {
             "photo": str(path),
             "photo_path": str(path.resolve()),
-            "photo_sha256": sha256_file(path),
+            "photo_sha256": photo_sha256,
             "faces_found": faces,
+            "alignment": NOT_ALIGNED if cut is None else alignment_record(**cut, photo_sha256=photo_sha256),
             "seconds": {"align": time.perf_counter() - t0},
         }
         _log(self.progress, "align", 1, 1, photo=str(path), faces=faces)
@@ -295,9 +297,10 @@ class Pipeline:
     def save_aligned(self, res: PhotoResult) -> None:
         res.files["aligned"] = save_photo_atomic(res.aligned, self.layout(res.name).aligned)
 
-    def invert(self, res: PhotoResult) -> None:
+    def invert(self, res: PhotoResult, save: bool = True) -> None:
         """The pivot: from the start (`RunConfig.init`), then `invert_cfg.steps` projector steps. `before_tuning`
-        always measures the pivot that the tuning gets (after any refine); `init.start_metrics` the start's."""
+        always measures the pivot that the tuning gets (after any refine); `init.start_metrics` the start's.
+        `save`: write the pivot's render (a clip's frames do not)."""
         cfg, init = self.config.invert_cfg, self.config.init
         start, record = self._start(res)
         if start is None or cfg.steps > 0:
@@ -308,20 +311,21 @@ class Pipeline:
         res.pivot = pivot
         with torch.no_grad():
             pivot_img = self.G.synthesis(pivot, noise_mode="const", force_fp32=True)
-        res.files["pivot"] = save_png(to_uint8(pivot_img[0]), self.layout(res.name).pivot)
+        if save:
+            res.files["pivot"] = save_png(to_uint8(pivot_img[0]), self.layout(res.name).pivot)
         res.report["seconds"]["invert"] = seconds
         if init in ENCODER_INITS:
             res.report["seconds"]["encode"] = record["seconds"]
         res.report["impl"] = {"invert": impl}  # what ran: implementation, ops, precision, flags, compile time
         res.report["steps"] = {"invert": cfg.steps}
-        res.report["before_tuning"] = self._metrics(pivot_img, res.target)
+        res.report["before_tuning"] = self.metrics(pivot_img, res.target)
         res.report["curves"] = {"invert_loss": curves[0], "invert_dist": curves[1]}
         if record is not None:
             record["refine_steps"] = cfg.steps
             if cfg.steps > 0:  # the start itself, before the projector refined it
                 with torch.no_grad():
                     start_img = self.G.synthesis(start, noise_mode="const", force_fp32=True)
-                record["start_metrics"] = self._metrics(start_img, res.target)
+                record["start_metrics"] = self.metrics(start_img, res.target)
             else:
                 record["start_metrics"] = res.report["before_tuning"]
         res.report["init"] = record or {"init": "projector", "refine_steps": cfg.steps, "seconds": seconds}
@@ -363,7 +367,7 @@ class Pipeline:
             recon = tuned.G.synthesis(res.pivot, noise_mode="const", force_fp32=True)
         res.files["reconstruction"] = save_png(to_uint8(recon[0]), layout.reconstruction)
         rep = res.report
-        rep["after_tuning"] = self._metrics(recon, res.target)
+        rep["after_tuning"] = self.metrics(recon, res.target)
         rep["seconds"]["tune"] = tuned.seconds
         rep.setdefault("impl", {})["tune"] = tuned.impl
         compiled = [r["compile_seconds"] for r in rep["impl"].values() if r and r.get("compile_seconds") is not None]
@@ -403,6 +407,7 @@ class Pipeline:
                 "photo",
                 "photo_path",
                 "photo_sha256",
+                "alignment",
                 "joint_with",
                 "device",
                 "precision",
@@ -425,7 +430,8 @@ class Pipeline:
         res.files["report"] = write_json(rep, layout.report)
         res.files["contact"] = _contact_sheet(res, layout.contact)
 
-    def _metrics(self, img, target) -> dict:
+    def metrics(self, img, target) -> dict:
+        """MSE, MS-SSIM and the perceptual distance (under `perceptual_key`) of `img` against `target`."""
         m = image_metrics(img, target, self.losses.perceptual)
         m[perceptual_key(self.losses.official)] = m.pop("perceptual")
         return m
@@ -435,17 +441,26 @@ class Pipeline:
 
 
 def _aligned(path: Path, size: int, align: bool, face: int | None):
+    """(the aligned crop, a warning or None, faces found or None, how the face was cut or None for --no-align:
+    `alignment_record`'s arguments but the photo's hash)."""
     img = load_photo(path)
     if not align:
         aligned, warning = resize_prealigned(img, size)
-        return aligned, warning, None
+        return aligned, warning, None, None
     res = align_photo(img, output_size=size, face=face, name=str(path))
     warning = None
     if len(res.faces) > 1:
         warning = (
             f"{path}: {len(res.faces)} faces found; tuned face {res.chosen_index} (largest is 0; choose with --face N)"
         )
-    return res.image, warning, len(res.faces)
+    cut = {
+        "quad": res.quad,
+        "landmarks": res.faces[res.chosen_index].landmarks,
+        "photo_size": img.size,
+        "output_size": size,
+        "face": res.chosen_index,
+    }
+    return res.image, warning, len(res.faces), cut
 
 
 def _id_similarity(aligned_path: Path, recon) -> float | None:

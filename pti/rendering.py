@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -50,7 +50,7 @@ from pti.engine.images import grid, labelled_sheet, save_gif, save_png, to_uint8
 from pti.engine.layout import Layout
 from pti.engine.photo import load_photo, save_photo_atomic
 from pti.engine.speed import compiled_synthesis
-from pti.errors import PTIError
+from pti.errors import IdentityError, ImageError, PTIError
 from pti.export import CONTRACT, Source, default_export_dir, export
 from pti.export.aoti import AotiBackend
 from pti.export.config import ExportConfig
@@ -164,6 +164,12 @@ def backend_mismatch(backend: str, impl: str, precision: str) -> tuple[str, str]
     return None
 
 
+PASTE_FORMATS = ("auto", "png", "jpeg")  # RenderConfig.paste_format
+# Suffixes a pasted photo keeps (Pillow writes them losslessly, or it is JPEG); any other becomes PNG.
+KEPT_SUFFIXES = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png", ".bmp": ".bmp", ".tif": ".tif", ".tiff": ".tif"}
+JPEG_QUALITY = 95  # a pasted JPEG: quality 95, no chroma subsampling
+
+
 @dataclass(frozen=True)
 class RenderConfig:
     """How `render` renders and what it writes; `pti render` maps its options onto it."""
@@ -184,6 +190,12 @@ class RenderConfig:
     # an export backend runs its runtime's graph: auto only
     threads: str | int | None = None  # CPU threads: None or "torch" = torch's as set, "auto" = pti's policy, N
     force: bool = False  # replace renders of another identity (or files pti did not write) in `out`
+    paste: bool = False  # also paste every output back into the original photo (`paste_source`, pti.engine.paste)
+    photo: str | Path | None = None  # the original photo to paste into; None = the one the identity records
+    paste_format: str = "auto"  # the pasted photo's format: auto (the original's: JPEG stays JPEG) | png | jpeg
+    stitch: bool = False  # with paste, on the torch backend: stitching tuning per output (pti.engine.stitch)
+    stitch_steps: int = 50  # its Adam steps at most, per output
+    stitch_threshold: float = 0.002  # it stops once the band's MSE is below this
 
     def __post_init__(self):
         check_fields(
@@ -201,8 +213,20 @@ class RenderConfig:
                 "impl": one_of(*IMPLS),
                 "threads": instance_of(str, int, optional=True),
                 "force": one_of(True, False),
+                "paste": one_of(True, False),
+                "photo": instance_of(str, Path, optional=True),
+                "paste_format": one_of(*PASTE_FORMATS),
+                "stitch": one_of(True, False),
+                "stitch_steps": whole(1, 10_000),
+                "stitch_threshold": real(0),
             },
         )
+        if self.stitch and not self.paste:
+            raise ValueError("RenderConfig.stitch must be False without paste=True, got True")
+        if self.stitch and self.backend != "torch":
+            raise ValueError(f"RenderConfig.stitch must be False with backend {self.backend!r} (it tunes), got True")
+        if self.photo is not None and not self.paste:
+            raise ValueError(f"RenderConfig.photo must be None without paste=True, got {self.photo!r}")
         mismatch = backend_mismatch(self.backend, self.impl, self.precision)
         if mismatch is not None:
             raise ValueError(f"{type(self).__name__}.{mismatch[0]}: {mismatch[1]}")
@@ -253,6 +277,106 @@ class RenderResult:
     files: dict[str, Path] = field(default_factory=dict)  # what was written, by role
     warnings: list[str] = field(default_factory=list)  # what a person should be told
     report: dict[str, Any] = field(default_factory=dict)  # what render.json holds
+    pasted: list[np.ndarray] = field(default_factory=list, repr=False)  # with paste: uint8 [H, W, 3] per output
+
+
+@dataclass(frozen=True)
+class PasteSource:
+    """The original photo an identity's face was cut from, checked, and how it was cut (`paste_source`)."""
+
+    path: Path
+    photo: np.ndarray = field(repr=False)  # uint8 [H, W, 3], as pti tune read it (EXIF rotation applied)
+    quad: np.ndarray = field(repr=False)  # [4, 2] the FFHQ quad in the photo's pixels
+    landmarks: np.ndarray = field(repr=False)  # [68, 2]
+    suffix: str  # what a pasted photo is written as: .jpg, .png, ...
+    sha256: str
+    icc_profile: bytes | None = field(default=None, repr=False)  # the photo's colour profile, kept in the output
+    note: str | None = None  # what the pasted photo cannot keep of the original (its mode was not 8-bit RGB)
+
+    def output(self, stem: str) -> str:
+        return f"{stem}_pasted{self.suffix}"
+
+
+def paste_source(ident, identity: Path, photo: str | Path | None = None, paste_format: str = "auto") -> PasteSource:
+    """The photo `ident` (the file `identity`) was tuned from: `photo` if given, else the path it records, which
+    must be that photo (sha256); with how its face was cut. IdentityError (one line) when it cannot be pasted."""
+    rec = ident.alignment
+    if rec is None:
+        why = (
+            "it was imported from an authors' checkpoint"
+            if ident.meta.get("imported")
+            else "it was written by an older pti, before identities recorded it"
+        )
+        raise IdentityError(
+            f"{identity}: cannot paste back: {why}, so how the face was cut from the photo is not known; "
+            "re-run pti tune on the photo"
+        )
+    if not rec.get("aligned", True):
+        raise IdentityError(
+            f"{identity} was tuned with --no-align (the photo was already an aligned crop): there is no original "
+            "photo to paste it back into"
+        )
+    if photo is None:
+        recorded = [c for c in (ident.meta.get("photo_path"), ident.meta.get("photo")) if c]
+        found = next((Path(c) for c in recorded if Path(c).is_file()), None)
+        if found is None:
+            raise IdentityError(
+                f"{identity}: the photo it was tuned from ({recorded[0] if recorded else 'not recorded'}) is not "
+                "there; pass it with --photo"
+            )
+    else:
+        found = Path(photo)
+        if not found.is_file():
+            raise ImageError(f"photo not found: {found}" if not found.exists() else f"{found} is not a file")
+    digest = sha256_file(found)
+    if digest != rec.get("photo_sha256"):
+        raise IdentityError(
+            f"{found} is not the photo {identity.name} was tuned from (its sha256 differs); pass the original "
+            "with --photo"
+        )
+    img = load_photo(found)
+    with Image.open(found) as raw:  # what the 8-bit RGB photo pti works on leaves out of the file
+        mode, icc = raw.mode, raw.info.get("icc_profile")
+    note = None
+    if mode != "RGB":
+        note = (
+            f"{found.name} is {mode}, not 8-bit RGB: the pasted photo is 8-bit RGB, as pti tune read it "
+            "(transparency composited on white, 16 bits scaled to 8)"
+        )
+    if list(img.size) != list(rec["photo_size"]):
+        raise IdentityError(
+            f"{found} reads as {img.size[0]}x{img.size[1]}, not the {rec['photo_size'][0]}x{rec['photo_size'][1]} "
+            f"{identity.name} was cut from (a different reader of its EXIF rotation?)"
+        )
+    if paste_format == "auto":
+        suffix = KEPT_SUFFIXES.get(found.suffix.lower(), ".png")
+    else:
+        suffix = ".png" if paste_format == "png" else ".jpg"
+    return PasteSource(
+        found,
+        np.asarray(img),
+        np.asarray(rec["quad"], dtype=np.float64),
+        np.asarray(rec["landmarks"], dtype=np.float64),
+        suffix,
+        digest,
+        icc if isinstance(icc, bytes) else None,
+        note,
+    )
+
+
+def save_pasted(img: np.ndarray, path: Path, icc_profile: bytes | None = None) -> Path:
+    """A pasted photo, atomically: JPEG at quality 95 without chroma subsampling, any other suffix losslessly;
+    with the original's colour profile where the format carries one (JPEG, PNG, TIFF)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    options = {"icc_profile": icc_profile} if icc_profile and suffix in (".jpg", ".jpeg", ".png", ".tif") else {}
+    if suffix in (".jpg", ".jpeg"):
+        options.update(format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    else:
+        options["format"] = Image.registered_extensions().get(suffix, "PNG")
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, **options)
+    return path
 
 
 def base_generator(ident, network=None, device="cpu"):
@@ -289,11 +413,16 @@ def render(
     impl = resolve_impl(cfg.impl, dev) if cfg.backend == "torch" else None  # triton without CUDA: refused here
     ident, base, base_hash, G = open_identity(path, cfg.network, dev)
     apply_cpu_threads(G, dev, cfg.threads)
+    if ident.is_clip:
+        return _render_clip(path, ident, base, base_hash, G, specs, out, cfg, dev, impl, registry, progress)
     frames, ws = edit_batch(ident, specs, registry)
+    source = paste_source(ident, path, cfg.photo, cfg.paste_format) if cfg.paste else None  # before any work
     out = Path(out) if out is not None else Layout.of(path).edits
     ident_key = ident.checksum or sha256_file(path)  # a v2 file's verified checksum: no second read of the file
     if not cfg.force:
-        check_render_folder(out, path, ident_key, planned_files(frames, specs, cfg.compare, cfg.mp4))
+        check_render_folder(
+            out, path, ident_key, planned_files(frames, specs, cfg.compare, cfg.mp4, source, cfg.stitch)
+        )
     ensure_writable_dir(out)
 
     base_hint = str(cfg.network or ident.base_hint)
@@ -333,6 +462,9 @@ def render(
     recon = rendered.pop(0) if recon_needed else rendered[0]
     result = RenderResult(path, out, [f.label for f in frames], rendered, warnings=list(ident.notes))
     _write(result, frames, specs, recon, cfg.compare, cfg.gif_fps, cfg.mp4, ident)
+    if source is not None:
+        stitch_ws = ws[1:] if recon_needed else ws  # the outputs' ws, in the order of result.images
+        _write_pasted(result, frames, specs, source, cfg.compare, progress, (runner, stitch_ws, _stitch_config(cfg)))
     result.report.update(
         identity=str(path),
         identity_path=str(path.resolve()),
@@ -348,6 +480,96 @@ def render(
         batch=cfg.batch,
         frames=len(frames),
         ms_per_image=1000 * seconds / ws.shape[0],
+        warnings=result.warnings,
+    )
+    result.files["report"] = _write_report(result.report, out / "render.json")
+    return result
+
+
+def clip_source(ident, identity: Path, clip: str | Path | None = None) -> Path:
+    """The clip a clip identity was tuned from (`clip`, else the path it records), checked by its sha256."""
+    recorded = [c for c in (ident.meta.get("clip_path"), ident.meta.get("clip")) if c]
+    if clip is None:
+        found = next((Path(c) for c in recorded if Path(c).is_file()), None)
+        if found is None:
+            raise IdentityError(
+                f"{identity}: the clip it was tuned from ({recorded[0] if recorded else 'not recorded'}) is not "
+                "there; pass it with --photo"
+            )
+    else:
+        found = Path(clip)
+        if not found.is_file():
+            raise ImageError(f"video not found: {found}" if not found.exists() else f"{found} is not a file")
+    if sha256_file(found) != ident.meta.get("clip_sha256"):
+        raise IdentityError(
+            f"{found} is not the clip {identity.name} was tuned from (its sha256 differs); pass the original "
+            "with --photo"
+        )
+    return found
+
+
+def _render_clip(path, ident, base, base_hash, G, specs, out, cfg, dev, impl, registry, progress) -> RenderResult:
+    """`render` for a clip identity (`pti.clip.render_clip`): every frame, an MP4, frames/ and render.json."""
+    from pti.clip import clip_frames, render_clip  # noqa: PLC0415
+
+    if cfg.compare:
+        raise PTIError("--compare is for photos; a clip renders frames/ and an MP4 (open them side by side)")
+    if cfg.paste_format != "auto":
+        raise PTIError("--paste-format is for photos; a clip's frames are PNG (exact) and its video MP4")
+    num_ws, w_dim = ident.pivot.shape
+    directions = [E.resolve(s, num_ws, w_dim, registry) for s in specs]
+    labels, ws, values = clip_frames(ident, specs, directions)
+    source = clip_source(ident, path, cfg.photo) if cfg.paste else None
+    out = Path(out) if out is not None else Layout.of(path).edits
+    ident_key = ident.checksum or sha256_file(path)
+    if not cfg.force:
+        from pti.clip import plan  # noqa: PLC0415
+
+        folder, video = ("frames", "pasted.mp4") if source is not None else ("crops", "crops.mp4")
+        pngs = [f"{folder}/{i:06d}.png" for i, _ in plan(ident, source is not None).frames]
+        check_render_folder(out, path, ident_key, [video, "render.json", *pngs])
+    ensure_writable_dir(out)
+    base_hint = str(cfg.network or ident.base_hint)
+    runner = make_backend(
+        cfg.backend,
+        G,
+        base,
+        base_hash,
+        dev,
+        cfg.batch,
+        engine=cfg.engine,
+        base_hint=base_hint,
+        precision=cfg.precision,
+        progress=progress,
+        impl=impl or "ref",
+    )
+    result = RenderResult(path, out, labels, [], warnings=list(ident.notes))
+    result.report.update(identity_checksum=ident_key)
+    audio = source
+    if audio is None and (ident.meta.get("video") or {}).get("has_audio"):
+        try:  # the crops' MP4 takes the clip's sound too, when the clip is still there
+            audio = clip_source(ident, path)
+        except PTIError:
+            result.warnings.append("the clip it was tuned from is not there: the MP4 has no sound")
+    with precision_scope("fp32", dev):
+        how = f"{runner.name}|{cfg.precision}|{impl}|{cfg.engine}"
+        render_clip(result, ident, runner, ws, cfg.batch, source, audio, progress, _stitch_config(cfg), how)
+        export_flags = precision_flags()
+    clip = result.report["clip"]
+    result.report.update(
+        identity=str(path),
+        identity_path=str(path.resolve()),
+        base_generator=base_hint,
+        base_hash=ident.base_hash,
+        edits=[s.text for s in specs],
+        backend=runner.name,
+        impl=runner.record(cfg.impl) if isinstance(runner, TorchBackend) else _export_record(runner, export_flags),
+        identity_tuned_with=ident.tuned_with,
+        device=str(dev),
+        batch=cfg.batch,
+        frames=clip["frames"],
+        ms_per_image=1000 * clip["seconds"] / max(1, clip["rendered"]),  # the frames rendered in this run
+        outputs=[{"label": labels[0] if labels else "reconstruction", "values": values[0] if values else {}}],
         warnings=result.warnings,
     )
     result.files["report"] = _write_report(result.report, out / "render.json")
@@ -433,15 +655,86 @@ def _write(result: RenderResult, frames, specs, recon: np.ndarray, compare: bool
         )
 
 
-def planned_files(frames, specs, compare: bool, mp4: bool) -> list[str]:
-    """The files `_write` and `render` will write into the output folder, relative to it."""
+def planned_files(
+    frames, specs, compare: bool, mp4: bool, source: PasteSource | None = None, stitch: bool = False
+) -> list[str]:
+    """The files `_write`, `_write_pasted` and `render` will write into the output folder, relative to it."""
     if any(s.sweep for s in specs):
         name = _sweep_name(specs)
         files = [f"frames/{f.label}.png" for f in frames] + [f"{name}_sweep.png", f"{name}_sweep.gif"]
         files += [f"{name}_sweep.mp4"] if mp4 else []
     else:
         files = [f"{frames[0].label}.png"]
-    return files + (["compare.png"] if compare else []) + ["render.json"]
+    files += ["compare.png"] if compare else []
+    if source is not None:
+        files += [_pasted_name(f, specs, source) for f in frames] + (["compare_pasted.png"] if compare else [])
+        files += [f"{f.label}_stitched.png" for f in frames] if stitch else []
+    return files + ["render.json"]
+
+
+def _pasted_name(frame, specs, source: PasteSource) -> str:
+    """Where `frame`'s pasted photo goes, relative to the output folder: beside its crop."""
+    return ("frames/" if any(s.sweep for s in specs) else "") + source.output(frame.label)
+
+
+def _stitch_config(cfg: RenderConfig):
+    """The stitching tuning's settings (pti.engine.stitch) when `cfg.stitch`, else None."""
+    if not cfg.stitch:
+        return None
+    from pti.engine.stitch import StitchConfig  # noqa: PLC0415
+
+    return StitchConfig(steps=cfg.stitch_steps, threshold=cfg.stitch_threshold)
+
+
+def _write_pasted(
+    result: RenderResult, frames, specs, source: PasteSource, compare: bool, progress, stitching=(None, None, None)
+) -> None:
+    """Every output pasted back into the original photo (pti.engine.paste), beside its crop; with `compare`,
+    compare_pasted.png: original | each pasted output. `stitching` = (runner, the outputs' ws, StitchConfig or
+    None): with a config, each crop is first re-rendered by a copy of the generator stitching-tuned to the photo."""
+    from pti.clip import stitched_crop  # noqa: PLC0415
+    from pti.engine.paste import paste  # noqa: PLC0415  only pasting renders need it
+
+    t0 = time.perf_counter()
+    runner, ws, stitch = stitching
+    records = []
+    outputs = frames if any(s.sweep for s in specs) else frames[:1]
+    for k, (f, img) in enumerate(zip(outputs, result.images)):
+        if stitch is not None:
+            img, record = stitched_crop(
+                runner.G, ws[k : k + 1], source.photo, img, source.quad, source.landmarks, stitch
+            )
+            records.append(record)
+            result.files[f"stitched {f.label}"] = save_png(img, result.out / f"{f.label}_stitched.png")
+        pasted = paste(source.photo, img, source.quad, source.landmarks)
+        result.pasted.append(pasted.image)
+        target = result.out / _pasted_name(f, specs, source)
+        result.files[f"pasted {f.label}"] = save_pasted(pasted.image, target, source.icc_profile)
+        if progress is not None:
+            progress("paste", k + 1, len(outputs), {})
+    if compare:
+        tiles = [("original", source.photo)] + [(f"{f.label}, pasted", p) for f, p in zip(outputs, result.pasted)]
+        size = max(256, min(1024, max(source.photo.shape[:2])))
+        result.files["compare pasted"] = save_photo_atomic(
+            labelled_sheet([tiles], size=size), result.out / "compare_pasted.png"
+        )
+    result.report["paste"] = {
+        "photo": str(source.path),
+        "photo_sha256": source.sha256,
+        "size": [int(source.photo.shape[1]), int(source.photo.shape[0])],
+        "format": source.suffix.lstrip("."),
+        "exact_outside_mask": source.suffix != ".jpg",  # a JPEG re-encodes every pixel
+        "mask_box": [int(v) for v in pasted.box],
+        "seconds": time.perf_counter() - t0,
+        "stitch": None if stitch is None else {"config": asdict(stitch), "outputs": records},
+    }
+    if source.note:
+        result.warnings.append(source.note)
+    if source.suffix == ".jpg":
+        result.warnings.append(
+            "the pasted photos are JPEG, like the original: re-encoding changes pixels outside the face by JPEG's "
+            "rounding; --paste-format png keeps them bit for bit"
+        )
 
 
 def check_render_folder(out: Path, identity: Path, identity_key: str, files: list[str]) -> None:

@@ -54,6 +54,12 @@ RENDER_REFUSED = {
     "impl": ["cuda", "Triton", None],  # auto, ref, compile, triton
     "threads": [True, 2.5],
     "force": [1, None],
+    "paste": [1, "yes", None],
+    "photo": [3, b"photo.jpg", "photo.jpg"],  # a path, and only with paste=True
+    "paste_format": ["PNG", "jpg", None],  # auto, png, jpeg
+    "stitch": [1, None, True],  # a bool, and only with paste=True
+    "stitch_steps": [0, 10_001, 2.0],
+    "stitch_threshold": [-1e-3, NAN, "0"],
 }
 RENDER_EDGES = [
     dict(
@@ -67,6 +73,8 @@ RENDER_EDGES = [
     ),
     dict(batch=np.int64(256), compare=True, mp4=True, force=True, network=Path("g.pkl"), engine=Path("e"), threads=4),
     dict(precision="bf16", impl="compile"),
+    dict(paste=True, photo="photo.jpg", paste_format="jpeg"),
+    dict(paste=True, photo=Path("photo.png"), paste_format="png", stitch=True, stitch_steps=1, stitch_threshold=0.0),
     dict(precision="tf32", impl="triton"),
     dict(backend="onnx", precision="fp32", impl="auto"),
 ]

@@ -41,7 +41,7 @@ FLOORS: dict[float, tuple[str, ...]] = {
     3: ("pti.kernels",),  # reference ops, the impl= dispatch, Triton kernels
     4: ("pti.engine",),  # generator, checkpoints, losses, invert, tune, identity, edits, align, weights
     5: ("pti.export.contract",),  # the export contract (names, shapes, profiles, checks): below every format
-    5.5: ("pti.export", "pti.pipeline"),  # the export formats and backends; one photo, start to end
+    5.5: ("pti.export", "pti.pipeline", "pti.clip"),  # the export formats and backends; one photo or clip
     6: ("pti.batch", "pti.rendering"),  # many photos; edits rendered through a backend
     7: ("pti", "pti.api", "pti.studio", "pti.benchmark"),  # the public API, the web app, pti bench
     8: ("pti.commands", "pti.cli", "pti.__main__"),  # the console script

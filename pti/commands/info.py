@@ -207,6 +207,7 @@ def _identity(path: str) -> tuple[dict, list[tuple[str, str]]]:
             "sha256 verified (weights and metadata are as pti wrote them)" if d["checksum"] else "none (see the note)",
         ),
     ]
+    rows += _cut_rows(d)
     rows += _imported_rows(d)
     rows += _pivot_rows(d.get("init") or _meta_value(path, "init"))
     rows += _tuning_rows(d)
@@ -214,6 +215,28 @@ def _identity(path: str) -> tuple[dict, list[tuple[str, str]]]:
     versions = d.get("versions") or {}
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
     return record, rows
+
+
+def _cut_rows(d: dict) -> list[tuple[str, str]]:
+    """How the face was cut (format v3): what `pti render --paste` needs; a clip's frames."""
+    cut, video = d.get("alignment"), d.get("video")
+    if isinstance(video, dict):
+        lost = video.get("lost") or []
+        return [
+            (
+                "clip",
+                f"{d.get('frames')} frames tuned of {video.get('selected')} chosen ({video.get('frames_in_clip')} in "
+                f"the clip, {video.get('fps'):g} fps, every {video.get('every')}, smoothing sigma "
+                f"{video.get('smooth_sigma'):g})" + (f"; face lost in {len(lost)}" if lost else ""),
+            ),
+            ("paste-back", "yes: pti render --paste pastes every frame into the clip"),
+        ]
+    if not isinstance(cut, dict):
+        return [("paste-back", "no: no record of how the face was cut (an older or imported identity)")]
+    if not cut.get("aligned", True):
+        return [("paste-back", "no: tuned with --no-align (the photo was already a crop)")]
+    w, h = cut.get("photo_size") or ("?", "?")
+    return [("paste-back", f"yes: face {cut.get('face')} cut from the {w}x{h} photo (pti render --paste)")]
 
 
 def _imported_rows(d: dict) -> list[tuple[str, str]]:

@@ -42,6 +42,12 @@ PRECISION_HELP = (
 )
 
 
+class PasteFormat(str, Enum):  # pti.rendering.PASTE_FORMATS
+    auto = "auto"
+    png = "png"
+    jpeg = "jpeg"
+
+
 class BackendName(str, Enum):  # pti.rendering.BACKENDS
     torch = "torch"
     onnx = "onnx"
@@ -60,7 +66,13 @@ def _check_edits(values: list[str] | None) -> list[str]:
 
 
 def render(
-    identity: Annotated[Path, typer.Argument(metavar="IDENTITY.pti", help="An identity file written by `pti tune`.")],
+    identity: Annotated[
+        Path,
+        typer.Argument(
+            metavar="IDENTITY.pti",
+            help="An identity file written by `pti tune` (a clip's renders every frame into an MP4).",
+        ),
+    ],
     edit: Annotated[Optional[list[str]], typer.Option("--edit", "-e", callback=_check_edits, help=EDIT_HELP)] = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Output folder (default: <identity folder>/<name>/edits).")
@@ -118,13 +130,70 @@ def render(
             "--force", help="Replace renders of another identity (or files pti did not write) in the output folder."
         ),
     ] = False,
+    paste: Annotated[
+        bool,
+        typer.Option(
+            "--paste",
+            help=(
+                "Also paste each output back into the original photo, at its resolution and in its format "
+                "(<label>_pasted.jpg beside the crop): a soft face mask, the photo's own pixels outside it."
+            ),
+        ),
+    ] = False,
+    photo: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--photo",
+            help="The original photo (or clip) for --paste (default: the one the identity records; it must be it).",
+        ),
+    ] = None,
+    paste_format: Annotated[
+        PasteFormat,
+        typer.Option(
+            "--paste-format",
+            help="The pasted photo's format: auto (the original's; a JPEG re-encodes every pixel), png or jpeg.",
+        ),
+    ] = PasteFormat.auto,
+    stitch: Annotated[
+        bool,
+        typer.Option(
+            "--stitch",
+            help=(
+                "With --paste: first tune a copy of the generator per output (per frame of a clip) so the band "
+                "round the mask's edge matches the original while the face keeps the edit (STIT's stitching "
+                "tuning; --backend torch)."
+            ),
+        ),
+    ] = False,
+    stitch_steps: Annotated[
+        int,
+        typer.Option("--stitch-steps", min=1, max=10_000, help="Stitching tuning's Adam steps at most, per output."),
+    ] = 50,
+    stitch_threshold: Annotated[
+        float,
+        typer.Option(
+            "--stitch-threshold",
+            min=0.0,
+            max=1.0,
+            help="Stitching stops once the band's MSE (images in [-1, 1]) is below this.",
+        ),
+    ] = 0.002,
     device: DeviceOption = "auto",
 ) -> None:
-    """Render edits of a tuned person: one PNG per edit set, or a grid and a GIF for a sweep."""
+    """Render edits of a tuned person: one PNG per edit set, or a grid and a GIF for a sweep; --paste puts
+    them back into the original photo."""
     import pti.rendering
 
     if engine is not None and backend is BackendName.torch:
         raise typer.BadParameter("--engine is for --backend onnx, aoti or tensorrt", param_hint="--engine")
+    if photo is not None and not paste:
+        raise typer.BadParameter("--photo is the photo to paste into: add --paste", param_hint="--photo")
+    if paste_format is not PasteFormat.auto and not paste:
+        raise typer.BadParameter("--paste-format is for --paste", param_hint="--paste-format")
+    if stitch and not paste:
+        raise typer.BadParameter("--stitch tunes the pasted border: add --paste", param_hint="--stitch")
+    if stitch and backend is not BackendName.torch:
+        raise typer.BadParameter("--stitch tunes the generator: it runs on --backend torch", param_hint="--stitch")
     mismatch = pti.rendering.backend_mismatch(backend.value, impl.value, precision.value)
     if mismatch is not None:
         raise typer.BadParameter(mismatch[1], param_hint=f"--{mismatch[0]}")
@@ -141,6 +210,12 @@ def render(
         impl=impl.value,
         threads=thread_setting(),
         force=force,
+        paste=paste,
+        photo=photo,
+        paste_format=paste_format.value,
+        stitch=stitch,
+        stitch_steps=stitch_steps,
+        stitch_threshold=stitch_threshold,
     )
     with PhaseProgress() as bar:
 
@@ -162,7 +237,17 @@ def _summary(result) -> None:
         f"{rep['ms_per_image']:.1f} ms per image at batch {rep['batch']}{compiled}",
         markup=False,
     )
-    for o in rep["outputs"]:
+    clip = rep.get("clip")
+    if clip:
+        console.print(
+            f"  {clip['frames']} frames at {clip['fps']:g} fps ({clip['rendered']} rendered, {clip['reused']} reused"
+            + (f", {clip['kept_original']} kept as they were: no face" if clip["kept_original"] else "")
+            + ")"
+            + ("; pasted into the clip" if clip["pasted"] else "")
+            + (f"; audio {clip['audio']}" if clip["audio"] else ""),
+            markup=False,
+        )
+    for o in rep["outputs"] if not clip else []:
         sim = o["identity_similarity_to_reconstruction"]
         console.print(
             f"  {o['label']}: ID similarity to the reconstruction "
@@ -171,10 +256,17 @@ def _summary(result) -> None:
         )
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}")
-    names = ", ".join(str(p.relative_to(result.out)) for k, p in result.files.items() if not k.startswith("frame "))
-    frames = sum(k.startswith("frame ") for k in result.files)
+    in_frames = [k for k, p in result.files.items() if p.parent.name == "frames" and p.parent.parent == result.out]
+    names = ", ".join(str(p.relative_to(result.out)) for k, p in result.files.items() if k not in in_frames)
+    pasted = rep.get("paste")
+    if pasted:
+        console.print(
+            f"pasted into {pasted['photo']} ({pasted['size'][0]}x{pasted['size'][1]}, {pasted['format']})",
+            markup=False,
+        )
     console.print(
-        f"wrote {result.out}/: {names}" + (f", and {frames} frames in frames/" if frames else ""), markup=False
+        f"wrote {result.out}/: {names}" + (f", and {len(in_frames)} files in frames/" if in_frames else ""),
+        markup=False,
     )
 
 

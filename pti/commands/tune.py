@@ -127,8 +127,50 @@ def tune(
         ),
     ] = None,
     tune_steps: Annotated[
-        int, typer.Option("--tune-steps", min=1, help="Maximum tuning steps (passes over all photos with --joint).")
-    ] = 350,
+        Optional[int],
+        typer.Option(
+            "--tune-steps",
+            min=1,
+            help=(
+                "Maximum tuning steps (default 350), or passes over all photos with --joint or over all frames of "
+                "a clip (default 50)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    tune_lr: Annotated[
+        Optional[float],
+        typer.Option(
+            "--tune-lr",
+            min=1e-8,
+            max=1.0,
+            help="The tuning's Adam learning rate (default 3e-4, the paper's; 3e-5 for a clip, STIT's).",
+            show_default=False,
+        ),
+    ] = None,
+    frames: Annotated[
+        Optional[str],
+        typer.Option(
+            "--frames",
+            metavar="A-B",
+            help="A clip's frames to use: A-B (inclusive, from 0), A- (to the end) or A (default: all).",
+            show_default=False,
+        ),
+    ] = None,
+    every: Annotated[int, typer.Option("--every", min=1, help="Use every N-th frame of a clip.")] = 1,
+    smooth: Annotated[
+        Optional[float],
+        typer.Option(
+            "--smooth",
+            min=0.0,
+            max=100.0,
+            help=(
+                "Sigma (in chosen frames) of the Gaussian over time that steadies a clip's face landmarks "
+                "(default 1.5); 0 = none."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     lpips_threshold: Annotated[
         float,
         typer.Option(
@@ -171,7 +213,10 @@ def tune(
             "-j",
             min=1,
             max=256,
-            help="Photos tuned in parallel processes (the CPU's cores are split between them).",
+            help=(
+                "Photos tuned in parallel processes (the CPU's cores are split between them); for a clip, the "
+                "processes that detect, align and invert its frames."
+            ),
         ),
     ] = 1,
     ray: Annotated[
@@ -218,8 +263,32 @@ def tune(
     invert_cfg = InvertConfig(
         steps=invert_steps, space=space.value, seed=seed, precision=precision.value, impl=impl.value
     )
+    from pti.clip import CLIP_TUNE, is_video
+
+    clip = len(photos) == 1 and is_video(photos[0])
+    if not clip and any(is_video(p) for p in photos):
+        raise typer.BadParameter("a clip is tuned on its own: give one video, or photos", param_hint="PHOTO")
+    if not clip and (frames is not None or every != 1 or smooth is not None):
+        raise typer.BadParameter("--frames, --every and --smooth are for a clip (pti tune clip.mp4)")
+    if clip and (joint or ray):
+        raise typer.BadParameter(
+            "a clip is one person whose frames are tuned jointly already; --workers splits its per-frame stages "
+            "(Ray does not run clips)",
+            param_hint="--joint/--ray",
+        )
+    if clip and frames is not None:
+        from pti.engine.video import parse_frames
+
+        try:
+            parse_frames(frames)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--frames") from None
+    if clip and kind == "file":
+        raise typer.BadParameter("a clip needs a start per frame: projector, e4e or restyle", param_hint="--init")
+    defaults = CLIP_TUNE if clip else {"lr": 3e-4, "max_steps": 350}
     tune_cfg = TuneConfig(
-        max_steps=tune_steps,
+        lr=tune_lr if tune_lr is not None else defaults["lr"],
+        max_steps=tune_steps if tune_steps is not None else defaults["max_steps"],
         lpips_threshold=lpips_threshold,
         locality=not no_locality,
         locality_samples=locality_samples,
@@ -234,6 +303,26 @@ def tune(
         )
     if ray is not None and workers > 1:
         raise typer.BadParameter("choose --workers or --ray, not both", param_hint="--workers")
+    if clip:
+        return run_tune_clip(
+            photos[0],
+            network=network,
+            out=out,
+            frames=frames,
+            every=every,
+            **({"smooth": smooth} if smooth is not None else {}),
+            device=device,
+            face=face,
+            invert_cfg=invert_cfg,
+            tune_cfg=tune_cfg,
+            exact=exact,
+            allow_fallback=not strict_losses,
+            init=kind,
+            init_path=str(encoder) if encoder is not None else None,
+            restyle_iterations=restyle_iters or 5,
+            workers=workers,
+            force=force,
+        )
     extra = {} if joint else dict(workers=workers, ray=ray, force=force)
     run_tune(
         photos,
@@ -286,6 +375,42 @@ def run_tune(photos, **kwargs):
             f"{len(failed)} of {len(results)} photos failed (the others are written; rerun the same command "
             f"to retry only these): {failed[0].photo}: {failed[0].error}" + (" ..." if len(failed) > 1 else "")
         )
+
+
+def run_tune_clip(clip, **kwargs):
+    """Run `pti.api.tune_clip` with live progress per stage, then print what was written."""
+    import pti.api
+
+    kwargs.setdefault("threads", thread_setting())
+    console.print(f"generator: {network_label(kwargs.get('network'))}", markup=False)
+    with PhaseProgress() as bar:
+
+        def progress(phase: str, step: int, total: int, values: dict) -> None:
+            if phase in ("align", "encode", "pivot file") or compile_line(phase, step, values):
+                return  # per frame: the stage's bar says it
+            bar.update(phase, step, total, values)
+
+        res = pti.api.tune_clip(clip, progress=progress, **kwargs)
+    rep = res.report
+    video, after, worst = rep["video"], rep["after_tuning"], rep["after_tuning_worst"]
+    perceptual = next((k for k in after if k not in ("mse", "ms_ssim")), None)
+    console.print(
+        f"{clip}: {video['tuned']} of {video['selected']} frames tuned ({video['frames_in_clip']} in the clip, "
+        f"{video['fps']:g} fps), {rep['steps']['tune']} tuning steps in {rep['seconds']['tune']:.1f} s",
+        markup=False,
+    )
+    console.print(
+        f"  after tuning, over the frames: MSE mean {after['mse']:.4f} (worst {worst['mse']:.4f})"
+        + (f", {perceptual} mean {after[perceptual]:.4f} (worst {worst[perceptual]:.4f})" if perceptual else ""),
+        markup=False,
+    )
+    reused = {k: v for k, v in res.reused.items() if v}
+    if reused:
+        console.print("  reused from an earlier run: " + ", ".join(f"{k} {v}" for k, v in reused.items()), markup=False)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}")
+    size = res.identity.stat().st_size / 1e6
+    console.print(f"wrote {res.identity} ({size:.1f} MB) and {res.files['report']}", markup=False)
 
 
 def _start_line(phase: str, step: int, values: dict) -> None:

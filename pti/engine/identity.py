@@ -10,7 +10,13 @@ Format: a safetensors file (no pickle, nothing executable) holding
   (`impl`: per step, the implementation that ran, its ops, precision and flags; see `tuned_with`);
 - from format v2, `checksum`: sha256 over every tensor (name, dtype, shape, bytes) and the other metadata,
   checked on every load, so a damaged file is refused instead of rendering garbage. v1 files (no
-  checksum) still load, with a note saying damage to them cannot be detected.
+  checksum) still load, with a note saying damage to them cannot be detected;
+- from format v3, how the face was cut from the photo (`meta["alignment"]`, see `alignment_record`: the FFHQ
+  quad and the 68 landmarks in the photo's pixels, the photo's size and sha256), which paste-back needs; and,
+  for a clip (`pti tune clip.mp4`), every frame's pivot (`pivots` [F, num_ws, w_dim]) and cut (`frames.quad`
+  [F, 4, 2] float64, `frames.landmarks` [F, 68, 2] float64, `frames.index` [F] int64: the source frame numbers),
+  the shared tuned weights once, and `pivot` = the first frame's. v1 and v2 files still load; they have no
+  alignment record, so they cannot be pasted back (re-tune for that).
 
 Only synthesis parameters are stored: tuning never touches the mapping network or the buffers.
 Applying the file to any generator whose content hash differs from the recorded one is refused.
@@ -39,7 +45,7 @@ from pti.errors import IdentityError
 from pti.fsutil import atomic_path
 
 FORMAT = "pti-identity"
-VERSION = 2  # 2: a checksum in the metadata; 1: none
+VERSION = 3  # 3: the alignment record and clips' frames; 2: a checksum in the metadata; 1: none
 SUFFIX = ".pti"
 CHECKSUM = "checksum"  # metadata key: "sha256:<hex>" (see `checksum`)
 
@@ -54,6 +60,7 @@ class Identity:
     meta: dict[str, Any] = field(default_factory=dict)  # config, curves, timings, versions, ...
     notes: list[str] = field(default_factory=list, compare=False)  # what loading found worth telling (not stored)
     checksum: str | None = field(default=None, compare=False)  # the verified file checksum (v2 files; None: v1)
+    frames: dict[str, torch.Tensor] = field(default_factory=dict)  # a clip's: "pivots", "quad", "landmarks", "index"
 
     # ------------------------------------------------------------------ building and applying
 
@@ -129,6 +136,7 @@ class Identity:
             "meta": json.dumps(self.meta, default=_json_default),
         }
         tensors = {"pivot": self.pivot.contiguous(), **{k: v.contiguous() for k, v in self.tensors.items()}}
+        tensors.update({_frame_key(k): v.contiguous() for k, v in self.frames.items()})
         meta[CHECKSUM] = checksum(tensors, meta)
         with atomic_path(path) as tmp:
             try:
@@ -145,6 +153,7 @@ class Identity:
         if "pivot" not in tensors:
             raise IdentityError(f"{path}: identity file has no pivot")
         pivot = tensors.pop("pivot")
+        frames = {k: tensors.pop(_frame_key(k)) for k in FRAME_KEYS if _frame_key(k) in tensors}
         try:
             record = json.loads(meta.get("meta", "{}"))
         except json.JSONDecodeError:
@@ -158,6 +167,7 @@ class Identity:
             record,
             notes,
             meta.get(CHECKSUM),
+            frames,
         )
 
     @property
@@ -166,8 +176,47 @@ class Identity:
         return tuned_with(self.meta)
 
     @property
+    def alignment(self) -> dict | None:
+        """How the face was cut from its photo (`alignment_record`); None in files from before format v3."""
+        rec = self.meta.get("alignment")
+        return rec if isinstance(rec, dict) else None
+
+    @property
+    def is_clip(self) -> bool:
+        """True for a clip's identity (one pivot and one cut per frame, `frames`)."""
+        return "pivots" in self.frames
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()) + self.pivot.numel() * 4
+
+
+FRAME_KEYS = ("pivots", "quad", "landmarks", "index")  # a clip's per-frame tensors (`Identity.frames`)
+
+
+def _frame_key(name: str) -> str:
+    """The file's tensor name for a clip's per-frame tensor: `pivots` as is, the others under `frames.`."""
+    return name if name == "pivots" else f"frames.{name}"
+
+
+def alignment_record(
+    quad, landmarks, photo_size: tuple[int, int], photo_sha256: str | None, output_size: int, face: int | None
+) -> dict[str, Any]:
+    """What an identity records about how its face was cut (`meta["alignment"]`): the FFHQ quad [4, 2] (TL, BL,
+    BR, TR) and the 68 landmarks [68, 2], both in the photo's pixels (after its EXIF rotation), the photo's
+    (width, height) and sha256, the crop's size and which face it was (0 = the largest)."""
+    return {
+        "aligned": True,
+        "quad": [[float(v) for v in row] for row in quad],
+        "landmarks": [[float(v) for v in row] for row in landmarks],
+        "photo_size": [int(photo_size[0]), int(photo_size[1])],
+        "photo_sha256": photo_sha256,
+        "output_size": int(output_size),
+        "face": face,
+    }
+
+
+NOT_ALIGNED = {"aligned": False}  # the alignment record of a photo tuned with --no-align
 
 
 def tuned_with(meta: dict) -> dict[str, Any]:
@@ -311,7 +360,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         meta = json.loads(header.get("meta", "{}"))
     except json.JSONDecodeError:
         meta = {}
-    weights = {k: v for k, v in shapes.items() if k != "pivot"}
+    frame_names = {_frame_key(k) for k in FRAME_KEYS}
+    weights = {k: v for k, v in shapes.items() if k != "pivot" and k not in frame_names}
     return {
         "path": str(path),
         "format": f"{FORMAT} v{header.get('version', '?')}",
@@ -323,6 +373,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "encoding": header.get("encoding", "?"),
         "pivot_shape": shapes.get("pivot"),
         "pivot_dtype": dtypes.get("pivot"),
+        "frames": shapes["pivots"][0] if "pivots" in shapes else None,
         "tensors": len(weights),
         "parameters": sum(math.prod(s) for s in weights.values()),
         "weights_dtype": sorted({dtypes[k] for k in weights}),
@@ -346,6 +397,8 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "joint_with",
                 "imported",
                 "init",
+                "alignment",
+                "video",
                 "versions",
             )
         },

@@ -160,14 +160,18 @@ def _prepare(G):
 
 def tune(
     G,
-    targets: Sequence[torch.Tensor] | torch.Tensor,  # each [1, 3, R, R] in [-1, 1]
+    targets: Sequence[torch.Tensor] | torch.Tensor,  # each [1, 3, R, R] in [-1, 1], or uint8 [1, 3, R, R]
     pivots: Sequence[torch.Tensor] | torch.Tensor,  # each [1, num_ws, w_dim]
     perceptual: Perceptual,
     cfg: TuneConfig = TuneConfig(),
     progress: ProgressFn | None = None,
 ) -> TuneResult:
-    """Tune one generator so that every pivot renders its target. One target = single-ID PTI."""
-    targets = [t.reshape(1, *t.shape[-3:]) for t in (targets if isinstance(targets, (list, tuple)) else [targets])]
+    """Tune one generator so that every pivot renders its target. One target = single-ID PTI.
+
+    uint8 targets (a clip's frames, 4x smaller than float32 where hundreds are held) are mapped to [-1, 1] as
+    `pti.engine.images.from_uint8` maps them, on the device, when their step comes: the same floats."""
+    # A sequence that reads its frames when asked (pti.clip's) stays one; each target is shaped when its step comes.
+    targets = [targets] if isinstance(targets, torch.Tensor) else targets
     pivots = [p.reshape(1, *p.shape[-2:]).detach() for p in (pivots if isinstance(pivots, (list, tuple)) else [pivots])]
     if len(targets) != len(pivots) or not targets:
         raise ValueError(f"need one pivot per target, got {len(targets)} targets and {len(pivots)} pivots")
@@ -194,7 +198,9 @@ def tune(
     with runner:
         for _ in range(cfg.max_steps):
             for target, pivot in zip(targets, pivots):
-                target = target.to(device)
+                target = target.reshape(1, *target.shape[-3:]).to(device)
+                if target.dtype == torch.uint8:
+                    target = target.float() / 127.5 - 1
                 pivot = pivot.to(device)
                 with runner.step():
                     regularized = cfg.locality and step % cfg.locality_interval == 0

@@ -41,7 +41,7 @@ from pti.engine.layout import Layout
 from pti.engine.weights import default_registry
 from pti.errors import PTIError
 from pti.fsutil import atomic_path
-from pti.rendering import _id_similarity, edit_batch, make_backend
+from pti.rendering import _id_similarity, edit_batch, make_backend, paste_source, save_pasted
 from pti.studio.checks import Move, RequestError
 from pti.studio.worker import QUEUE, Worker
 
@@ -52,6 +52,7 @@ PAGE = Path(__file__).with_name("page.html")
 TIMEOUT = 30.0  # seconds a request may wait for its render (queue included)
 SAVE_NAME_BYTES = 100  # longer readable names give way to a short hash
 VALUE_SLACK = 1e-6  # a slider's value may pass its end by this much (the page's float steps)
+PASTED_VIEW = 1024  # the pasted view's long side on the page, at most (Save writes the photo's own size)
 
 
 def need_server():
@@ -114,6 +115,8 @@ class Person:
     backend: Any
     sliders: list[Slider]
     reconstruction: bytes | None = None  # PNG, made once
+    paste: Any = None  # pti.rendering.PasteSource: the photo to paste into, when there is one
+    paste_note: str | None = None  # why there is none (a clip, --no-align, the photo not found, ...)
 
 
 @dataclass
@@ -197,7 +200,15 @@ class Studio:
         backend = make_backend(
             self._backend(), G, base, base_hash, dev, 8, base_hint=str(self.network or ident.base_hint)
         )
-        return Person(path, name, ident, backend, self._sliders(path, ident, base))
+        person = Person(path, name, ident, backend, self._sliders(path, ident, base))
+        if ident.is_clip:
+            person.paste_note = "a clip: pti render --paste pastes every frame into it"
+        else:
+            try:
+                person.paste = paste_source(ident, path)
+            except PTIError as e:
+                person.paste_note = str(e)
+        return person
 
     def _backend(self) -> str:
         if self.backend_name != "auto":
@@ -268,6 +279,8 @@ class Studio:
             "num_ws": num_ws,
             "backend": person.backend.name,
             "has_input": _aligned(person.path).is_file(),
+            "can_paste": person.paste is not None,
+            "paste_note": self.scrub(person.paste_note) if person.paste_note else None,
             "sliders": [
                 {
                     "id": s.id,
@@ -329,12 +342,22 @@ class Studio:
             raise PTIError("the rendered image is not finite (NaN or infinite pixels); move the sliders back")
         return specs, list(to_uint8(images)), ms
 
-    def render(self, person: Person, moves: tuple[Move, ...]) -> dict:
-        """The edited image for the page, the edit strings, the command that reproduces it, ms and ID similarity."""
+    def render(self, person: Person, moves: tuple[Move, ...], pasted: bool = False) -> dict:
+        """The edited image for the page, the edit strings, the command that reproduces it, ms and ID similarity;
+        with `pasted`, also the edit pasted into the original photo (at most PASTED_VIEW px on its long side:
+        Save writes the full photo)."""
+        if pasted and person.paste is None:
+            raise RequestError(f"no pasted view for {person.name}: {self.scrub(person.paste_note or 'no photo')}")
         texts, shown = self.edits(person, moves)
         _, rendered, ms = self._images(person, texts)
         recon, img = rendered[0], rendered[-1]
+        view = {}
+        if pasted:
+            photo = Image.fromarray(self._pasted(person, img))
+            photo.thumbnail((PASTED_VIEW, PASTED_VIEW), Image.Resampling.LANCZOS)
+            view["pasted"] = _png_data_url(photo)
         return {
+            **view,
             "image": _png_data_url(img),
             "edits": shown,
             "command": self.command(person, shown),
@@ -385,7 +408,20 @@ class Studio:
             tmp.write_text(line + "\n" + command + "\n")
         png = save_png(rendered[-1], folder / f"{name}.png")
         top = person.path.parent
-        return {"image": png.relative_to(top).as_posix(), "edits": txt.relative_to(top).as_posix(), "command": command}
+        saved = {"image": png.relative_to(top).as_posix(), "edits": txt.relative_to(top).as_posix(), "command": command}
+        if person.paste is not None:  # the photo with the edit pasted in, at its resolution and in its format
+            pasted = save_pasted(
+                self._pasted(person, rendered[-1]), folder / person.paste.output(name), person.paste.icc_profile
+            )
+            saved["pasted"] = pasted.relative_to(top).as_posix()
+        return saved
+
+    def _pasted(self, person: Person, img: np.ndarray) -> np.ndarray:
+        """`img` (a render of `person`) pasted into their original photo (pti.engine.paste)."""
+        from pti.engine.paste import paste  # noqa: PLC0415
+
+        source = person.paste
+        return paste(source.photo, img, source.quad, source.landmarks).image
 
     def sweep(self, person: Person, moves: tuple[Move, ...], slider: str, frames: int) -> bytes:
         """A GIF of one slider from its low to its high end over its layers, the other sliders as they are."""

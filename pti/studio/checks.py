@@ -22,7 +22,7 @@ MAX_SWEEP_FRAMES = 30  # a sweep renders frames + 1 images in one request; this 
 MAX_ID = 64  # characters of a slider id (theirs are a few)
 
 FIELDS = {
-    "render": ("identity", "moves"),
+    "render": ("identity", "moves", "pasted"),
     "save": ("identity", "moves"),
     "sweep": ("identity", "moves", "slider", "frames"),
 }
@@ -51,6 +51,7 @@ class Ask:
     moves: tuple[Move, ...]
     slider: str | None = None  # sweep only: which slider runs from end to end
     frames: int = SWEEP_FRAMES  # sweep only
+    pasted: bool = False  # render only: also the edit pasted back into the original photo
 
 
 def parse(raw: bytes, kind: str) -> Ask:
@@ -65,6 +66,11 @@ def parse(raw: bytes, kind: str) -> Ask:
     if missing:
         raise RequestError(f"missing field {missing[0]!r}; a {kind} request has {', '.join(FIELDS[kind])}")
     ask = Ask(whole(data["identity"], "identity"), moves(data["moves"]))
+    if kind == "render":
+        pasted = data.get("pasted", False)
+        if not isinstance(pasted, bool):
+            raise RequestError(f"pasted must be true or false, not {_kind(pasted)}")
+        return Ask(ask.identity, ask.moves, pasted=pasted)
     if kind != "sweep":
         return ask
     slider = data["slider"]

@@ -115,7 +115,7 @@ def create_app(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, tok
     @answering
     async def render(request: Request):
         ask = parse(await request.body(), "render")
-        return await done(studio.submit(ask.identity, lambda p: studio.render(p, ask.moves)))
+        return await done(studio.submit(ask.identity, lambda p: studio.render(p, ask.moves, ask.pasted)))
 
     @app.post("/api/save")
     @answering
