@@ -316,24 +316,7 @@ def paste_source(ident, identity: Path, photo: str | Path | None = None, paste_f
             f"{identity} was tuned with --no-align (the photo was already an aligned crop): there is no original "
             "photo to paste it back into"
         )
-    if photo is None:
-        recorded = [c for c in (ident.meta.get("photo_path"), ident.meta.get("photo")) if c]
-        found = next((Path(c) for c in recorded if Path(c).is_file()), None)
-        if found is None:
-            raise IdentityError(
-                f"{identity}: the photo it was tuned from ({recorded[0] if recorded else 'not recorded'}) is not "
-                "there; pass it with --photo"
-            )
-    else:
-        found = Path(photo)
-        if not found.is_file():
-            raise ImageError(f"photo not found: {found}" if not found.exists() else f"{found} is not a file")
-    digest = sha256_file(found)
-    if digest != rec.get("photo_sha256"):
-        raise IdentityError(
-            f"{found} is not the photo {identity.name} was tuned from (its sha256 differs); pass the original "
-            "with --photo"
-        )
+    found, digest = _original(ident, identity, photo, "photo", rec.get("photo_sha256"))
     img = load_photo(found)
     with Image.open(found) as raw:  # what the 8-bit RGB photo pti works on leaves out of the file
         mode, icc = raw.mode, raw.info.get("icc_profile")
@@ -425,20 +408,7 @@ def render(
         )
     ensure_writable_dir(out)
 
-    base_hint = str(cfg.network or ident.base_hint)
-    runner = make_backend(
-        cfg.backend,
-        G,
-        base,
-        base_hash,
-        dev,
-        cfg.batch,
-        engine=cfg.engine,
-        base_hint=base_hint,
-        precision=cfg.precision,
-        progress=progress,
-        impl=impl or "ref",
-    )
+    base_hint, runner = _runner(cfg, ident, G, base, base_hash, dev, impl, progress)
     recon_needed = bool(specs)
     if impl == "compile":
         if progress is not None:
@@ -488,24 +458,32 @@ def render(
 
 def clip_source(ident, identity: Path, clip: str | Path | None = None) -> Path:
     """The clip a clip identity was tuned from (`clip`, else the path it records), checked by its sha256."""
-    recorded = [c for c in (ident.meta.get("clip_path"), ident.meta.get("clip")) if c]
-    if clip is None:
+    return _original(ident, identity, clip, "clip", ident.meta.get("clip_sha256"))[0]
+
+
+def _original(ident, identity: Path, given, what: str, sha256: str | None) -> tuple[Path, str]:
+    """(the photo or clip `ident` was tuned from: `given`, else the path its metadata records, its sha256), checked
+    to be that file by its sha256; IdentityError or ImageError (one line) otherwise."""
+    recorded = [c for c in (ident.meta.get(f"{what}_path"), ident.meta.get(what)) if c]
+    if given is None:
         found = next((Path(c) for c in recorded if Path(c).is_file()), None)
         if found is None:
             raise IdentityError(
-                f"{identity}: the clip it was tuned from ({recorded[0] if recorded else 'not recorded'}) is not "
+                f"{identity}: the {what} it was tuned from ({recorded[0] if recorded else 'not recorded'}) is not "
                 "there; pass it with --photo"
             )
     else:
-        found = Path(clip)
+        found = Path(given)
         if not found.is_file():
-            raise ImageError(f"video not found: {found}" if not found.exists() else f"{found} is not a file")
-    if sha256_file(found) != ident.meta.get("clip_sha256"):
+            missing = "photo not found" if what == "photo" else "video not found"
+            raise ImageError(f"{missing}: {found}" if not found.exists() else f"{found} is not a file")
+    digest = sha256_file(found)
+    if digest != sha256:
         raise IdentityError(
-            f"{found} is not the clip {identity.name} was tuned from (its sha256 differs); pass the original "
+            f"{found} is not the {what} {identity.name} was tuned from (its sha256 differs); pass the original "
             "with --photo"
         )
-    return found
+    return found, digest
 
 
 def _render_clip(path, ident, base, base_hash, G, specs, out, cfg, dev, impl, registry, progress) -> RenderResult:
@@ -529,20 +507,7 @@ def _render_clip(path, ident, base, base_hash, G, specs, out, cfg, dev, impl, re
         pngs = [f"{folder}/{i:06d}.png" for i, _ in plan(ident, source is not None).frames]
         check_render_folder(out, path, ident_key, [video, "render.json", *pngs])
     ensure_writable_dir(out)
-    base_hint = str(cfg.network or ident.base_hint)
-    runner = make_backend(
-        cfg.backend,
-        G,
-        base,
-        base_hash,
-        dev,
-        cfg.batch,
-        engine=cfg.engine,
-        base_hint=base_hint,
-        precision=cfg.precision,
-        progress=progress,
-        impl=impl or "ref",
-    )
+    base_hint, runner = _runner(cfg, ident, G, base, base_hash, dev, impl, progress)
     result = RenderResult(path, out, labels, [], warnings=list(ident.notes))
     result.report.update(identity_checksum=ident_key)
     audio = source
@@ -574,6 +539,25 @@ def _render_clip(path, ident, base, base_hash, G, specs, out, cfg, dev, impl, re
     )
     result.files["report"] = _write_report(result.report, out / "render.json")
     return result
+
+
+def _runner(cfg: RenderConfig, ident, G, base, base_hash: str, dev, impl: str | None, progress):
+    """(the base generator's name as render.json records it, the backend `cfg` asks for, rendering `G`)."""
+    base_hint = str(cfg.network or ident.base_hint)
+    runner = make_backend(
+        cfg.backend,
+        G,
+        base,
+        base_hash,
+        dev,
+        cfg.batch,
+        engine=cfg.engine,
+        base_hint=base_hint,
+        precision=cfg.precision,
+        progress=progress,
+        impl=impl or "ref",
+    )
+    return base_hint, runner
 
 
 def _export_record(runner, flags: dict) -> dict[str, Any]:

@@ -97,6 +97,21 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if line.strip()]
 
 
+def succeeded(proc) -> subprocess.CompletedProcess:
+    """`proc`, after asserting it exited 0 (its output in the failure message)."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def one_line_error(proc, code: int = 1) -> str:
+    """The one stderr line of a run that failed with `code` and no traceback (the CLI's contract)."""
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert no_traceback(proc)
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 # Linux capability numbers (linux/capability.h) and prctl's "drop from the bounding set" request.
 _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _PR_CAPBSET_DROP = 1, 2, 24
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clirun import run_pti, start_pti
+from clirun import one_line_error, run_pti, start_pti, succeeded
 from pti.engine import paste as P
 from pti.engine import video as V
 from pti.engine.align import face_quad
@@ -30,19 +30,6 @@ from videoclip import encode, make_clip
 
 STEPS = ["--invert-steps", "2", "--tune-steps", "2"]
 FRAMES = 16
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def _one_line_error(proc, code: int = 1) -> str:
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def _jitter(quads: np.ndarray) -> float:
@@ -54,7 +41,7 @@ def _jitter(quads: np.ndarray) -> float:
 def clip(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
     truth = make_clip(root / "walk.mp4", n=FRAMES, fps=12, noise=6.0, audio=True)
-    proc = _ok(run_pti("tune", truth.path, *STEPS, "-o", root / "out"))
+    proc = succeeded(run_pti("tune", truth.path, *STEPS, "-o", root / "out"))
     return root, truth, root / "out" / "walk.pti", proc
 
 
@@ -72,7 +59,7 @@ def test_one_identity_holds_every_frame(clip):
         assert np.array_equal(face_quad(lm)[0], quad)
     video = ident.meta["video"]
     assert video["fps"] == 12 and video["size"] == [320, 256] and video["has_audio"] and video["lost"] == []
-    assert "12 fps" in _ok(run_pti("info", identity)).stdout
+    assert "12 fps" in succeeded(run_pti("info", identity)).stdout
 
 
 def test_smoothed_quads_follow_the_motion_with_less_jitter(clip):
@@ -101,14 +88,16 @@ def test_smoothed_quads_follow_the_motion_with_less_jitter(clip):
 def test_a_rerun_reuses_every_stage(clip):
     root, truth, identity, _ = clip
     before = Identity.load(identity).frames["pivots"].clone()
-    proc = _ok(run_pti("tune", truth.path, *STEPS, "-o", root / "out"))
+    proc = succeeded(run_pti("tune", truth.path, *STEPS, "-o", root / "out"))
     assert f"reused from an earlier run: track {FRAMES}, align {FRAMES}, invert {FRAMES}, tune 1" in proc.stdout
     assert torch.equal(Identity.load(identity).frames["pivots"], before)
     # Another smoothing: the track is reused, the cut (and what follows) is not.
-    proc = _ok(run_pti("tune", truth.path, *STEPS, "--smooth", "3", "-o", root / "out"))
+    proc = succeeded(run_pti("tune", truth.path, *STEPS, "--smooth", "3", "-o", root / "out"))
     assert f"reused from an earlier run: track {FRAMES}" + "\n" in proc.stdout
     assert Identity.load(identity).meta["video"]["smooth_sigma"] == 3.0
-    proc = _ok(run_pti("tune", truth.path, *STEPS, "-o", root / "out"))  # back: every stage's files but the tuning
+    proc = succeeded(
+        run_pti("tune", truth.path, *STEPS, "-o", root / "out")
+    )  # back: every stage's files but the tuning
     assert f"align {FRAMES}, invert {FRAMES}" + "\n" in proc.stdout
     assert torch.equal(Identity.load(identity).frames["pivots"], before)
 
@@ -116,7 +105,7 @@ def test_a_rerun_reuses_every_stage(clip):
 def test_render_paste_writes_the_clip_back(clip):
     root, truth, identity, _ = clip
     out = root / "pasted"
-    proc = _ok(run_pti("render", identity, "--paste", "-o", out))
+    proc = succeeded(run_pti("render", identity, "--paste", "-o", out))
     assert "pasted into the clip" in proc.stdout and "audio copied" in proc.stdout
     info = V.probe(out / "pasted.mp4")
     assert (info.frames, info.size, info.fps, info.has_audio) == (FRAMES, (320, 256), 12.0, True)
@@ -132,15 +121,15 @@ def test_render_paste_writes_the_clip_back(clip):
     assert report["clip"]["frames"] == FRAMES and report["clip"]["rendered"] == FRAMES
     # Rendered again: every frame is reused; another edit renders them all, and the first edit again too (the
     # folder's frames are the other edit's now: reusing them would be wrong).
-    proc = _ok(run_pti("render", identity, "--paste", "-o", out))
+    proc = succeeded(run_pti("render", identity, "--paste", "-o", out))
     assert f"0 rendered, {FRAMES} reused" in proc.stdout
     frame3 = (out / "frames" / "000003.png").read_bytes()
     num_ws, w_dim = Identity.load(identity).pivot.shape
     np.save(root / "dir.npy", np.random.default_rng(1).standard_normal(w_dim).astype(np.float32))
-    proc = _ok(run_pti("render", identity, "--paste", "--edit", f"{root / 'dir.npy'}=+3", "-o", out))
+    proc = succeeded(run_pti("render", identity, "--paste", "--edit", f"{root / 'dir.npy'}=+3", "-o", out))
     assert f"{FRAMES} rendered, 0 reused" in proc.stdout
     assert (out / "frames" / "000003.png").read_bytes() != frame3
-    proc = _ok(run_pti("render", identity, "--paste", "-o", out))
+    proc = succeeded(run_pti("render", identity, "--paste", "-o", out))
     assert f"{FRAMES} rendered, 0 reused" in proc.stdout
     assert (out / "frames" / "000003.png").read_bytes() == frame3
 
@@ -151,7 +140,7 @@ def test_render_crops_and_a_sweep_over_time(clip, tmp_path):
     num_ws, w_dim = ident.pivot.shape
     direction = np.random.default_rng(0).standard_normal(w_dim).astype(np.float32)
     np.save(tmp_path / "dir.npy", direction)
-    _ok(run_pti("render", identity, "--edit", f"{tmp_path / 'dir.npy'}=-2:2:4", "-o", tmp_path / "r"))
+    succeeded(run_pti("render", identity, "--edit", f"{tmp_path / 'dir.npy'}=-2:2:4", "-o", tmp_path / "r"))
     info = V.probe(tmp_path / "r" / "crops.mp4")
     assert (info.frames, info.size, info.fps) == (FRAMES, (64, 64), 12.0)
     from pti.clip import clip_frames
@@ -170,17 +159,17 @@ def test_render_crops_and_a_sweep_over_time(clip, tmp_path):
 def test_bad_clips_are_one_line(tmp_path, clip):
     root, truth, _, _ = clip
     other = make_clip(tmp_path / "walk.mp4", n=4, fps=12, noise=1.0, audio=False)  # the same name, another clip
-    line = _one_line_error(run_pti("tune", other.path, *STEPS, "-o", root / "out"))
+    line = one_line_error(run_pti("tune", other.path, *STEPS, "-o", root / "out"))
     assert "a different photo than" in line and "--force" in line
     fake = tmp_path / "notes.mp4"
     fake.write_text("not a video\n")
-    line = _one_line_error(run_pti("tune", fake, *STEPS, "-o", tmp_path / "a"))
+    line = one_line_error(run_pti("tune", fake, *STEPS, "-o", tmp_path / "a"))
     assert "notes.mp4" in line
-    line = _one_line_error(run_pti("tune", truth.path, "--frames", "40-50", *STEPS, "-o", tmp_path / "b"))
+    line = one_line_error(run_pti("tune", truth.path, "--frames", "40-50", *STEPS, "-o", tmp_path / "b"))
     assert f"has {FRAMES} frames" in line
     noise = [np.random.default_rng(k).integers(0, 255, (128, 160, 3), dtype=np.uint8) for k in range(6)]
     encode(tmp_path / "noise.mp4", noise, 6, audio=False)
-    line = _one_line_error(run_pti("tune", tmp_path / "noise.mp4", *STEPS, "-o", tmp_path / "c"))
+    line = one_line_error(run_pti("tune", tmp_path / "noise.mp4", *STEPS, "-o", tmp_path / "c"))
     assert "no face found in" in line
     joint = run_pti("tune", truth.path, "--joint", "-o", tmp_path / "d")  # usage errors: exit 2, Typer's box
     assert joint.returncode == 2 and "--joint/--ray" in joint.stderr and "Traceback" not in joint.stderr
@@ -197,11 +186,11 @@ def test_frames_without_the_face_are_kept_as_they_were(tmp_path):
     frames = [f for _, f in V.iter_frames(truth.path, range(10))]
     frames[4] = frames[5] = np.full_like(frames[4], 90)  # the face is gone for two frames
     encode(tmp_path / "gap2.mp4", frames, 10, audio=False)
-    proc = _ok(run_pti("tune", tmp_path / "gap2.mp4", "--every", "1", *STEPS, "-o", tmp_path / "out"))
+    proc = succeeded(run_pti("tune", tmp_path / "gap2.mp4", "--every", "1", *STEPS, "-o", tmp_path / "out"))
     assert "the face was lost in 2 of 10 frames (4-5)" in proc.stdout
     ident = Identity.load(tmp_path / "out" / "gap2.pti")
     assert ident.frames["index"].tolist() == [0, 1, 2, 3, 6, 7, 8, 9]
-    _ok(run_pti("render", tmp_path / "out" / "gap2.pti", "--paste", "-o", tmp_path / "r"))
+    succeeded(run_pti("render", tmp_path / "out" / "gap2.pti", "--paste", "-o", tmp_path / "r"))
     assert V.probe(tmp_path / "r" / "pasted.mp4").frames == 10
     decoded = dict(V.iter_frames(tmp_path / "gap2.mp4", [4, 5]))
     for index in (4, 5):
@@ -212,7 +201,7 @@ def test_frames_without_the_face_are_kept_as_they_were(tmp_path):
 @pytest.mark.slow
 def test_workers_split_the_frames_and_give_the_same_files(clip, tmp_path):
     root, truth, identity, _ = clip
-    proc = _ok(run_pti("tune", truth.path, *STEPS, "--workers", "2", "-o", tmp_path / "out"))
+    proc = succeeded(run_pti("tune", truth.path, *STEPS, "--workers", "2", "-o", tmp_path / "out"))
     assert f"{FRAMES} of {FRAMES} frames tuned" in proc.stdout
     one, two = Identity.load(identity), Identity.load(tmp_path / "out" / "walk.pti")
     for key in ("landmarks", "quad", "index", "pivots"):  # the same work in other processes: the same bits
@@ -236,13 +225,13 @@ def test_ctrl_c_keeps_the_finished_stages_and_the_same_command_resumes(tmp_path)
     assert len(list(folder.glob("aligned-*/*.png"))) == 6 and len(list(folder.glob("pivots-*/*.npy"))) == 6
     assert not (tmp_path / "out" / "short.pti").exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") and p.is_file()]  # no temporary left
-    proc = _ok(run_pti(*args))
+    proc = succeeded(run_pti(*args))
     assert "reused from an earlier run: track 6, align 6, invert 6" in proc.stdout
 
 
 def test_render_paste_with_stitching(clip, tmp_path):
     root, truth, identity, _ = clip
-    proc = _ok(run_pti("render", identity, "--paste", "--stitch", "--stitch-steps", "2", "-o", tmp_path / "s"))
+    proc = succeeded(run_pti("render", identity, "--paste", "--stitch", "--stitch-steps", "2", "-o", tmp_path / "s"))
     assert "pasted into the clip" in proc.stdout
     report = json.loads((tmp_path / "s" / "render.json").read_text())
     stitched = report["clip"]["stitch"]

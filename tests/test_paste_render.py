@@ -22,7 +22,7 @@ from PIL import Image
 from skimage import data as skimage_data
 
 import pti
-from clirun import run_pti
+from clirun import one_line_error, run_pti, succeeded
 from pti.engine import paste as P
 from pti.engine.align import detect_faces, face_quad
 from pti.engine.identity import VERSION, Identity
@@ -30,25 +30,12 @@ from pti.engine.identity import VERSION, Identity
 STEPS = ["--invert-steps", "3", "--tune-steps", "3"]
 
 
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def _one_line_error(proc, code: int = 1) -> str:
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("paste")
     photo = root / "astro.png"
     Image.fromarray(skimage_data.astronaut()).save(photo)
-    _ok(run_pti("tune", photo, *STEPS, "-o", root / "out"))
+    succeeded(run_pti("tune", photo, *STEPS, "-o", root / "out"))
     return root, photo, root / "out" / "astro.pti"
 
 
@@ -67,13 +54,13 @@ def test_identity_records_the_cut(tuned):
     assert rec["photo_size"] == [512, 512] and rec["face"] == 0 and rec["output_size"] == 64
     assert rec["photo_sha256"] == ident.meta["photo_sha256"]
     info = run_pti("info", identity)
-    assert "yes: face 0 cut from the 512x512 photo" in _ok(info).stdout
+    assert "yes: face 0 cut from the 512x512 photo" in succeeded(info).stdout
 
 
 def test_paste_keeps_the_photo_outside_the_mask_and_the_reconstruction_error_inside(tuned):
     root, photo, identity = tuned
     out = root / "plain"
-    proc = _ok(run_pti("render", identity, "--paste", "-o", out))
+    proc = succeeded(run_pti("render", identity, "--paste", "-o", out))
     assert "pasted into" in proc.stdout and "reconstruction_pasted.png" in proc.stdout
     pasted, original = _read(out / "reconstruction_pasted.png"), _read(photo)
     assert pasted.shape == original.shape
@@ -107,14 +94,14 @@ def test_paste_keeps_the_photo_outside_the_mask_and_the_reconstruction_error_ins
 def test_jpeg_stays_jpeg_and_png_is_exact(tmp_path):
     photo = tmp_path / "me.jpg"
     Image.fromarray(skimage_data.astronaut()).save(photo, quality=92)
-    _ok(run_pti("tune", photo, *STEPS, "-o", tmp_path / "out"))
+    succeeded(run_pti("tune", photo, *STEPS, "-o", tmp_path / "out"))
     identity = tmp_path / "out" / "me.pti"
-    proc = _ok(run_pti("render", identity, "--paste", "--compare", "-o", tmp_path / "r"))
+    proc = succeeded(run_pti("render", identity, "--paste", "--compare", "-o", tmp_path / "r"))
     assert "JPEG" in proc.stdout and "--paste-format png" in proc.stdout
     with Image.open(tmp_path / "r" / "reconstruction_pasted.jpg") as img:
         assert img.format == "JPEG" and img.size == (512, 512)
     assert (tmp_path / "r" / "compare_pasted.png").is_file()
-    _ok(run_pti("render", identity, "--paste", "--paste-format", "png", "-o", tmp_path / "p"))
+    succeeded(run_pti("render", identity, "--paste", "--paste-format", "png", "-o", tmp_path / "p"))
     pasted, original = _read(tmp_path / "p" / "reconstruction_pasted.png"), _read(photo)
     rec = Identity.load(identity).alignment
     result = P.paste(original, _read(tmp_path / "p" / "reconstruction.png"), rec["quad"], rec["landmarks"])
@@ -127,7 +114,7 @@ def test_refusals_are_one_line(tuned, tmp_path):
     root, photo, identity = tuned
     other = tmp_path / "other.png"
     Image.fromarray(np.ascontiguousarray(skimage_data.astronaut()[:, ::-1])).save(other)
-    line = _one_line_error(run_pti("render", identity, "--paste", "--photo", other, "-o", tmp_path / "a"))
+    line = one_line_error(run_pti("render", identity, "--paste", "--photo", other, "-o", tmp_path / "a"))
     assert "is not the photo astro.pti was tuned from" in line
     assert not (tmp_path / "a").exists()  # refused before anything was written
     assert "add --paste" in run_pti("render", identity, "--photo", photo, "-o", tmp_path / "b").stderr
@@ -140,29 +127,29 @@ def test_refusals_are_one_line(tuned, tmp_path):
     ident = Identity.load(copy / "astro.pti")
     ident.meta["photo_path"] = ident.meta["photo"] = str(tmp_path / "gone.png")
     ident.save(copy / "astro.pti")
-    line = _one_line_error(run_pti("render", copy / "astro.pti", "--paste", "-o", tmp_path / "c"))
+    line = one_line_error(run_pti("render", copy / "astro.pti", "--paste", "-o", tmp_path / "c"))
     assert "is not there; pass it with --photo" in line
-    _ok(run_pti("render", copy / "astro.pti", "--paste", "--photo", moved, "-o", tmp_path / "d"))
+    succeeded(run_pti("render", copy / "astro.pti", "--paste", "--photo", moved, "-o", tmp_path / "d"))
     # No record of the cut (an identity from before format v3, or imported).
     del ident.meta["alignment"]
     ident.save(copy / "old.pti")
-    line = _one_line_error(run_pti("render", copy / "old.pti", "--paste", "-o", tmp_path / "e"))
+    line = one_line_error(run_pti("render", copy / "old.pti", "--paste", "-o", tmp_path / "e"))
     assert "how the face was cut from the photo is not known" in line
 
 
 def test_no_align_identity_cannot_be_pasted(tmp_path):
     crop = tmp_path / "crop.png"
     Image.fromarray(skimage_data.astronaut()[0:256, 100:356]).save(crop)
-    _ok(run_pti("tune", crop, "--no-align", *STEPS, "-o", tmp_path / "out"))
+    succeeded(run_pti("tune", crop, "--no-align", *STEPS, "-o", tmp_path / "out"))
     assert Identity.load(tmp_path / "out" / "crop.pti").alignment == {"aligned": False}
-    line = _one_line_error(run_pti("render", tmp_path / "out" / "crop.pti", "--paste", "-o", tmp_path / "r"))
+    line = one_line_error(run_pti("render", tmp_path / "out" / "crop.pti", "--paste", "-o", tmp_path / "r"))
     assert "--no-align" in line
 
 
 def test_stitch_tunes_the_border_and_keeps_the_photo_outside(tuned):
     root, photo, identity = tuned
     out = root / "stitched"
-    proc = _ok(run_pti("render", identity, "--paste", "--stitch", "--stitch-steps", "4", "-o", out))
+    proc = succeeded(run_pti("render", identity, "--paste", "--stitch", "--stitch-steps", "4", "-o", out))
     assert "reconstruction_stitched.png" in proc.stdout
     report = json.loads((out / "render.json").read_text())
     (rec,) = report["paste"]["stitch"]["outputs"]
@@ -197,9 +184,9 @@ def test_an_identity_from_format_v2_renders_but_cannot_be_pasted(tuned, tmp_path
     header[CHECKSUM] = checksum(tensors, header)
     old = tmp_path / "old.pti"
     safetensors.torch.save_file(tensors, str(old), metadata=header)
-    assert "pti-identity v2" in _ok(run_pti("info", old)).stdout
-    _ok(run_pti("render", old, "-o", tmp_path / "plain"))
-    line = _one_line_error(run_pti("render", old, "--paste", "-o", tmp_path / "pasted"))
+    assert "pti-identity v2" in succeeded(run_pti("info", old)).stdout
+    succeeded(run_pti("render", old, "-o", tmp_path / "plain"))
+    line = one_line_error(run_pti("render", old, "--paste", "-o", tmp_path / "pasted"))
     assert "older pti" in line and "re-run pti tune" in line
 
 
@@ -210,8 +197,8 @@ def test_a_photo_with_alpha_and_a_colour_profile(tmp_path):
     photo = tmp_path / "alpha.png"
     profile = b"not a real profile, but kept as it is" * 4
     Image.fromarray(rgba, "RGBA").save(photo, icc_profile=profile)
-    _ok(run_pti("tune", photo, *STEPS, "-o", tmp_path / "out"))
-    proc = _ok(run_pti("render", tmp_path / "out" / "alpha.pti", "--paste", "-o", tmp_path / "r"))
+    succeeded(run_pti("tune", photo, *STEPS, "-o", tmp_path / "out"))
+    proc = succeeded(run_pti("render", tmp_path / "out" / "alpha.pti", "--paste", "-o", tmp_path / "r"))
     assert "is RGBA, not 8-bit RGB" in proc.stdout
     with Image.open(tmp_path / "r" / "reconstruction_pasted.png") as img:
         assert img.mode == "RGB" and img.info.get("icc_profile") == profile
